@@ -1,0 +1,1 @@
+"""Conversation formats and turning conversations into token ids with labels."""

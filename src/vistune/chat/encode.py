@@ -1,0 +1,129 @@
+"""Messages -> token ids and labels, built turn by turn and checked.
+
+The reference LLaVA code renders a whole conversation, tokenizes it, then masks the prompt by
+splitting the text and subtracting token counts; when the counts disagree it masks the whole
+sample and prints "tokenization mismatch", and users train on loss 0. Here labels come from the
+token ids themselves:
+
+1. the format renders segments (prompt text, or one reply with its end-of-turn token);
+2. text between image placeholders is tokenized once per segment boundary; each segment's tokens
+   are what its boundary adds to the ids of the text before it, and the ids before a boundary must
+   stay a prefix of the ids after it, so the result is exactly the tokenization of the whole text;
+3. each reply's tokens must decode back to the reply's text.
+If 2 or 3 fails, a `LabelError` names the sample; nothing is masked quietly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from vistune.chat.formats import IMAGE_PLACEHOLDER, ConversationFormat, Message, Segment
+from vistune.errors import LabelError
+from vistune.model.vlm import IMAGE_TOKEN_ID
+
+IGNORE_INDEX = -100  # the label value transformers' loss skips
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int  # images whose tokens are in input_ids (fewer than given if truncation cut some)
+    truncated: bool = False
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+class ChatEncoder:
+    """Turns conversations into model inputs for one tokenizer, format and image-token count."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, fmt: ConversationFormat, num_image_tokens: int,
+                 max_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.format = fmt
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        probe = tokenizer("a").input_ids
+        self.bos: list[int] = (
+            [tokenizer.bos_token_id]
+            if fmt.adds_tokenizer_bos and tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+            else []
+        )
+
+    def stop_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        for s in self.format.stop_strings(self.tokenizer):
+            tok = self.tokenizer.convert_tokens_to_ids(s)
+            if isinstance(tok, int) and tok != self.tokenizer.unk_token_id and tok not in ids:
+                ids.append(tok)
+        return ids
+
+    def _tokenize_run(self, texts: list[str], sample: str) -> list[list[int]]:
+        """Ids for consecutive texts, such that their concatenation is the tokenization of ''.join(texts)."""
+        if len(texts) == 1:
+            return [self.tokenizer(texts[0], add_special_tokens=False).input_ids]
+        pieces: list[list[int]] = []
+        prev: list[int] = []
+        cumulative = ""
+        for i, text in enumerate(texts):
+            cumulative += text
+            ids = self.tokenizer(cumulative, add_special_tokens=False).input_ids
+            if ids[: len(prev)] != prev:
+                raise LabelError(
+                    f"sample {sample}: the tokenizer merges text across the boundary before segment {i} "
+                    f"({text[:40]!r}), so prompt and reply tokens cannot be told apart"
+                )
+            pieces.append(ids[len(prev):])
+            prev = ids
+        return pieces
+
+    def encode(self, messages: list[Message], sample: str = "?", add_generation_prompt: bool = False) -> Encoded:
+        """Ids and labels for a conversation. With add_generation_prompt, ids end where the reply begins."""
+        segments = self.format.render(messages, self.tokenizer, add_generation_prompt)
+        # Split on image placeholders: text runs are tokenized on their own, as LLaVA does.
+        runs: list[list[Segment] | None] = [[]]  # None marks an image
+        for seg in segments:
+            parts = seg.text.split(IMAGE_PLACEHOLDER)
+            if len(parts) > 1 and seg.supervised:
+                raise LabelError(f"sample {sample}: an assistant reply contains {IMAGE_PLACEHOLDER}")
+            for j, part in enumerate(parts):
+                if j:
+                    runs += [None, []]
+                if part or seg.supervised:
+                    runs[-1].append(Segment(part, seg.reply))  # type: ignore[union-attr]
+
+        input_ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
+        image_starts: list[int] = []
+        for run in runs:
+            if run is None:
+                image_starts.append(len(input_ids))
+                input_ids += [IMAGE_TOKEN_ID] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+                continue
+            for seg, ids in zip(run, self._tokenize_run([s.text for s in run], sample) if run else []):
+                if seg.supervised:
+                    decoded = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                    if decoded.strip() != (seg.reply or "").strip():
+                        raise LabelError(
+                            f"sample {sample}: the supervised tokens decode to {decoded.strip()[:60]!r}, "
+                            f"not to the reply {(seg.reply or '').strip()[:60]!r}"
+                        )
+                input_ids += ids
+                labels += ids if seg.supervised else [IGNORE_INDEX] * len(ids)
+        return self._truncate(input_ids, labels, image_starts)
+
+    def _truncate(self, input_ids: list[int], labels: list[int], image_starts: list[int]) -> Encoded:
+        n_images = len(image_starts)
+        if self.max_length is None or len(input_ids) <= self.max_length:
+            return Encoded(input_ids, labels, n_images)
+        cut = self.max_length
+        # Never cut inside an image's token run: the image would have fewer slots than features.
+        for start in image_starts:
+            if start < cut < start + self.num_image_tokens:
+                cut = start
+        kept = sum(1 for s in image_starts if s + self.num_image_tokens <= cut)
+        return Encoded(input_ids[:cut], labels[:cut], kept, truncated=True)

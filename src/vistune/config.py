@@ -1,0 +1,248 @@
+"""The one config system: validated pydantic models, YAML presets, and `a.b.c=value` overrides.
+
+A run config names the model's parts (`model`) and an ordered mapping of stages (`stages`). A stage
+is data: which parts train and how (`parts: {vision: frozen, projector: full, llm: lora}`), its data,
+its hyperparameters and its output folder. Stage 2 takes stage 1's projector by an explicit path
+(`projector_from`), never by guessing from folder names.
+
+Every model forbids unknown fields, so a typo such as `stages.align.lrr` fails before any work starts
+with the field's full path and the valid names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vistune.errors import ConfigError
+
+PartMode = Literal["frozen", "full", "lora"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VisionConfig(_Strict):
+    """The vision tower: any Hugging Face vision encoder folder (CLIP, SigLIP, ...); always frozen."""
+
+    path: str = Field(description="Local folder of a HF vision model (a full CLIP/SigLIP folder is fine).")
+    select_layer: int = Field(-2, description="Hidden layer whose features are used; -2 is the penultimate (LLaVA).")
+    select_feature: Literal["patch", "cls_patch"] = Field(
+        "patch", description="`patch`: patch tokens only (LLaVA); `cls_patch`: keep the CLS token too."
+    )
+    image_preprocess: Literal["pad", "processor"] = Field(
+        "pad",
+        description="`pad`: expand to a square filled with the processor's mean colour, then the processor "
+        "(LLaVA-1.5); `processor`: the processor's own resize/crop.",
+    )
+
+
+class LLMConfig(_Strict):
+    """The language model: any Hugging Face causal LM folder, or a GGUF file inside one."""
+
+    path: str = Field(description="Local folder of a HF causal LM (weights and tokenizer).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`; transformers dequantizes it.")
+    attn_implementation: str | None = Field(
+        "sdpa", description="Passed to transformers (`eager`, `sdpa`, `flash_attention_2`, ...)."
+    )
+
+
+class ModelConfig(_Strict):
+    """The three parts of a LLaVA model."""
+
+    vision: VisionConfig
+    llm: LLMConfig
+    projector: str = Field("mlp2x_gelu", description="Projector key: `linear`, `identity` or `mlp{N}x_gelu`.")
+
+
+class PartsConfig(_Strict):
+    """What trains in a stage. The vision tower is always frozen (as in LLaVA)."""
+
+    vision: Literal["frozen"] = "frozen"
+    projector: Literal["frozen", "full"] = "full"
+    llm: PartMode = "frozen"
+
+
+class LoraSettings(_Strict):
+    """LoRA settings (peft), used where a part is `lora`. Defaults are LLaVA-1.5's finetune_lora."""
+
+    r: int = Field(128, gt=0)
+    alpha: int = Field(256, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field("all-linear", description="peft target_modules; `all-linear` skips lm_head.")
+
+
+class DataConfig(_Strict):
+    """A LLaVA JSON/JSONL file and its image folder."""
+
+    path: str = Field(description="LLaVA-format .json (a list) or .jsonl (one record per line).")
+    image_folder: str | None = Field(None, description="Folder that `image` fields are relative to.")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error", description="`error`: stop naming the record; `skip`: drop it, count it, report at the end."
+    )
+    group_by_modality_length: bool = Field(
+        True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class StageConfig(_Strict):
+    """One training stage: what trains, on what, how, and where it is saved."""
+
+    parts: PartsConfig = Field(default_factory=PartsConfig)
+    projector_from: str | None = Field(
+        None, description="A vistune checkpoint folder (e.g. the align output) whose projector starts this stage."
+    )
+    data: DataConfig
+    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llama_2, chat_template.")
+    system_prompt: str | None = Field(None, description="Overrides the format's default system prompt.")
+    model_max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
+    output_dir: str = Field(description="Where the final checkpoint folder and resume checkpoints go.")
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides `epochs` when set.")
+    global_batch_size: int = Field(gt=0, description="Samples per optimizer step over all processes.")
+    micro_batch_size: int = Field(gt=0, description="Samples per forward pass per process.")
+    lr: float = Field(gt=0)
+    projector_lr: float | None = Field(None, gt=0, description="Projector learning rate; defaults to `lr`.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+    seed: int = 42
+    log_every: int = Field(1, gt=0)
+    tensorboard: bool = True
+    save_every: int | None = Field(None, gt=0, description="Write a resume checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Resume checkpoints kept (oldest deleted).")
+    resume: bool = Field(True, description="Continue from the newest resume checkpoint in output_dir, if any.")
+    stop_after_steps: int | None = Field(
+        None, gt=0, description="End this invocation after this step (checkpoint written), e.g. to fit a cluster "
+        "time slot; running again resumes."
+    )
+    save_frozen: bool = Field(
+        True, description="Copy frozen parts into the output folder (portable). False records their source path, "
+        "as LLaVA's projector-only stage-1 output does."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size}"
+            )
+        return self
+
+
+class RunConfig(_Strict):
+    """A whole run: the model's parts and the stages, trained in order."""
+
+    model: ModelConfig
+    stages: dict[str, StageConfig] = Field(description="Stage name -> stage, run in the order written.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if not self.stages:
+            raise ValueError("`stages` is empty: give at least one stage")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`stages.align.lr=1e-3` -> ("stages.align.lr", 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown config field {loc!r}{_suggest(loc)}")
+        else:
+            lines.append(f"{source}: {loc or '<root>'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _section_model(parts: list[str]) -> type[BaseModel] | None:
+    """The config model that the dotted location `parts` points into (None if it is not a section)."""
+    model: type[BaseModel] | None = RunConfig
+    expect_dict_key = False
+    for p in parts:
+        if model is None:
+            return None
+        if expect_dict_key:  # a stage name under `stages`
+            expect_dict_key = False
+            continue
+        field = model.model_fields.get(p)
+        if field is None:
+            return None
+        ann = field.annotation
+        if p == "stages" and model is RunConfig:
+            model, expect_dict_key = StageConfig, True
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _suggest(loc: str) -> str:
+    """Name the valid fields of the section an unknown key sits in, and the closest one."""
+    parts = loc.split(".")
+    model = _section_model(parts[:-1])
+    if model is None:
+        return ""
+    valid = sorted(model.model_fields)
+    close = difflib.get_close_matches(parts[-1], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid fields: {', '.join(valid)}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `key.path=value` overrides, validate. Paths stay as written."""
+    tree: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with `model` and `stages`")
+        tree = loaded
+    if data is not None:
+        tree = data
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,1 @@
+"""Training data: LLaVA-format records, the dataset, collation and batch sampling."""

@@ -1,0 +1,1 @@
+"""Inference: the engine that chat, ask, eval and serve use."""

@@ -1,0 +1,1 @@
+"""The model: vision tower, projector, LLM, their composition, and the checkpoint format."""

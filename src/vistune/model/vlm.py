@@ -1,0 +1,74 @@
+"""The vision-language model: vision tower -> projector -> features placed into the LLM's input embeddings.
+
+Image positions are marked in `input_ids` by `IMAGE_TOKEN_ID`, one id per image token, so a
+sequence's length already counts its image tokens (truncation and batching need no special case).
+The id is negative: it is never looked up in the embedding table, so no row is added to the LLM's
+vocabulary and a frozen LLM stays exactly as loaded. Placing the features is one boolean mask
+(`masked_scatter`), the same for image samples, text-only samples and mixed batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from vistune.model.vision import VisionTower
+
+IMAGE_TOKEN_ID = -200  # the value LLaVA uses for its image placeholder, kept for familiarity
+
+
+class VisionLanguageModel(nn.Module):
+    """LLaVA: frozen vision tower, trainable projector, any HF causal LM (possibly peft-wrapped)."""
+
+    def __init__(self, vision: VisionTower, projector: nn.Module, llm: PreTrainedModel) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_tokens
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> projected features [N, T, D_llm]."""
+        feats = self.vision(pixel_values)  # [N, T, D_vis], no grad: the tower is frozen
+        proj_dtype = next(self.projector.parameters(), feats).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [B, L] with IMAGE_TOKEN_ID runs, pixel_values [N, 3, H, W] in order -> embeds [B, L, D]."""
+        image_mask = input_ids == IMAGE_TOKEN_ID  # [B, L]
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
+        n_slots = int(image_mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_images * self.num_image_tokens != n_slots:
+            raise ValueError(
+                f"batch has {n_slots} image-token positions but {n_images} images x {self.num_image_tokens} tokens"
+            )
+        if n_images == 0:
+            return embeds
+        feats = self.image_features(pixel_values)  # [N, T, D]
+        # Row-major order of the mask is batch order then position: images fill their slots in order.
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any) -> Any:
+        """Causal-LM output; with labels, the loss is summed over supervised tokens and divided by
+        `num_items_in_batch` when given (so gradient accumulation weighs every token equally)."""
+        embeds = self.embed(input_ids, pixel_values)
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+        """The LLM's own `generate` (KV cache, sampling, stopping) on the joined embeddings.
+        Left-pad batches. Returns only the new tokens [B, new]."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

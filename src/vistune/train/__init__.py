@@ -1,0 +1,1 @@
+"""Training: what trains per stage, the one loop, and resume checkpoints."""

@@ -1,0 +1,63 @@
+"""What trains in a stage: each part frozen, full or LoRA, set explicitly and reported.
+
+As in prismatic's `freeze_backbones`, a stage sets `requires_grad` part by part and says exactly
+what trains, so "did my LLM really stay frozen?" is answered by the log, not by reading code.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vistune.config import LoraSettings, PartsConfig
+from vistune.model.vlm import VisionLanguageModel
+
+
+def apply_parts(model: VisionLanguageModel, parts: PartsConfig, lora: LoraSettings,
+                gradient_checkpointing: bool) -> None:
+    """Set requires_grad per part; wrap the LLM with a peft LoRA adapter when `llm: lora`."""
+    model.vision.requires_grad_(False)
+    model.projector.requires_grad_(parts.projector == "full")
+    model.llm.requires_grad_(parts.llm == "full")
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing gives correct gradients even when the LLM's own inputs
+        # (token embeddings) do not require grad, which is the case in every LLaVA stage.
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.config.use_cache = False
+    if parts.llm == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        model.llm = get_peft_model(model.llm, config)
+
+
+def count(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def describe(model: VisionLanguageModel) -> str:
+    """One line per part: trainable / total parameters."""
+    lines = []
+    for name in ("vision", "projector", "llm"):
+        trainable, total = count(getattr(model, name))
+        state = "frozen" if trainable == 0 else "trains"
+        lines.append(f"  {name:<9} {state:<6} {trainable:>13,} / {total:>13,} parameters")
+    return "\n".join(lines)
+
+
+def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | None,
+                 weight_decay: float) -> list[dict]:
+    """Projector and LLM as separate groups (separate learning rates); no decay on biases and norms."""
+    groups = []
+    for part, part_lr in ((model.projector, projector_lr or lr), (model.llm, lr)):
+        decay, no_decay = [], []
+        for name, p in part.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "lr": part_lr, "weight_decay": wd})
+    return groups
