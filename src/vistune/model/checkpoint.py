@@ -72,13 +72,12 @@ class Bundle:
 
 
 def build_model(vision: VisionConfig, llm: LLMConfig, projector: str, vision_dtype: torch.dtype = torch.float32,
-                llm_dtype: torch.dtype = torch.float32) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase,
-                                                                   BaseImageProcessor]:
+                llm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
     """A model from its parts' source folders; the projector is freshly initialised."""
     tower = VisionTower(load_vision_encoder(vision.path, vision_dtype), vision.select_layer, vision.select_feature)
     lm = load_llm(llm.path, llm.gguf_file, llm_dtype, llm.attn_implementation)
     proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
-    return VisionLanguageModel(tower, proj, lm), load_tokenizer(llm.path, llm.gguf_file), load_image_processor(vision.path)
+    return VisionLanguageModel(tower, proj, lm)
 
 
 def load_projector(model: VisionLanguageModel, folder: str | Path, expected_key: str) -> None:
@@ -121,7 +120,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
         if not Path(p).exists():
             raise CheckpointError(f"{folder}: the {name} part is recorded at {p}, which does not exist "
                                   "(the checkpoint was saved with save_frozen: false)")
-    model, _, _ = build_model(vision, llm, spec.projector, dtype, dtype)
+    model = build_model(vision, llm, spec.projector, dtype, dtype)
     if model.num_image_tokens != spec.num_image_tokens:
         raise CheckpointError(f"{folder}: vision tower gives {model.num_image_tokens} tokens, spec says "
                               f"{spec.num_image_tokens}")

@@ -6,6 +6,7 @@ is fine: only its vision half is built, from the folder's own `vision_config`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -35,8 +36,18 @@ def load_vision_encoder(path: str | Path, dtype: torch.dtype = torch.float32) ->
         raise CheckpointError(f"{path}: not a Hugging Face model folder: {e}") from None
     # Two-tower folders (CLIPModel, SiglipModel) keep the encoder's config under `vision_config`;
     # passing it to AutoModel builds CLIPVisionModel / SiglipVisionModel and loads its weights alone.
-    vision_config = getattr(config, "vision_config", None) or config
-    return AutoModel.from_pretrained(str(path), config=vision_config, dtype=dtype)
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is None:
+        return AutoModel.from_pretrained(str(path), config=config, dtype=dtype)
+    # The other tower's weights are expected to go unused; transformers would log each of them as
+    # UNEXPECTED. Quiet that one logger for this one call (real errors still raise).
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        return AutoModel.from_pretrained(str(path), config=vision_config, dtype=dtype)
+    finally:
+        report_logger.setLevel(level)
 
 
 def image_grid(config: object) -> int:

@@ -30,6 +30,8 @@ from vistune.data.dataset import SupervisedDataset, collate
 from vistune.data.records import Problems, load_samples
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
+from vistune.model.llm import load_tokenizer
+from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.state import Progress, list_checkpoints, load_resume, save_resume
 
@@ -74,8 +76,9 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     problems = Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
 
-    model, tokenizer, processor = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector,
-                                              torch.float32, llm_dtype)
+    model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
+    tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
+    processor = load_image_processor(model_cfg.vision.path)
     if stage.projector_from:
         load_projector(model, stage.projector_from, model_cfg.projector)
         log(f"[{name}] projector loaded from {stage.projector_from}")
@@ -112,6 +115,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
         f"{accum} per step, {total_steps} steps")
 
+    out.mkdir(parents=True, exist_ok=True)
     writer = _tensorboard(out, name) if stage.tensorboard and accelerator.is_main_process else None
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, progress.step)
@@ -210,7 +214,9 @@ def _accumulate(model: torch.nn.Module, window: list[dict], accelerator: Acceler
                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                 labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1),
             )
-            accelerator.backward(out.loss)
+            # A text-only micro-batch with a frozen LLM (align) reaches no trainable weight: nothing to do.
+            if out.loss.requires_grad:
+                accelerator.backward(out.loss)
         total += float(out.loss.detach())
     return total
 

@@ -1,0 +1,120 @@
+"""Data: record checks with errors that name the record, skip-and-count, collation, batch sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from vistune.chat.encode import ChatEncoder
+from vistune.chat.formats import get_format
+from vistune.data.dataset import Skipped, SupervisedDataset, collate
+from vistune.data.records import Problems, load_samples, parse_record
+from vistune.data.sampler import GroupedBatchSampler
+from vistune.errors import DataError
+from vistune.model.vision import load_image_processor
+
+
+def rec(**kw):
+    base = {"id": "r1", "image": "img_0.png",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("record,message", [
+    (rec(conversations=[]), "record r1: no `conversations` list"),
+    (rec(conversations=None), "record r1: no `conversations` list"),
+    (rec(image=None), "record r1: 1 <image> placeholder\\(s\\) for 0 image\\(s\\)"),
+    (rec(conversations=[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]),
+     "record r1: 0 <image> placeholder\\(s\\) for 1 image\\(s\\)"),
+    (rec(image="nope.png"), "record r1: image file .*nope.png does not exist"),
+    (rec(conversations=[{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>"}]),
+     "record r1: turn 0 is from assistant, expected user"),
+    (rec(conversations=[{"from": "robot", "value": "<image>"}]), "record r1: turn 0 is from 'robot'"),
+    (rec(conversations=[{"from": "human", "value": "<image>"}]), "record r1: no gpt reply"),
+])
+def test_bad_records_name_the_record(record: dict, message: str, dataset_dir: Path) -> None:
+    with pytest.raises(DataError, match=message):
+        parse_record(record, 0, dataset_dir / "images")
+
+
+def _write(tmp_path: Path, records: list, name: str = "d.json") -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(records))
+    return p
+
+
+def test_error_or_skip_and_count(tmp_path: Path, dataset_dir: Path) -> None:
+    records = [rec(id="good"), rec(id="bad", image="missing.png"), rec(id="bad2", conversations=[])]
+    path = _write(tmp_path, records)
+    with pytest.raises(DataError, match="record bad: image file .* does not exist.*on_bad_sample=skip"):
+        load_samples(path, dataset_dir / "images", skip_bad=False, problems=Problems())
+    problems = Problems()
+    samples = load_samples(path, dataset_dir / "images", skip_bad=True, problems=problems)
+    assert [s.id for s in samples] == ["good"]
+    assert problems.counts == {"missing image file": 1, "no conversations": 1}
+    assert "2 samples skipped" in problems.summary()
+
+
+def test_jsonl_and_bad_json(tmp_path: Path, dataset_dir: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(rec()) + "\n\n" + json.dumps(rec(id="r2")) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"d.jsonl:4: not valid JSON"):
+        load_samples(p, dataset_dir / "images", False, Problems())
+    p.write_text(json.dumps(rec()) + "\n")
+    assert len(load_samples(p, dataset_dir / "images", False, Problems())) == 1
+
+
+@pytest.fixture(scope="module")
+def encoder(bpe_tokenizer: Path) -> ChatEncoder:
+    return ChatEncoder(AutoTokenizer.from_pretrained(str(bpe_tokenizer)), get_format("vicuna_v1"), 16, 256)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path: Path, clip_dir: Path, encoder: ChatEncoder) -> None:
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    path = _write(tmp_path, [rec(id="corrupt", image="broken.png")])
+    samples = load_samples(path, tmp_path, False, Problems())
+    proc = load_image_processor(clip_dir)
+    with pytest.raises(DataError, match="sample corrupt: image .*broken.png cannot be read"):
+        SupervisedDataset(samples, encoder, proc, "pad", skip_bad=False)[0]
+    item = SupervisedDataset(samples, encoder, proc, "pad", skip_bad=True)[0]
+    assert isinstance(item, Skipped) and item.reason == "unreadable image"
+
+
+def test_fully_truncated_sample_is_skipped_and_counted(tmp_path: Path, dataset_dir: Path, clip_dir: Path,
+                                                      bpe_tokenizer: Path) -> None:
+    tight = ChatEncoder(AutoTokenizer.from_pretrained(str(bpe_tokenizer)), get_format("vicuna_v1"), 16, 20)
+    samples = load_samples(dataset_dir / "train.json", dataset_dir / "images", False, Problems())
+    item = SupervisedDataset(samples[:1], tight, load_image_processor(clip_dir), "pad", skip_bad=False)[0]
+    assert isinstance(item, Skipped) and item.reason == "all reply tokens truncated"
+
+
+def test_dataset_and_collate(dataset_dir: Path, clip_dir: Path, encoder: ChatEncoder) -> None:
+    samples = load_samples(dataset_dir / "train.json", dataset_dir / "images", False, Problems())
+    ds = SupervisedDataset(samples, encoder, load_image_processor(clip_dir), "pad", skip_bad=False)
+    image_item = ds[0]
+    text_item = ds[len(ds) - 1]
+    assert image_item["pixel_values"].shape == (1, 3, 32, 32) and text_item["pixel_values"] is None
+    batch = collate([image_item, text_item, Skipped("x", "r", "m")], pad_token_id=0)
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert [s.id for s in batch["skipped"]] == ["x"]
+    n = len(text_item["input_ids"])
+    assert batch["attention_mask"][1].sum() == n and (batch["labels"][1, n:] == -100).all()
+    left = collate([image_item, text_item], pad_token_id=0, padding_side="left")
+    assert left["attention_mask"][1, -1] == 1 and left["attention_mask"][1, 0] == 0
+
+
+def test_grouped_sampler_keeps_modalities_apart_and_is_deterministic() -> None:
+    lengths = [10, 200, 30, 40, -5, -50, 70, -8, 90, 15, -60, 33]
+    sampler = GroupedBatchSampler(lengths, batch_size=2, seed=3)
+    batches = sampler.batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    mixed = [b for b in batches if len({lengths[i] > 0 for i in b}) > 1]
+    assert len(mixed) <= 1 and (not mixed or mixed[0] in batches[-2:])  # only the remainders mix
+    assert sampler.batches(0) == GroupedBatchSampler(lengths, 2, seed=3).batches(0)
+    assert sampler.batches(1) != sampler.batches(0)
+    sampler.set_epoch(0, skip_batches=2)
+    assert list(sampler) == batches[2:]
