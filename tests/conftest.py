@@ -90,3 +90,24 @@ def llama_spm_dir(tmp_path_factory: pytest.TempPathFactory, spm_tokenizer: Path)
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LLaVA-format dataset: images/, train.json (12 image + 4 text-only records), align.json."""
     return build_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, llama_dir: Path,
+                    dataset_dir: Path) -> Path:
+    """A finished vistune checkpoint (chat_template format, full LLM) from a few finetune steps."""
+    from vistune.config import load_config
+    from vistune.train.loop import train_stage
+
+    out = tmp_path_factory.mktemp("tiny_checkpoint") / "model"
+    cfg = load_config(data={
+        "model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}, "projector": "mlp2x_gelu"},
+        "stages": {"finetune": {
+            "parts": {"projector": "full", "llm": "full"},
+            "data": {"path": str(dataset_dir / "train.json"), "image_folder": str(dataset_dir / "images")},
+            "format": "chat_template", "output_dir": str(out), "max_steps": 40, "global_batch_size": 4,
+            "micro_batch_size": 4, "lr": 3e-3, "precision": "fp32", "tensorboard": False,
+        }},
+    })
+    train_stage(cfg.model, cfg.stages["finetune"], "finetune")
+    return out

@@ -139,7 +139,15 @@ COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
+    parser = _parser()
+    # parse_known_args: `train CONFIG --stage x a.b=1` would otherwise stop at the override after
+    # an option; stray key=value words are overrides, anything else is an error.
+    namespace, extra = parser.parse_known_args(argv)
+    args = vars(namespace)
+    if args["command"] == "train" and all("=" in word and not word.startswith("-") for word in extra):
+        args["overrides"] = [*args["overrides"], *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     command = COMMANDS[args.pop("command")]
     try:
         command(**args)

@@ -182,7 +182,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown config field {loc!r}{_suggest(loc)}")
         else:
-            lines.append(f"{source}: {loc or '<root>'}: {e['msg']}")
+            lines.append(f"{source}: {loc or '<root>'}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

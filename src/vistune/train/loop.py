@@ -29,6 +29,7 @@ from vistune.config import ModelConfig, RunConfig, StageConfig
 from vistune.data.dataset import SupervisedDataset, collate
 from vistune.data.records import Problems, load_samples
 from vistune.data.sampler import GroupedBatchSampler
+from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
@@ -44,8 +45,6 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     """Train the stages in order (or only those named); a stage whose output is complete is skipped."""
     unknown = [n for n in only or [] if n not in cfg.stages]
     if unknown:
-        from vistune.errors import ConfigError
-
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
     outputs = {}
     for name, stage in cfg.stages.items():
@@ -67,6 +66,11 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     random.seed(stage.seed)
     torch.manual_seed(stage.seed)
     accelerator = Accelerator(mixed_precision="bf16" if stage.precision == "bf16" else "no")
+    if accelerator.num_processes > 1:
+        # Sharding the batches and reducing the token count across processes is not wired in yet;
+        # running anyway would silently train every process on the same batches.
+        raise ConfigError(f"{accelerator.num_processes} processes were launched, but this version of vistune "
+                          "trains on one process (one GPU); launch it without torchrun/accelerate")
     # Trained weights stay float32 (autocast computes in bf16); a frozen LLM is held in bf16 to halve
     # its memory. The vision tower stays float32: it is small next to the LLM, autocast runs it in
     # bf16 anyway, and a copy saved from it equals its source.
