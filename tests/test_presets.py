@@ -65,3 +65,11 @@ def test_overrides_and_value_errors() -> None:
         load_config(CONFIGS / "llava-1.5-7b.yaml", ["stages.align.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+def test_registry_keys_are_checked_with_the_config() -> None:
+    """Unknown format and projector keys fail at config load, before data or weights are touched."""
+    with pytest.raises(ConfigError, match="stages.align.format: unknown conversation format 'vicuna'; valid keys: plain"):
+        load_config(CONFIGS / "llava-1.5-7b.yaml", ["stages.align.format=vicuna"])
+    with pytest.raises(ConfigError, match="model.projector: unknown projector 'mlp2x_relu'; valid keys: identity"):
+        load_config(CONFIGS / "llava-1.5-7b.yaml", ["model.projector=mlp2x_relu"])

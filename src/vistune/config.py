@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vistune.errors import ConfigError
 
@@ -58,6 +58,16 @@ class ModelConfig(_Strict):
     vision: VisionConfig
     llm: LLMConfig
     projector: str = Field("mlp2x_gelu", description="Projector key: `linear`, `identity` or `mlp{N}x_gelu`.")
+
+    @field_validator("projector")
+    @classmethod
+    def _projector_key(cls, key: str) -> str:
+        from vistune.model.projector import check_projector_key
+
+        try:
+            return check_projector_key(key)
+        except KeyError as e:
+            raise ValueError(str(e)) from None
 
 
 class PartsConfig(_Strict):
@@ -132,6 +142,16 @@ class StageConfig(_Strict):
         True, description="Copy frozen parts into the output folder (portable). False records their source path, "
         "as LLaVA's projector-only stage-1 output does."
     )
+
+    @field_validator("format")
+    @classmethod
+    def _format_key(cls, key: str) -> str:
+        from vistune.chat.formats import check_format_key
+
+        try:
+            return check_format_key(key)
+        except KeyError as e:
+            raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:

@@ -17,11 +17,12 @@ also work with LLMs whose EOS is spelled differently.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from vistune.errors import LabelError, RegistryKeyError
+
+if TYPE_CHECKING:  # kept out of the import path: the config imports this module to check format keys
+    from transformers import PreTrainedTokenizerBase
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -220,14 +221,19 @@ class ChatTemplate:
 FORMAT_KEYS = ("plain", "vicuna_v1", "llama_2", "chat_template")
 
 
+def check_format_key(name: str) -> str:
+    if name not in FORMAT_KEYS:
+        raise RegistryKeyError(f"unknown conversation format {name!r}; valid keys: {', '.join(FORMAT_KEYS)}")
+    return name
+
+
 def get_format(name: str, system: str | None = None) -> ConversationFormat:
     """The format registered under exactly `name`; `system` overrides its default system prompt."""
+    check_format_key(name)
     if name == "plain":
         return Plain()
     if name == "vicuna_v1":
         return VicunaV1(system)
     if name == "llama_2":
         return Llama2(system)
-    if name == "chat_template":
-        return ChatTemplate(system)
-    raise RegistryKeyError(f"unknown conversation format {name!r}; valid keys: {', '.join(FORMAT_KEYS)}")
+    return ChatTemplate(system)
