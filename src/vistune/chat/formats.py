@@ -17,7 +17,7 @@ also work with LLMs whose EOS is spelled differently.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from vistune.errors import LabelError, RegistryKeyError
 
@@ -84,9 +84,13 @@ class ConversationFormat(Protocol):
         ...
 
 
+def _eos_stop(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    return [tokenizer.eos_token] if tokenizer.eos_token else []
+
+
 @dataclass(frozen=True)
 class Plain:
-    name: str = "plain"
+    name: ClassVar[str] = "plain"
     adds_tokenizer_bos: bool = True
 
     def render(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase,
@@ -103,63 +107,76 @@ class Plain:
         return segments
 
     def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        return [tokenizer.eos_token] if tokenizer.eos_token else []
+        return _eos_stop(tokenizer)
 
 
 @dataclass(frozen=True)
-class VicunaV1:
+class _TurnFormat:
+    """A format written as a loop over turns: prompt text for each user turn, then the reply with
+    its end-of-turn token. Subclasses say how a user turn and a reply are spelled."""
+
     system: str | None = None
-    name: str = "vicuna_v1"
     adds_tokenizer_bos: bool = True
+    name: ClassVar[str]
+    default_system: ClassVar[str]
+
+    def preamble(self, system: str | None) -> str:
+        return ""
+
+    def user(self, index: int, content: str, system: str | None, tokenizer: PreTrainedTokenizerBase) -> str:
+        raise NotImplementedError
+
+    def reply(self, content: str, tokenizer: PreTrainedTokenizerBase) -> str:
+        raise NotImplementedError
 
     def render(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase,
                add_generation_prompt: bool) -> list[Segment]:
-        system, turns = _split_system(messages, self.system or VICUNA_SYSTEM)
+        system, turns = _split_system(messages, self.system or self.default_system)
         _check_alternation(turns, self.name)
-        eos = tokenizer.eos_token or ""
         segments: list[Segment] = []
-        prompt = f"{system} " if system else ""
-        for m in turns:
-            if m.role == "user":
-                prompt += f"USER: {m.content} ASSISTANT:"
-            else:
-                segments += [Segment(prompt), Segment(f" {m.content}{eos}", reply=m.content)]
-                prompt = ""
-        if prompt:
-            segments.append(Segment(prompt))
-        return segments
-
-    def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        return [tokenizer.eos_token] if tokenizer.eos_token else []
-
-
-@dataclass(frozen=True)
-class Llama2:
-    system: str | None = None
-    name: str = "llama_2"
-    adds_tokenizer_bos: bool = True
-
-    def render(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase,
-               add_generation_prompt: bool) -> list[Segment]:
-        system, turns = _split_system(messages, self.system or LLAMA_2_SYSTEM)
-        _check_alternation(turns, self.name)
-        eos, bos = tokenizer.eos_token or "", tokenizer.bos_token or ""
-        segments: list[Segment] = []
-        prompt = ""
+        prompt = self.preamble(system)
         for i, m in enumerate(turns):
             if m.role == "user":
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{m.content}" if i == 0 and system else m.content
-                # Turns after the first open with BOS again, as Llama-2-chat was trained.
-                prompt += f"{bos if i else ''}[INST] {content} [/INST]"
+                prompt += self.user(i, m.content, system, tokenizer)
             else:
-                segments += [Segment(prompt), Segment(f" {m.content} {eos}", reply=m.content)]
+                segments += [Segment(prompt), Segment(self.reply(m.content, tokenizer), reply=m.content)]
                 prompt = ""
         if prompt:
             segments.append(Segment(prompt))
         return segments
 
     def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        return [tokenizer.eos_token] if tokenizer.eos_token else []
+        return _eos_stop(tokenizer)
+
+
+@dataclass(frozen=True)
+class VicunaV1(_TurnFormat):
+    name: ClassVar[str] = "vicuna_v1"
+    default_system: ClassVar[str] = VICUNA_SYSTEM
+
+    def preamble(self, system: str | None) -> str:
+        return f"{system} " if system else ""
+
+    def user(self, index: int, content: str, system: str | None, tokenizer: PreTrainedTokenizerBase) -> str:
+        return f"USER: {content} ASSISTANT:"
+
+    def reply(self, content: str, tokenizer: PreTrainedTokenizerBase) -> str:
+        return f" {content}{tokenizer.eos_token or ''}"
+
+
+@dataclass(frozen=True)
+class Llama2(_TurnFormat):
+    name: ClassVar[str] = "llama_2"
+    default_system: ClassVar[str] = LLAMA_2_SYSTEM
+
+    def user(self, index: int, content: str, system: str | None, tokenizer: PreTrainedTokenizerBase) -> str:
+        if index == 0 and system:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        # Turns after the first open with BOS again, as Llama-2-chat was trained.
+        return f"{tokenizer.bos_token or '' if index else ''}[INST] {content} [/INST]"
+
+    def reply(self, content: str, tokenizer: PreTrainedTokenizerBase) -> str:
+        return f" {content} {tokenizer.eos_token or ''}"
 
 
 @dataclass(frozen=True)
@@ -169,7 +186,7 @@ class ChatTemplate:
     is refused, since its labels could not be trusted."""
 
     system: str | None = None
-    name: str = "chat_template"
+    name: ClassVar[str] = "chat_template"
     adds_tokenizer_bos: bool = False  # templates write their own BOS into the text
 
     def _render(self, tokenizer: PreTrainedTokenizerBase, messages: list[Message], gen: bool) -> str:
