@@ -218,3 +218,18 @@ def test_bf16_lora_stage_runs(tmp_path: Path, clip_dir: Path, llama_dir: Path, d
     train_stage(cfg.model, cfg.stages["s"], "s")
     ls = losses(tmp_path / "bf16")
     assert len(ls) == 2 and all(0 < x < 20 for x in ls)
+
+
+def test_stages_of_different_precision_run_in_one_process(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                           dataset_dir: Path) -> None:
+    """align in fp32 then finetune in bf16, in one `run` (one `vistune train`): accelerate's process-wide
+    state must not keep the first stage's mixed precision (it used to raise at stage 2)."""
+    align = stage(dataset_dir, tmp_path / "align", format="plain", max_steps=1, save_frozen=False,
+                  data={"path": str(dataset_dir / "align.json")})
+    finetune = stage(dataset_dir, tmp_path / "finetune", max_steps=1, precision="bf16", save_frozen=False,
+                     projector_from=str(tmp_path / "align"), parts={"projector": "full", "llm": "lora"},
+                     lora={"r": 4, "alpha": 8})
+    again = stage(dataset_dir, tmp_path / "again", format="plain", max_steps=1, save_frozen=False,
+                  data={"path": str(dataset_dir / "align.json")})
+    cfg = load_config(data=config(clip_dir, llama_dir, {"align": align, "finetune": finetune, "again": again}))
+    assert list(run(cfg)) == ["align", "finetune", "again"]

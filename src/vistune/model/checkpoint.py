@@ -147,6 +147,32 @@ def _copy_source(src: str, gguf_file: str | None, dst: Path) -> None:
         shutil.copy2(src_path / name, dst / name)
 
 
+def _save_trained_llm(llm: torch.nn.Module, folder: Path) -> None:
+    """`save_pretrained`, also for an LLM read from a GGUF file. transformers leaves a GGUF quantizer
+    attached to such a model and refuses to save it ("quantized with gguf and is not serializable"),
+    although its weights were dequantized into ordinary float tensors at load and have been trained
+    as such. Saved without the quantizer, they are a plain safetensors model (no GGUF
+    `quantization_config` in config.json), which is what `llm/` is expected to hold."""
+    quantizer = getattr(llm, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        llm.save_pretrained(str(folder))
+        return
+    if not all(p.is_floating_point() for p in llm.parameters()):
+        raise CheckpointError("the LLM keeps (some) weights packed in GGUF blocks, which cannot be trained or "
+                              "saved; train it with `llm: lora` or `frozen`, or convert the GGUF to safetensors")
+    config_quant = getattr(llm.config, "quantization_config", None)
+    if config_quant is not None:
+        delattr(llm.config, "quantization_config")
+    llm.hf_quantizer = None
+    try:
+        llm.save_pretrained(str(folder))
+    finally:
+        llm.hf_quantizer = quantizer
+        if config_quant is not None:
+            llm.config.quantization_config = config_quant
+
+
 def save_checkpoint(out: str | Path, bundle: Bundle, source_vision: VisionConfig, source_llm: LLMConfig,
                     llm_mode: Literal["frozen", "full", "lora"], save_frozen: bool) -> Path:
     """Write the checkpoint into `out` so that a crash midway never leaves a folder that looks complete."""
@@ -170,7 +196,7 @@ def save_checkpoint(out: str | Path, bundle: Bundle, source_vision: VisionConfig
     llm = source_llm.model_copy(update={"path": str(Path(source_llm.path).resolve())})
     adapter = None
     if llm_mode == "full":
-        model.llm.save_pretrained(str(tmp / "llm"))  # safetensors
+        _save_trained_llm(model.llm, tmp / "llm")  # safetensors
         llm = llm.model_copy(update={"path": "llm", "gguf_file": None})
     else:
         if save_frozen:

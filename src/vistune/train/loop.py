@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -65,6 +66,11 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         return out
     random.seed(stage.seed)
     torch.manual_seed(stage.seed)
+    # accelerate keeps one process-wide AcceleratorState and refuses a later Accelerator with another
+    # mixed_precision, so a run whose stages differ in precision (align fp32, finetune bf16) would fail
+    # at stage 2. Each stage starts from a fresh one, as transformers' Trainer does; the PartialState
+    # (processes, device) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="bf16" if stage.precision == "bf16" else "no")
     if accelerator.num_processes > 1:
         # Sharding the batches and reducing the token count across processes is not wired in yet;
