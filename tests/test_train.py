@@ -182,7 +182,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(clip_dir: Path, llama_d
         model.projector.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
         apply_parts(model, PartsConfig(projector="full", llm="frozen"), LoraSettings(), checkpointing)
         model.train()
-        assert model.llm.is_gradient_checkpointing == checkpointing
+        llm = model.llm
+        on = llm.is_activation_checkpointing if hasattr(llm, "is_activation_checkpointing") else llm.is_gradient_checkpointing
+        assert on == checkpointing
         ids = torch.tensor([[5] + [IMAGE_TOKEN_ID] * 16 + [7, 8, 9]])
         torch.manual_seed(1)
         out = model(ids, torch.ones_like(ids), torch.randn(1, 3, 32, 32), labels=ids.clamp(min=0))

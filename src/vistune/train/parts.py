@@ -21,7 +21,12 @@ def apply_parts(model: VisionLanguageModel, parts: PartsConfig, lora: LoraSettin
     if gradient_checkpointing:
         # Non-reentrant checkpointing gives correct gradients even when the LLM's own inputs
         # (token embeddings) do not require grad, which is the case in every LLaVA stage.
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed gradient_* to activation_checkpointing_* in 5.x; use whichever exists.
+        enable = getattr(model.llm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.config.use_cache = False
     if parts.llm == "lora":
         from peft import LoraConfig, get_peft_model
