@@ -235,3 +235,15 @@ def test_stages_of_different_precision_run_in_one_process(tmp_path: Path, clip_d
                   data={"path": str(dataset_dir / "align.json")})
     cfg = load_config(data=config(clip_dir, llama_dir, {"align": align, "finetune": finetune, "again": again}))
     assert list(run(cfg)) == ["align", "finetune", "again"]
+
+
+def test_loader_workers_do_not_change_the_run(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                              dataset_dir: Path) -> None:
+    """Tokenizing and loading images in worker processes gives the same losses as in the main process."""
+    runs = []
+    for workers in (0, 2):
+        st = stage(dataset_dir, tmp_path / f"w{workers}", max_steps=3, save_frozen=False, data={"num_workers": workers})
+        cfg = load_config(data=config(clip_dir, llama_dir, {"s": st}))
+        train_stage(cfg.model, cfg.stages["s"], "s")
+        runs.append(losses(tmp_path / f"w{workers}"))
+    assert runs[0] == runs[1] and len(runs[0]) == 3
