@@ -32,6 +32,7 @@ from vistune.data.records import Problems, load_samples
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
+from vistune.model.vlm import VisionLanguageModel
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
@@ -126,13 +127,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         f"{accum} per step, {total_steps} steps")
 
     out.mkdir(parents=True, exist_ok=True)
-    writer = _tensorboard(out, name) if stage.tensorboard and accelerator.is_main_process else None
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, progress.step)
+    metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=progress.step, desc=name, disable=not accelerator.is_main_process)
     model.train()
     stopped_early = False
-    t_last, tokens_last = time.perf_counter(), progress.tokens
     while progress.step < total_steps:
         sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
         batches = iter(loader)
@@ -151,20 +149,9 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             progress.batches_in_epoch += len(window)
             progress.tokens += sum(int(b["attention_mask"].sum()) for b in window if "attention_mask" in b)
             progress.skipped = dict(problems.counts)
-
-            now = time.perf_counter()
-            tok_s = (progress.tokens - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, progress.tokens
-            lr = scheduler.get_last_lr()[-1]
+            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            if progress.step % stage.log_every == 0 and accelerator.is_main_process:
-                row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm}
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if writer:
-                    for key in ("loss", "lr", "tokens_per_s") + (("grad_norm",) if grad_norm is not None else ()):
-                        writer.add_scalar(f"train/{key}", row[key], progress.step)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
             if accelerator.is_main_process and (
                 (stage.save_every and progress.step % stage.save_every == 0) or at_stop
@@ -180,24 +167,14 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
-    if writer:
-        writer.close()
+    metrics.close()
     _report(name, problems, out)
     if stopped_early:
         log(f"[{name}] stopped after step {progress.step} (stop_after_steps); run the same command again to resume")
         return None
 
     unwrapped = accelerator.unwrap_model(model)
-    spec = ModelSpec(
-        vision=model_cfg.vision, llm=model_cfg.llm, projector=model_cfg.projector,
-        vision_hidden_size=unwrapped.vision.hidden_size,
-        llm_hidden_size=unwrapped.llm.get_input_embeddings().embedding_dim,
-        num_image_tokens=encoder.num_image_tokens, conversation_format=stage.format,
-        system_prompt=stage.system_prompt, model_max_length=stage.model_max_length,
-        provenance={"stage": name, "steps": progress.step, "tokens": progress.tokens, "vistune": vistune.__version__,
-                    "torch": torch.__version__, "parts": stage.parts.model_dump(),
-                    "hyperparameters": stage.model_dump(exclude={"data", "parts"})},
-    )
+    spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
         save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
@@ -231,18 +208,56 @@ def _accumulate(model: torch.nn.Module, window: list[dict], accelerator: Acceler
     return total
 
 
-def _tensorboard(out: Path, name: str):  # noqa: ANN202 - SummaryWriter import is deferred (slow)
-    from torch.utils.tensorboard import SummaryWriter
+class _Metrics:
+    """Per-step numbers to metrics.jsonl and TensorBoard (main process only), and tokens/s."""
 
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    def __init__(self, out: Path, stage: StageConfig, progress: Progress, main_process: bool) -> None:
+        self.path = out / "metrics.jsonl"
+        self.every = stage.log_every
+        self.main = main_process
+        self.writer = None
+        if main_process:
+            # On resume, drop rows logged after the checkpoint: those steps are trained (and logged) again.
+            if self.path.is_file():
+                rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= progress.step]
+                self.path.write_text("".join(r + "\n" for r in rows))
+            if stage.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # slow import, only when wanted
+
+                self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        self.t_last, self.tokens_last = time.perf_counter(), progress.tokens
+
+    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None) -> dict:
+        now = time.perf_counter()
+        tok_s = (progress.tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.tokens_last = now, progress.tokens
+        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm}
+        if self.main and progress.step % self.every == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.writer:
+                for key, value in row.items():
+                    if key != "step" and value is not None:
+                        self.writer.add_scalar(f"train/{key}", value, progress.step)
+        return row
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows logged after the checkpoint (they will be logged again)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
+                progress: Progress) -> ModelSpec:
+    return ModelSpec(
+        vision=model_cfg.vision, llm=model_cfg.llm, projector=model_cfg.projector,
+        vision_hidden_size=model.vision.hidden_size,
+        llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,
+        num_image_tokens=model.num_image_tokens, conversation_format=stage.format,
+        system_prompt=stage.system_prompt, model_max_length=stage.model_max_length,
+        provenance={"stage": name, "steps": progress.step, "tokens": progress.tokens, "vistune": vistune.__version__,
+                    "torch": torch.__version__, "parts": stage.parts.model_dump(),
+                    "hyperparameters": stage.model_dump(exclude={"data", "parts"})},
+    )
 
 
 def _report(name: str, problems: Problems, out: Path) -> None:
