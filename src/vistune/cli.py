@@ -83,6 +83,9 @@ def info(model: Path) -> None:
 
     bundle = load_checkpoint(model)
     spec = bundle.spec
+
+    def where(path: str) -> str:
+        return path if Path(path).is_absolute() else f"{path}/ in the checkpoint"
     rows = {
         "format": "vistune v1",
         "conversation_format": spec.conversation_format,
@@ -90,10 +93,10 @@ def info(model: Path) -> None:
         "model_max_length": spec.model_max_length,
         "image_tokens_per_image": spec.num_image_tokens,
         "image_preprocess": spec.vision.image_preprocess,
-        "vision": f"{spec.vision.path} (layer {spec.vision.select_layer}, {spec.vision.select_feature}), "
+        "vision": f"{where(spec.vision.path)} (layer {spec.vision.select_layer}, {spec.vision.select_feature}), "
                   f"{count(bundle.model.vision)[1]:,} parameters",
         "projector": f"{spec.projector}, {count(bundle.model.projector)[1]:,} parameters",
-        "llm": f"{spec.llm.path}{' (' + spec.llm.gguf_file + ')' if spec.llm.gguf_file else ''}"
+        "llm": f"{where(spec.llm.path)}{' (' + spec.llm.gguf_file + ')' if spec.llm.gguf_file else ''}"
                f"{' + LoRA adapter ' + spec.llm_adapter if spec.llm_adapter else ''}, "
                f"{count(bundle.model.llm)[1]:,} parameters",
     }
