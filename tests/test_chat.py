@@ -154,3 +154,23 @@ def test_unknown_format_lists_valid_keys() -> None:
 def test_stop_tokens(bpe, spm) -> None:
     assert ChatEncoder(bpe, get_format("chat_template"), 1).stop_token_ids() == [bpe.convert_tokens_to_ids("<|im_end|>")]
     assert ChatEncoder(spm, get_format("llama_2"), 1).stop_token_ids() == [spm.eos_token_id]
+
+
+@pytest.mark.parametrize("fmt,tok_name", [("vicuna_v1", "bpe"), ("chat_template", "bpe"), ("vicuna_v1", "spm"),
+                                          ("llama_2", "spm")])
+def test_offsets_and_prefix_tokenizations_agree(fmt: str, tok_name: str, request: pytest.FixtureRequest) -> None:
+    """The fast path (one tokenization, split by character offsets) and the fallback for tokenizers
+    without offsets (tokenize every prefix) give the same pieces."""
+    tok = request.getfixturevalue(tok_name)
+    enc = ChatEncoder(tok, get_format(fmt), N_IMG)
+    texts = [s.text for s in get_format(fmt).render(CONV[:2] + [Message("user", "Where is it?")], tok, True)]
+    texts = [t.split("<image>")[-1] for t in texts]  # one image-free run
+    assert enc._split_by_offsets(texts, "s") == enc._split_by_prefixes(texts, "s")
+
+
+def test_a_token_across_a_boundary_is_an_error(bpe) -> None:
+    enc = ChatEncoder(bpe, get_format("vicuna_v1"), N_IMG)
+    with pytest.raises(LabelError, match="sample s9: a token spans the boundary"):
+        enc._split_by_offsets(["The sha", "pe is red."], "s9")
+    with pytest.raises(LabelError, match="sample s9: the tokenizer merges text across the boundary"):
+        enc._split_by_prefixes(["The sha", "pe is red."], "s9")

@@ -6,9 +6,10 @@ sample and prints "tokenization mismatch", and users train on loss 0. Here label
 token ids themselves:
 
 1. the format renders segments (prompt text, or one reply with its end-of-turn token);
-2. text between image placeholders is tokenized once per segment boundary; each segment's tokens
-   are what its boundary adds to the ids of the text before it, and the ids before a boundary must
-   stay a prefix of the ids after it, so the result is exactly the tokenization of the whole text;
+2. text between image placeholders is tokenized once, and each token is given to the segment its
+   characters lie in (offsets); a token spanning a prompt/reply boundary is an error. The ids are
+   exactly the tokenization of the whole text. (Slow tokenizers, without offsets, tokenize each
+   prefix instead and require the ids before a boundary to stay a prefix of the ids after it.)
 3. each reply's tokens must decode back to the reply's text.
 If 2 or 3 fails, a `LabelError` names the sample; nothing is masked quietly.
 """
@@ -66,6 +67,34 @@ class ChatEncoder:
         """Ids for consecutive texts, such that their concatenation is the tokenization of ''.join(texts)."""
         if len(texts) == 1:
             return [self.tokenizer(texts[0], add_special_tokens=False).input_ids]
+        if self.tokenizer.is_fast:
+            return self._split_by_offsets(texts, sample)
+        return self._split_by_prefixes(texts, sample)
+
+    def _split_by_offsets(self, texts: list[str], sample: str) -> list[list[int]]:
+        """One tokenization of the whole text; each token goes to the segment its characters lie in.
+        A token that spans a segment boundary means prompt and reply cannot be told apart."""
+        enc = self.tokenizer("".join(texts), add_special_tokens=False, return_offsets_mapping=True)
+        ends, total = [], 0
+        for text in texts:
+            total += len(text)
+            ends.append(total)
+        pieces: list[list[int]] = [[] for _ in texts]
+        seg = 0
+        for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+            while seg < len(texts) - 1 and start >= ends[seg]:
+                seg += 1
+            if end > ends[seg] and seg < len(texts) - 1:
+                raise LabelError(
+                    f"sample {sample}: a token spans the boundary before segment {seg + 1} "
+                    f"({texts[seg + 1][:40]!r}), so prompt and reply tokens cannot be told apart"
+                )
+            pieces[seg].append(token)
+        return pieces
+
+    def _split_by_prefixes(self, texts: list[str], sample: str) -> list[list[int]]:
+        """For tokenizers without offsets: each segment's ids are what it adds to the ids of the text
+        before it, which must stay a prefix (quadratic in the number of segments, hence the fallback)."""
         pieces: list[list[int]] = []
         prev: list[int] = []
         cumulative = ""
