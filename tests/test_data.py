@@ -118,3 +118,28 @@ def test_grouped_sampler_keeps_modalities_apart_and_is_deterministic() -> None:
     assert sampler.batches(1) != sampler.batches(0)
     sampler.set_epoch(0, skip_batches=2)
     assert list(sampler) == batches[2:]
+
+
+def test_precheck_finds_bad_labels_before_training(dataset_dir: Path, bpe_tokenizer: Path) -> None:
+    from vistune.chat.formats import Message
+    from vistune.data.precheck import precheck
+    from vistune.data.records import Sample
+
+    tok = AutoTokenizer.from_pretrained(str(bpe_tokenizer))
+    enc = ChatEncoder(tok, get_format("vicuna_v1"), 16, 160)
+    good = load_samples(dataset_dir / "train.json", dataset_dir / "images", False, Problems())
+    bad = Sample("bad-7", (), (Message("user", "hi"), Message("assistant", "x <|im_end|> y")))
+    long = Sample("long-1", (), (Message("user", "word " * 300), Message("assistant", "ok")))
+    samples = [*good, bad, long]
+    with pytest.raises(DataError, match="sample bad-7: the supervised tokens decode to"):
+        precheck(samples, enc, skip_bad=False, problems=Problems())
+    problems = Problems()
+    kept, lengths = precheck(samples, enc, skip_bad=True, problems=problems)
+    assert [s.id for s in kept] == [s.id for s in good]
+    assert problems.counts == {"labels do not match the replies": 1, "all reply tokens truncated": 1}
+    expected = [len(enc.encode(list(s.messages)).input_ids) * (1 if s.images else -1) for s in good]
+    assert lengths == expected
+    # the same answer from worker processes
+    problems2 = Problems()
+    assert precheck(samples, enc, True, problems2, workers=2, pool_min=4) == (kept, lengths)
+    assert problems2.counts == problems.counts

@@ -247,3 +247,17 @@ def test_loader_workers_do_not_change_the_run(tmp_path: Path, clip_dir: Path, ll
         train_stage(cfg.model, cfg.stages["s"], "s")
         runs.append(losses(tmp_path / f"w{workers}"))
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_a_bad_label_stops_the_run_before_the_first_step(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                           dataset_dir: Path) -> None:
+    from vistune.errors import DataError
+
+    records = json.loads((dataset_dir / "train.json").read_text())
+    records[-1]["conversations"][1]["value"] = "broken <|im_end|> reply"  # the last sample the loader would reach
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    st = stage(dataset_dir, tmp_path / "out", max_steps=2, save_frozen=False, data={"path": str(tmp_path / "d.json")})
+    cfg = load_config(data=config(clip_dir, llama_dir, {"s": st}))
+    with pytest.raises(DataError, match=f"sample {records[-1]['id']}: the supervised tokens decode to"):
+        train_stage(cfg.model, cfg.stages["s"], "s")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -98,7 +98,11 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used by the precheck).")
+    precheck: bool = Field(
+        True, description="Tokenize every sample before training: labels checked and exact lengths, so a bad "
+        "sample stops the run at its start, not hours in (about 1-2 ms per sample per process)."
+    )
 
 
 class StageConfig(_Strict):

@@ -38,8 +38,10 @@ class SupervisedDataset(Dataset):
     """Sample -> {"input_ids", "labels", "pixel_values", "id"}, or a `Skipped` when skipping bad samples."""
 
     def __init__(self, samples: list[Sample], encoder: ChatEncoder, processor: BaseImageProcessor,
-                 image_preprocess: Literal["pad", "processor"], skip_bad: bool) -> None:
+                 image_preprocess: Literal["pad", "processor"], skip_bad: bool,
+                 lengths: list[int] | None = None) -> None:
         self.samples = samples
+        self.exact_lengths = lengths
         self.encoder = encoder
         self.processor = processor
         self.image_preprocess = image_preprocess
@@ -49,7 +51,10 @@ class SupervisedDataset(Dataset):
         return len(self.samples)
 
     def lengths(self) -> list[int]:
-        """Estimated lengths, negative for text-only samples (the sign keeps modalities apart)."""
+        """Token counts (exact after a precheck, else estimated from words), negative for text-only
+        samples (the sign keeps modalities apart)."""
+        if self.exact_lengths is not None:
+            return self.exact_lengths
         n_img = self.encoder.num_image_tokens
         return [(s.n_words + n_img * len(s.images)) * (1 if s.images else -1) for s in self.samples]
 

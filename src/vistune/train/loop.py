@@ -28,6 +28,7 @@ from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import ModelConfig, RunConfig, StageConfig
 from vistune.data.dataset import SupervisedDataset, collate
+from vistune.data.precheck import precheck
 from vistune.data.records import Problems, load_samples
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import ConfigError
@@ -98,8 +99,12 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
 
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
                           stage.model_max_length)
+    lengths = None
+    if stage.data.precheck:
+        samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
+                                    stage.data.num_workers)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
-                                stage.data.on_bad_sample == "skip")
+                                stage.data.on_bad_sample == "skip", lengths)
     sampler = GroupedBatchSampler(dataset.lengths(), stage.micro_batch_size, stage.seed,
                                   stage.data.group_by_modality_length)
     # The loader draws its worker seed from its own generator, not the global one, so that starting
