@@ -12,6 +12,7 @@ with the field's full path and the valid names.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vistune.errors import ConfigError
 
 PartMode = Literal["frozen", "full", "lora"]
+
+
+def _registry_key(check: Callable[[str], str], key: str) -> str:
+    """Run a registry's key check inside a pydantic validator (which reports ValueErrors by field)."""
+    try:
+        return check(key)
+    except KeyError as e:
+        raise ValueError(str(e)) from None
 
 
 class _Strict(BaseModel):
@@ -64,10 +73,7 @@ class ModelConfig(_Strict):
     def _projector_key(cls, key: str) -> str:
         from vistune.model.projector import check_projector_key
 
-        try:
-            return check_projector_key(key)
-        except KeyError as e:
-            raise ValueError(str(e)) from None
+        return _registry_key(check_projector_key, key)
 
 
 class PartsConfig(_Strict):
@@ -152,10 +158,7 @@ class StageConfig(_Strict):
     def _format_key(cls, key: str) -> str:
         from vistune.chat.formats import check_format_key
 
-        try:
-            return check_format_key(key)
-        except KeyError as e:
-            raise ValueError(str(e)) from None
+        return _registry_key(check_format_key, key)
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
