@@ -46,13 +46,6 @@ class Problems:
         if len(examples) < 3:
             examples.append(message)
 
-    def merge(self, other: Problems) -> None:
-        for reason, n in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + n
-            for ex in other.examples.get(reason, []):
-                if len(self.examples.setdefault(reason, [])) < 3:
-                    self.examples[reason].append(ex)
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())
