@@ -1,0 +1,119 @@
+"""The instruction-data pipeline: records x kinds -> teacher -> parse -> LLaVA JSONL, resumably.
+
+Sample ids are `{record id}-{kind}`. Every sample ends in exactly one of the output file (valid) or
+the rejects file beside it (with a reason); both are append-only (see `jsonl`), and a rerun of the
+same command skips the ids found in either, so a killed run completes without loss or duplicates.
+Delete the rejects file to try its samples again. Randomness (instruction drawn, image before or
+after the question) comes from `(seed, sample id)`, so the result does not depend on the order in
+which concurrent replies arrive, nor on where a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+from vistune.datagen.jsonl import JsonlAppender, rejects_path
+from vistune.datagen.parse import KINDS, Rejected, parse_reply
+from vistune.datagen.prompts import WITH_BOXES, load_instructions, load_kind, place_image
+from vistune.datagen.sources import ImageRecord
+from vistune.datagen.summary import Summary
+from vistune.datagen.teachers import Reply, Request, Teacher, TeacherError
+from vistune.errors import DataError
+
+
+def sample_id(record: ImageRecord, kind: str) -> str:
+    return f"{record.id}-{kind}"
+
+
+def to_llava(sid: str, record: ImageRecord, kind: str, pairs: list[tuple[str, str]], detail_instructions: list[str],
+             seed: int) -> dict[str, Any]:
+    rng = random.Random(f"{seed}:{sid}:sample")
+    if kind == "detail":
+        pairs = [(rng.choice(detail_instructions), pairs[0][1])]
+    conversations = []
+    for i, (q, a) in enumerate(pairs):
+        conversations.append({"from": "human", "value": place_image(q, rng) if i == 0 else q})
+        conversations.append({"from": "gpt", "value": a})
+    return {"id": sid, "image": record.image, "kind": kind, "conversations": conversations}
+
+
+def run_instruct(records: list[ImageRecord], kinds: list[str], teacher: Teacher, out: Path, *, seed: int = 0,
+                 concurrency: int = 8, limit: int | None = None, progress: bool = True,
+                 prompts_dir: Path | None = None, reask: int = 0) -> Summary:
+    """Generate `kinds` for the first `limit` records into `out` (JSONL); rejects beside it.
+
+    `reask`: ask the teacher again this many times when a reply fails validation (useful only with
+    sampling, temperature > 0). Transport errors are retried inside the teacher."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise DataError(f"unknown kind(s) {unknown}; valid: {', '.join(KINDS)}")
+    records = records[:limit] if limit is not None else records
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise DataError(f"record id {r.id!r} occurs twice in the input; ids must be unique (resume relies on them)")
+        seen.add(r.id)
+    prompts = {k: load_kind(k, prompts_dir) for k in kinds}
+    detail_instructions = load_instructions("detail", prompts_dir)
+    out = Path(out)
+    summary = Summary()
+    with JsonlAppender(out) as good, JsonlAppender(rejects_path(out)) as bad:
+        done = good.ids | bad.ids
+        todo = [(r, k) for r in records for k in kinds if sample_id(r, k) not in done]
+        summary.skipped = len(records) * len(kinds) - len(todo)
+        asyncio.run(_run(todo, prompts, detail_instructions, teacher, good, bad, summary, seed,
+                         max(1, concurrency), progress, reask))
+    if teacher.prices is not None:
+        p_in, p_out = teacher.prices
+        summary.cost = (summary.prompt_tokens * p_in + summary.completion_tokens * p_out) / 1e6
+    return summary
+
+
+async def _run(todo: list[tuple[ImageRecord, str]], prompts: dict, detail_instructions: list[str], teacher: Teacher,
+               good: JsonlAppender, bad: JsonlAppender, summary: Summary, seed: int, concurrency: int,
+               progress: bool, reask: int) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), disable=not progress, desc=f"datagen ({teacher.name})", unit="sample")
+
+    async def one(record: ImageRecord, kind: str) -> None:
+        sid = sample_id(record, kind)
+        request = Request(sid, kind, prompts[kind].messages(record, WITH_BOXES[kind]), record, seed)
+        reply: Reply | None = None
+        reason = ""
+        for _ in range(1 + reask):
+            try:
+                reply = await teacher.complete(request)
+            except TeacherError as e:
+                reason = e.reason
+                break
+            summary.prompt_tokens += reply.prompt_tokens
+            summary.completion_tokens += reply.completion_tokens
+            summary.retries += reply.retries
+            try:
+                pairs = parse_reply(kind, reply.text, reply.finish_reason)
+            except Rejected as e:
+                reason = e.reason
+                continue
+            good.append(to_llava(sid, record, kind, pairs, detail_instructions, seed))
+            summary.wrote(kind)
+            bar.update()
+            return
+        bad.append({"id": sid, "image": record.image, "kind": kind, "reason": reason,
+                    "reply": reply.text if reply else None})
+        summary.reject(reason)
+        bar.update()
+
+    pending = iter(todo)
+
+    async def worker() -> None:  # `concurrency` workers share one iterator: bounded in-flight requests
+        for record, kind in pending:
+            await one(record, kind)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        bar.close()
