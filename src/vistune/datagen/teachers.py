@@ -169,7 +169,7 @@ class HFTeacher:
     prices = None
 
     def __init__(self, path: str, gguf_file: str | None = None, max_new_tokens: int = 512,
-                 temperature: float = 0.0, device: str | None = None) -> None:
+                 temperature: float = 0.0, repetition_penalty: float | None = None, device: str | None = None) -> None:
         from vistune.model.llm import load_llm, load_tokenizer
 
         p = Path(path)
@@ -184,6 +184,7 @@ class HFTeacher:
             self.model.to(device)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.repetition_penalty = repetition_penalty  # small greedy models loop; 1.2-1.3 curbs it
         self._lock = threading.Lock()
 
     def _generate(self, request: Request) -> Reply:
@@ -196,6 +197,8 @@ class HFTeacher:
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if self.temperature > 0:
             kwargs["temperature"] = self.temperature
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
         with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{request.seed}:{request.id}".encode()))
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
@@ -215,7 +218,7 @@ TEACHERS = {"template": "template", "openai": "openai:MODEL", "hf": "hf:PATH"}
 
 def get_teacher(spec: str, **options: Any) -> Teacher:
     """`template`, `openai:MODEL` (options: base_url, api_key, temperature, max_tokens, timeout, retry,
-    prices) or `hf:PATH` (options: gguf_file, max_new_tokens, temperature, device)."""
+    prices) or `hf:PATH` (options: gguf_file, max_new_tokens, temperature, repetition_penalty, device)."""
     kind, _, arg = spec.partition(":")
     if kind == "template" and not arg:
         return TemplateTeacher(**options)
