@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fixtures import smollm2_gguf
+
 from vistune.data.records import parse_record
 from vistune.datagen.instruct import run_instruct
 from vistune.datagen.jsonl import rejects_path

@@ -207,7 +207,7 @@ class HFTeacher:
         stopped = len(out) > 0 and int(out[-1]) in eos_ids
         finish = "stop" if stopped or len(out) < self.max_new_tokens else "length"
         text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return Reply(text, finish, int(ids.shape[1]), int(len(out)))
+        return Reply(text, finish, int(ids.shape[1]), len(out))
 
     async def complete(self, request: Request) -> Reply:
         return await asyncio.to_thread(self._generate, request)

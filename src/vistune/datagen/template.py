@@ -235,9 +235,9 @@ class TemplateTeacher:
         if not ts:
             caption = sentence(record.captions[0]).rstrip(".") if record.captions else "A simple scene"
             return qa_block([("What might be going on in this scene, and what makes you think so?",
-                              f"{caption}, so that is most likely what is going on. Everything visible points to that one "
-                              "situation, so it is most likely an ordinary, everyday moment. Nothing in the "
-                              "picture suggests anything unusual is happening.")])
+                              (f"{caption}, so that is most likely what is going on. Everything visible points to "
+                               "that one situation, which looks like an ordinary, everyday moment. Nothing in the "
+                               "picture suggests anything unusual is happening."))])
         counts = Counter(t.category for t in ts)
         options = ["arrangement"]
         if len(ts) >= 2:
