@@ -1,7 +1,7 @@
 # The README's commands. PYTHON is the interpreter of the environment to install into.
 PYTHON ?= python3
 
-.PHONY: install test test-fast
+.PHONY: install test test-fast demo
 
 # constraints.txt pins torch to the CPU build kept on this project's machines; on a GPU machine,
 # install your own torch first and run `pip install -e ".[dev]"` instead.
@@ -16,3 +16,7 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# The whole pipeline in miniature on a CPU (about 15 minutes on 2 cores): report in runs/demo/report.md.
+demo: install
+	$(PYTHON) -m vistune.cli demo --out runs/demo

