@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from vistune.demo.evaluate import Question
 
@@ -82,7 +83,9 @@ def write_report(out: Path, *, facts: dict, scores: dict, questions: list[Questi
     shown = out / "report_images"
     shown.mkdir(exist_ok=True)
     for p, _ in samples:
-        shutil.copyfile(p, shown / p.name)
+        # The scenes are 64 px; shown 4x larger (nearest neighbour, no smoothing) so they can be seen.
+        with Image.open(p) as im:
+            im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(shown / p.name)
     md = [
         "# vistune demo report",
         "",
