@@ -49,7 +49,7 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     "default": DemoSize(train_images=3000, val_images=200, test_images=400, questions_per_type_train=2,
-                        clip_steps=120, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
+                        clip_steps=150, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
                         align_steps=None, finetune_steps=None, eval_per_type=100, descriptions=4),
     # The test suite's size: every step runs, nothing is expected to be learned.
     "tiny": DemoSize(train_images=48, val_images=8, test_images=16, questions_per_type_train=1,
@@ -200,8 +200,8 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
         names = [im["file_name"] for im in captions["images"]]
         pixels = _pixels(world / "train", names, None, 64)
         stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
-                                    parts / "clip", image_size=64, patch_size=16, steps=sz.clip_steps,
-                                    batch_size=sz.clip_batch, lr=2e-3, seed=seed)
+                                    parts / "clip", image_size=64, patch_size=8, steps=sz.clip_steps,
+                                    batch_size=sz.clip_batch, lr=1e-3, seed=seed)
         (parts / "clip" / "stats.json").write_text(json.dumps(stats))
     facts["clip"] = {k: v for k, v in json.loads((parts / "clip" / "stats.json").read_text()).items() if k != "losses"}
     print(f"   CLIP: held-out image->caption top-1 {facts['clip']['val_retrieval_top1']:.2f} "
