@@ -23,6 +23,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from vistune.chat.formats import chatml_template
+
 # --------------------------------------------------------------------------------------------------
 # The synthetic world: a coloured rectangle on a plain background.
 # The dataset's answers and the tokenizer corpus are both built from these tables, so every word a
@@ -49,15 +51,7 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 
 #: ChatML with a default system turn, as SmolLM2-Instruct's template does (its own default text is
 #: different; the structure is the same). No BOS is emitted: ChatML models start with <|im_start|>.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML_TEMPLATE = chatml_template(SYSTEM_PROMPT)
 
 # Hand-written prose so the vocabulary also covers ordinary question/answer English, not only the
 # templated dataset sentences.

@@ -57,6 +57,20 @@ LLAMA_2_SYSTEM = (
 )
 
 
+
+def chatml_template(system: str) -> str:
+    """A ChatML Jinja chat template (the structure SmolLM2-Instruct and Qwen2 use) with a default
+    system turn, for tokenizers built from scratch (the demo's stand-in LLM, the test fixtures)."""
+    return (
+        "{% for message in messages %}"
+        "{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
+        "{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
 def _split_system(messages: list[Message], default: str | None) -> tuple[str | None, list[Message]]:
     if messages and messages[0].role == "system":
         return messages[0].content, messages[1:]

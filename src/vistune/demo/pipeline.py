@@ -101,7 +101,7 @@ def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, t
     return texts
 
 
-def _pixels(image_folder: Path, file_names: list[str], processor_dir: Path | None, image_size: int):  # noqa: ANN202
+def _pixels(image_folder: Path, file_names: list[str], image_size: int):  # noqa: ANN202
     """All images of a split as one normalised tensor [N, 3, H, W], CLIP's published mean/std."""
     import numpy as np
     import torch
@@ -198,7 +198,7 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
         for a in captions["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a["caption"])
         names = [im["file_name"] for im in captions["images"]]
-        pixels = _pixels(world / "train", names, None, 64)
+        pixels = _pixels(world / "train", names, 64)
         stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
                                     parts / "clip", image_size=64, patch_size=8, steps=sz.clip_steps,
                                     batch_size=sz.clip_batch, lr=1e-3, seed=seed)

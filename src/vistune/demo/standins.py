@@ -12,7 +12,6 @@ inputs of the method, they are not part of it (vistune's own training loop is `t
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -22,16 +21,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 
+from vistune.chat.formats import chatml_template
+
 SYSTEM_PROMPT = "You are a helpful assistant that can see images."
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
@@ -49,7 +41,7 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 2048) -> Path
     tok.train_from_iterator(texts + chat_words * 100, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|pad|>", model_max_length=1024)
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = chatml_template(SYSTEM_PROMPT)
     fast.save_pretrained(out)
     return out
 
@@ -177,6 +169,5 @@ def train_lm(texts: list[str], tokenizer_dir: Path, out: Path, *, hidden: int = 
     losses = _fit(model, batches(), loss_of, steps, lr, "lm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "vistune_standin.json").write_text(json.dumps({"trained_tokens": steps * batch_size * seq_len,
-                                                          "corpus_tokens": len(stream)}))
-    return {"losses": losses, "corpus_tokens": len(stream), "parameters": model.num_parameters()}
+    return {"losses": losses, "corpus_tokens": len(stream), "trained_tokens": steps * batch_size * seq_len,
+            "parameters": model.num_parameters()}

@@ -209,8 +209,7 @@ def questions(scene: Scene, rng: random.Random, per_type: int = 1,
     near = [c for c in absent if any(c.split()[0] == o.colour or c.split()[1] == o.shape for o in objs)]
     for present in rng.sample(sorted(cats), min(per_type, len(cats))):
         kind = rng.choice(("random", "popular", "adversarial"))
-        pool = [c for c in (near if kind != "random" and near else absent)]
-        negative = rng.choice(pool)
+        negative = rng.choice(near if kind != "random" and near else absent)
         qs.append(("existence", f"Is there {_a(present)} in the image?", "yes"))
         qs.append(("existence", f"Is there {_a(negative)} in the image?", "no"))
 
