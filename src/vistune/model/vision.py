@@ -128,6 +128,7 @@ def preprocess_images(images: list[Image.Image], processor: BaseImageProcessor,
     images = [im.convert("RGB") for im in images]
     if mode == "pad":
         mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        background = tuple(int(round(m * 255)) for m in mean)
+        # Truncated, not rounded: LLaVA's expand2square and HF's LlavaImageProcessor both use int(m * 255).
+        background = tuple(int(m * 255) for m in mean)
         images = [expand_to_square(im, background) for im in images]  # type: ignore[arg-type]
     return processor(images=images, return_tensors="pt")["pixel_values"]

@@ -1,0 +1,229 @@
+"""The Hugging Face `llava-hf` format: `LlavaForConditionalGeneration` + `LlavaProcessor`.
+
+Writing follows transformers' own conversion (convert_llava_weights_to_hf.py): the `<image>` token is
+added to the tokenizer as a special token and the embedding and LM head get a row for it. The new
+rows are the mean of the existing ones (the input row is never used: image features replace it),
+and the exported generation config suppresses the token, so HF never generates the placeholder
+and its greedy output equals vistune's. What HF's format cannot hold (the conversation format, the
+text vocabulary size before the image row) goes in `vistune_export.json`, which HF ignores and the
+reader uses to restore the model exactly.
+
+HF's projector is always `linear_1 -> act -> linear_2`: only vistune's `mlp2x_gelu` maps onto it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AddedToken,
+    AutoImageProcessor,
+    BaseImageProcessor,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from vistune.chat.encode import ChatEncoder
+from vistune.chat.formats import IMAGE_PLACEHOLDER, check_format_key, get_format
+from vistune.config import LLMConfig, VisionConfig
+from vistune.convert.assemble import assemble, causal_lm_from_state
+from vistune.convert.templates import processor_chat_template
+from vistune.errors import CheckpointError
+from vistune.model.checkpoint import Bundle
+from vistune.model.llm import load_tokenizer
+
+EXPORT_FILE = "vistune_export.json"
+HF_PROJECTOR = "mlp2x_gelu"
+# Image processor fields carried over when `pad` preprocessing becomes LlavaImageProcessor(do_pad=True).
+_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                     "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def _select_strategy(select_feature: str, has_cls: bool) -> str:
+    # HF's "default" drops the first token (CLS); "full" keeps every token.
+    return "default" if select_feature == "patch" and has_cls else "full"
+
+
+def _check_exportable(bundle: Bundle) -> None:
+    spec, model = bundle.spec, bundle.model
+    if spec.projector != HF_PROJECTOR:
+        raise CheckpointError(
+            f"projector {spec.projector!r} cannot be written as llava-hf: LlavaMultiModalProjector is always two "
+            f"linear layers with an activation between them, which only vistune's {HF_PROJECTOR!r} matches; keep "
+            "this model in the vistune format")
+    if any(not isinstance(m, nn.Linear) or m.bias is None for m in (model.projector[0], model.projector[2])):
+        raise CheckpointError("the projector's linear layers must have biases to be written as llava-hf")
+    if hasattr(model.llm, "peft_config"):
+        raise CheckpointError("the LLM carries a LoRA adapter; merge it first (vistune merge-lora)")
+
+
+def _pad_processor(source: BaseImageProcessor) -> BaseImageProcessor:
+    """LlavaImageProcessor with do_pad: vistune's `pad` (expand to a square of the mean colour, then
+    the encoder's processor) done by the HF processor itself."""
+    fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS}
+    try:  # the PIL backend, as the fixtures and the encoders' processors use (no torchvision needed)
+        from transformers import LlavaImageProcessorPil as LlavaImageProcessor
+    except ImportError:
+        from transformers import LlavaImageProcessor
+    return LlavaImageProcessor(**fields, do_pad=True)
+
+
+def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
+    """Write `bundle` as a llava-hf folder that `LlavaForConditionalGeneration.from_pretrained` and
+    `AutoProcessor.from_pretrained` load unchanged. The folder appears complete or not at all."""
+    _check_exportable(bundle)
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst} exists and is not empty; give a new folder")
+    spec, model = bundle.spec, bundle.model
+    encoder, llm = model.vision.encoder, model.llm
+    tokenizer = copy.deepcopy(bundle.tokenizer)
+    tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+    embed = llm.get_input_embeddings().weight.detach()  # [V, D]
+    head = llm.get_output_embeddings().weight.detach()  # [V, D]
+    text_vocab = embed.shape[0]
+    rows = max(text_vocab, image_id + 1)
+    grow = rows - text_vocab
+    embed = torch.cat([embed, embed.mean(0, keepdim=True).expand(grow, -1)])  # [V', D]
+    head = torch.cat([head, head.mean(0, keepdim=True).expand(grow, -1)])  # [V', D]
+
+    text_config = copy.deepcopy(llm.config)
+    text_config.vocab_size = rows
+    strategy = _select_strategy(spec.vision.select_feature, model.vision.has_cls)
+    config = LlavaConfig(
+        vision_config=copy.deepcopy(encoder.config), text_config=text_config, image_token_index=image_id,
+        image_seq_length=spec.num_image_tokens, projector_hidden_act="gelu", vision_feature_select_strategy=strategy,
+        vision_feature_layer=spec.vision.select_layer, multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    )
+    dtype = embed.dtype
+    config.dtype = dtype
+    # Built on the meta device and filled by assignment: no random init of a multi-billion model.
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    decoder_state = {k: v for k, v in getattr(llm, llm.base_model_prefix).state_dict().items()}
+    decoder_state["embed_tokens.weight"] = embed
+    parts: list[tuple[nn.Module, dict[str, torch.Tensor]]] = [
+        (hf.model.vision_tower, encoder.state_dict()),
+        (hf.model.multi_modal_projector.linear_1, model.projector[0].state_dict()),
+        (hf.model.multi_modal_projector.linear_2, model.projector[2].state_dict()),
+        (hf.model.language_model, decoder_state),
+        (hf.lm_head, {"weight": head}),
+    ]
+    for module, state in parts:
+        module.load_state_dict({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, strict=True,
+                               assign=True)
+
+    image_processor = (_pad_processor(bundle.image_processor) if spec.vision.image_preprocess == "pad"
+                       else copy.deepcopy(bundle.image_processor))
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=encoder.config.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=processor_chat_template(spec.conversation_format, spec.system_prompt, bundle.tokenizer),
+        image_token=IMAGE_PLACEHOLDER, num_additional_image_tokens=int(model.vision.has_cls),
+    )
+    generation = copy.deepcopy(llm.generation_config) if getattr(llm, "generation_config", None) else GenerationConfig()
+    stops = ChatEncoder(bundle.tokenizer, get_format(spec.conversation_format, spec.system_prompt),
+                        spec.num_image_tokens).stop_token_ids()
+    if stops:
+        generation.eos_token_id = stops
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.suppress_tokens = [image_id]
+    hf.generation_config = generation
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        hf.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        export = {"text_vocab_size": text_vocab, "conversation_format": spec.conversation_format,
+                  "system_prompt": spec.system_prompt, "model_max_length": spec.model_max_length,
+                  "image_preprocess": spec.vision.image_preprocess, "select_feature": spec.vision.select_feature,
+                  "provenance": spec.provenance}
+        (tmp / EXPORT_FILE).write_text(json.dumps(export, indent=2, default=str))
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_llava_hf(src: str | Path, conversation_format: str | None = None, system_prompt: str | None = None,
+                  dtype: torch.dtype | None = None) -> Bundle:
+    """A llava-hf folder as a vistune Bundle (float32 unless `dtype`). The conversation format comes from
+    `conversation_format`, else from `vistune_export.json`, else `vicuna_v1` (llava-1.5-hf's)."""
+    src = Path(src)
+    export: dict[str, Any] = json.loads((src / EXPORT_FILE).read_text()) if (src / EXPORT_FILE).is_file() else {}
+    hf = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=dtype or torch.float32)
+    config = hf.config
+    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
+        raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
+                              f"{config.multimodal_projector_bias}) has no vistune projector; only gelu with biases "
+                              f"({HF_PROJECTOR}) does")
+    if not isinstance(config.vision_feature_layer, int):
+        raise CheckpointError(f"{src}: vision_feature_layer {config.vision_feature_layer} concatenates several "
+                              "layers, which vistune's vision tower does not do")
+    encoder = hf.model.vision_tower
+    has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in encoder.modules())
+    if config.vision_feature_select_strategy == "default":
+        if not has_cls:
+            raise CheckpointError(f"{src}: strategy 'default' drops the first token of an encoder without a CLS "
+                                  "token; vistune selects patches by what the encoder has")
+        feature = "patch"
+    else:
+        feature = "cls_patch" if has_cls else "patch"
+
+    n_text = int(export.get("text_vocab_size", config.text_config.vocab_size))
+    text_config = copy.deepcopy(config.text_config)
+    text_config.vocab_size = n_text
+    decoder = hf.model.language_model
+    state = {f"{_prefix(text_config)}.{k}": v for k, v in decoder.state_dict().items()}
+    embed_key = f"{_prefix(text_config)}.embed_tokens.weight"
+    state[embed_key] = state[embed_key][:n_text]
+    if not text_config.tie_word_embeddings:
+        state["lm_head.weight"] = hf.lm_head.weight.detach()[:n_text]
+    llm = causal_lm_from_state(text_config, state, str(src))
+    llm.generation_config = copy.deepcopy(hf.generation_config)
+    llm.generation_config.suppress_tokens = None
+
+    processor = AutoImageProcessor.from_pretrained(str(src))
+    preprocess = export.get("image_preprocess") or ("pad" if getattr(processor, "do_pad", False) else "processor")
+    if getattr(processor, "do_pad", False):
+        # vistune pads before calling the processor (model/vision.py); the processor must not pad again.
+        processor.do_pad = False
+    fmt = check_format_key(conversation_format or export.get("conversation_format") or "vicuna_v1")
+    projector_state = {"0.weight": hf.model.multi_modal_projector.linear_1.weight,
+                       "0.bias": hf.model.multi_modal_projector.linear_1.bias,
+                       "2.weight": hf.model.multi_modal_projector.linear_2.weight,
+                       "2.bias": hf.model.multi_modal_projector.linear_2.bias}
+    vision = VisionConfig(path=str(src), select_layer=config.vision_feature_layer, select_feature=feature,
+                          image_preprocess=preprocess)
+    return assemble(
+        encoder, vision, HF_PROJECTOR, {k: v.detach() for k, v in projector_state.items()}, llm,
+        LLMConfig(path=str(src)), load_tokenizer(src), processor, fmt,
+        system_prompt if system_prompt is not None else export.get("system_prompt"),
+        int(export.get("model_max_length") or getattr(text_config, "max_position_embeddings", 2048)),
+        {"converted_from": str(src.resolve()), "source_format": "llava-hf"}, src,
+    )
+
+
+def _prefix(text_config: Any) -> str:
+    """The attribute holding the decoder in the text model's *ForCausalLM class (`model` for Llama, Qwen2, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(text_config)]
+    return cls.base_model_prefix
