@@ -74,21 +74,25 @@ def chat(model: Path, image: Path | None, max_new_tokens: int, temperature: floa
         history.append(Message("assistant", "".join(pieces).strip()))
 
 
-def info(model: Path) -> None:
-    """Describe a vistune checkpoint: parts, parameter counts, projector, image tokens, format."""
+def info(model: Path, vision: Path | None = None, llm: Path | None = None, base: Path | None = None) -> None:
+    """Describe a checkpoint (vistune, llava-hf or original LLaVA): format, parts, parameter counts,
+    projector, image tokens, conversation format."""
     import json
 
-    from vistune.model.checkpoint import load_checkpoint
+    from vistune.convert.api import load_any
     from vistune.train.parts import count
 
-    bundle = load_checkpoint(model)
+    bundle, detected = load_any(model, vision=vision, llm=llm, base=base, merge=False)
     spec = bundle.spec
+    native = detected.format == "vistune"
 
     def where(path: str) -> str:
         return path if Path(path).is_absolute() else f"{path}/ in the checkpoint"
+    adapter = spec.llm_adapter or ("in the source folder" if hasattr(bundle.model.llm, "peft_config") else None)
     rows = {
-        "format": "vistune v1",
-        "conversation_format": spec.conversation_format,
+        "format": "vistune v1" if native else f"{detected.format} (read by vistune convert)",
+        "conversation_format": spec.conversation_format + ("" if native else " (not stored by this format: "
+                                                           "the default, or --format at convert time)"),
         "system_prompt": spec.system_prompt or "(format default)",
         "model_max_length": spec.model_max_length,
         "image_tokens_per_image": spec.num_image_tokens,
@@ -97,13 +101,36 @@ def info(model: Path) -> None:
                   f"{count(bundle.model.vision)[1]:,} parameters",
         "projector": f"{spec.projector}, {count(bundle.model.projector)[1]:,} parameters",
         "llm": f"{where(spec.llm.path)}{' (' + spec.llm.gguf_file + ')' if spec.llm.gguf_file else ''}"
-               f"{' + LoRA adapter ' + spec.llm_adapter if spec.llm_adapter else ''}, "
+               f"{' + LoRA adapter ' + adapter if adapter else ''}, "
                f"{count(bundle.model.llm)[1]:,} parameters",
     }
     for key, value in rows.items():
         print(f"{key:<24}{value}")
     if spec.provenance:
         print(f"{'provenance':<24}{json.dumps({k: v for k, v in spec.provenance.items() if k != 'hyperparameters'})}")
+
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def convert(src: Path, dst: Path, to: str, vision: Path | None, llm: Path | None, base: Path | None,
+            keep_adapter: bool, format: str | None, system_prompt: str | None, dtype: str | None) -> None:
+    """Convert a checkpoint (vistune, llava-hf, original LLaVA full / stage-1 projector / LoRA; detected
+    from its config) to vistune or llava-hf."""
+    import torch
+
+    from vistune.convert.api import convert as run_convert
+
+    out, detected = run_convert(src, dst, to, vision=vision, llm=llm, base=base, merge=not keep_adapter, fmt=format,
+                                system_prompt=system_prompt, dtype=getattr(torch, dtype) if dtype else None)
+    print(f"{src} ({detected.format}) -> {out} ({to})")
+
+
+def merge_lora(src: Path, dst: Path, base: Path | None, vision: Path | None) -> None:
+    """Merge a LoRA finetune's adapter into its LLM (vistune, or original LLaVA with --base); writes vistune."""
+    from vistune.convert.api import merge_lora as run_merge
+
+    print(f"merged: {run_merge(src, dst, base=base, vision=vision)}")
 
 
 def datagen_instruct(out: Path, teacher: str, kinds: str, captions: Path | None, instances: Path | None,
@@ -210,8 +237,32 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--image", type=Path, default=None)
     generation(c)
 
+    def parts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--vision", type=Path, help="original LLaVA: local copy of the vision tower it names")
+        sp.add_argument("--llm", type=Path, help="original LLaVA stage 1 (mm_projector.bin): local copy of its LLM")
+        sp.add_argument("--base", type=Path, help="original LLaVA LoRA: local copy of the base LLM")
+
     i = sub.add_parser("info", help=info.__doc__, description=info.__doc__)
-    i.add_argument("model", type=Path, help="vistune checkpoint folder")
+    i.add_argument("model", type=Path, help="checkpoint folder (vistune, llava-hf or original LLaVA)")
+    parts(i)
+
+    cv = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
+    cv.add_argument("src", type=Path, help="source folder; its format is read from its files and config")
+    cv.add_argument("dst", type=Path, help="new output folder")
+    cv.add_argument("--to", required=True, choices=["vistune", "llava-hf"])
+    parts(cv)
+    cv.add_argument("--keep-adapter", action="store_true", help="LoRA sources: keep the adapter (vistune only) "
+                    "instead of merging it")
+    cv.add_argument("--format", default=None, help="conversation format for sources that do not record one "
+                    "(original LLaVA, foreign llava-hf; default vicuna_v1, LLaVA-1.5's)")
+    cv.add_argument("--system-prompt", default=None)
+    cv.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: the source's own")
+
+    ml = sub.add_parser("merge-lora", help=merge_lora.__doc__, description=merge_lora.__doc__)
+    ml.add_argument("src", type=Path, help="vistune checkpoint with llm_adapter, or an original LLaVA LoRA folder")
+    ml.add_argument("dst", type=Path, help="new output folder (vistune)")
+    ml.add_argument("--base", type=Path, help="original LLaVA LoRA: local copy of the base LLM")
+    ml.add_argument("--vision", type=Path, help="original LLaVA LoRA: local copy of the vision tower")
 
     d = sub.add_parser("datagen", help="generate training data (instruction, alignment, mixtures)",
                        description="Generate training data: instruct, align, convert, mix.")
@@ -270,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo}
+COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo, "convert": convert,
+            "merge-lora": merge_lora}
 DATAGEN = {"instruct": datagen_instruct, "align": datagen_align, "convert": datagen_convert, "mix": datagen_mix}
 
 

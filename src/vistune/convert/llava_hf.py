@@ -70,7 +70,9 @@ def _check_exportable(bundle: Bundle) -> None:
 def _pad_processor(source: BaseImageProcessor) -> BaseImageProcessor:
     """LlavaImageProcessor with do_pad: vistune's `pad` (expand to a square of the mean colour, then
     the encoder's processor) done by the HF processor itself."""
-    fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS}
+    fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS and v is not None}
+    # LlavaImageProcessor center-crops to 224 by default; an encoder processor without a crop (SigLIP) must not.
+    fields.setdefault("do_center_crop", False)
     try:  # the PIL backend, as the fixtures and the encoders' processors use (no torchvision needed)
         from transformers import LlavaImageProcessorPil as LlavaImageProcessor
     except ImportError:
@@ -164,11 +166,11 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
 
 def read_llava_hf(src: str | Path, conversation_format: str | None = None, system_prompt: str | None = None,
                   dtype: torch.dtype | None = None) -> Bundle:
-    """A llava-hf folder as a vistune Bundle (float32 unless `dtype`). The conversation format comes from
+    """A llava-hf folder as a vistune Bundle (in its stored dtype unless `dtype`). The conversation format comes from
     `conversation_format`, else from `vistune_export.json`, else `vicuna_v1` (llava-1.5-hf's)."""
     src = Path(src)
     export: dict[str, Any] = json.loads((src / EXPORT_FILE).read_text()) if (src / EXPORT_FILE).is_file() else {}
-    hf = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=dtype or torch.float32)
+    hf = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=dtype or "auto")
     config = hf.config
     if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
         raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
