@@ -189,3 +189,208 @@ def test_linear_projector_is_refused(clip_dir: Path, llama_dir: Path, tmp_path: 
     with pytest.raises(CheckpointError, match="'linear' cannot be written as llava-hf"):
         write_llava_hf(_random_bundle(clip_dir, llama_dir, projector="linear"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------------------------------------- original LLaVA
+
+def _llava_config(bundle: Bundle, vision_tower: str) -> dict:
+    """config.json as LLaVA's train.py leaves it: the LLM's config plus the multimodal fields."""
+    config = bundle.model.llm.config.to_dict()
+    config.update({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_vision_tower": vision_tower, "mm_hidden_size": bundle.model.vision.hidden_size,
+        "mm_projector_type": bundle.spec.projector, "mm_vision_select_layer": bundle.spec.vision.select_layer,
+        "mm_vision_select_feature": bundle.spec.vision.select_feature, "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad",
+        "tune_mm_mlp_adapter": False, "tokenizer_model_max_length": bundle.spec.model_max_length,
+        "tokenizer_padding_side": "right", "use_mm_proj": True,
+    })
+    return config
+
+
+def _write_llava_full(bundle: Bundle, out: Path, sharded_bin: bool) -> None:
+    """A LlavaLlamaForCausalLM folder: LLM keys as-is, `model.mm_projector.{0,2}.*`, and (in the .bin
+    layout, as transformers' conversion script expects) `model.vision_tower.vision_tower.*`."""
+    out.mkdir()
+    model = bundle.model
+    state = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    state |= {f"model.mm_projector.{k}": v.clone() for k, v in model.projector.state_dict().items()}
+    if sharded_bin:
+        state |= {f"model.vision_tower.vision_tower.{k}": v.clone() for k, v in model.vision.encoder.state_dict().items()}
+        names = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                  "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+        for file, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, out / file)
+        index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+        (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(_llava_config(bundle, "openai/clip-vit-large-patch14-336")))
+    bundle.tokenizer.save_pretrained(str(out))
+
+
+@pytest.fixture(scope="module")
+def native(clip_dir: Path, llama_spm_dir: Path) -> Bundle:
+    """A LLaVA-1.5-shaped model: CLIP, mlp2x_gelu, a Llama tokenizer, vicuna_v1."""
+    return _random_bundle(clip_dir, llama_spm_dir, fmt="vicuna_v1", seed=3)
+
+
+@pytest.mark.parametrize("sharded_bin", [True, False])
+def test_original_llava_full_checkpoint(sharded_bin: bool, native: Bundle, clip_dir: Path, dataset_dir: Path,
+                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "llava-v1.5-tiny"
+    _write_llava_full(native, src, sharded_bin)
+    assert detect(src).format == "llava"
+    # The tower is named by hub id: without a local copy the error says which option to give.
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "vistune"]) == 2
+    assert "pass --vision with a local copy of it" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "vistune", "--vision", str(clip_dir)]) == 0
+    converted = load_checkpoint(tmp_path / "out")
+    assert converted.spec.conversation_format == "vicuna_v1" and converted.spec.vision.image_preprocess == "pad"
+    image = _wide_image(dataset_dir)
+    ours, theirs = Engine(native), Engine(converted)
+    batch = _inputs(ours, image)
+    assert torch.equal(batch["input_ids"], _inputs(theirs, image)["input_ids"])
+    torch.testing.assert_close(_logits(theirs, batch), _logits(ours, batch), rtol=0, atol=1e-6)
+    # ... and straight to llava-hf, as transformers would serve it
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "llava-hf", "--vision", str(clip_dir)]) == 0
+    # Token ids: LLaVA tokenizes the text after each image on its own, so a Llama (Metaspace) tokenizer
+    # starts it with a lone "▁" piece (the famous id 29871 in LLaVA-1.5); vistune does the same, HF's
+    # processor tokenizes the whole prompt and does not. The model is checked on vistune's ids.
+    hf = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    hf_inputs = _hf_inputs(tmp_path / "hf", image)
+    assert torch.equal(hf_inputs["pixel_values"], batch["pixel_values"])
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, hf.config.image_token_id)
+    with torch.no_grad():
+        hf_logits = hf(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=hf_inputs["pixel_values"]).logits
+    ours_logits = _logits(ours, batch)
+    assert (hf_logits[..., : ours_logits.shape[-1]] - ours_logits).abs().max() < 1e-5
+
+
+def test_original_llava_stage1_projector(native: Bundle, clip_dir: Path, llama_spm_dir: Path, dataset_dir: Path,
+                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "llava-v1.5-tiny-pretrain"
+    src.mkdir()
+    torch.save({f"model.mm_projector.{k}": v for k, v in native.model.projector.state_dict().items()},
+               src / "mm_projector.bin")
+    config = _llava_config(native, str(clip_dir)) | {"_name_or_path": "lmsys/vicuna-7b-v1.5"}
+    (src / "config.json").write_text(json.dumps(config))
+    assert detect(src).format == "llava-projector"
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "vistune"]) == 2
+    err = capsys.readouterr().err
+    assert "'lmsys/vicuna-7b-v1.5'" in err and "--llm" in err
+    # the vision tower is a local path in this config, so no --vision is needed
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "vistune", "--llm", str(llama_spm_dir)]) == 0
+    converted = Engine(load_checkpoint(tmp_path / "out"))
+    batch = _inputs(Engine(native), _wide_image(dataset_dir))
+    torch.testing.assert_close(_logits(converted, batch), _logits(Engine(native), batch), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+def _with_lora(bundle: Bundle, seed: int = 1) -> Bundle:
+    """The bundle's LLM wrapped in a LoRA adapter whose B matrices are non-zero (a fresh adapter is a no-op)."""
+    from peft import LoraConfig, get_peft_model
+
+    llm = get_peft_model(bundle.model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    bundle.model.llm = llm.eval()
+    return bundle
+
+
+def test_merge_lora_vistune(clip_dir: Path, llama_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    bundle = _with_lora(_random_bundle(clip_dir, llama_dir))
+    src = save_checkpoint(tmp_path / "lora", bundle, bundle.spec.vision, bundle.spec.llm, "lora", save_frozen=True)
+    assert load_checkpoint(src).spec.llm_adapter == "llm_adapter"
+    assert main(["merge-lora", str(src), str(tmp_path / "merged")]) == 0
+    merged = load_checkpoint(tmp_path / "merged")
+    assert merged.spec.llm_adapter is None and not hasattr(merged.model.llm, "peft_config")
+    adapter = Engine(load_checkpoint(src))
+    batch = _inputs(adapter, _wide_image(dataset_dir))
+    with_adapter = _logits(adapter, batch)
+    torch.testing.assert_close(_logits(Engine(merged), batch), with_adapter, rtol=0, atol=1e-5)
+    with adapter.model.llm.disable_adapter():
+        assert (_logits(adapter, batch) - with_adapter).abs().max() > 1e-3  # the adapter does change the output
+
+
+def _write_llava_lora(bundle: Bundle, out: Path, base_name: str) -> None:
+    """LLaVA's LoRA output: peft adapter (.bin, as its train.py saves), non_lora_trainables.bin, config.json."""
+    from peft import get_peft_model_state_dict
+
+    out.mkdir()
+    llm = bundle.model.llm
+    llm.peft_config["default"].base_model_name_or_path = base_name
+    llm.peft_config["default"].save_pretrained(str(out))
+    torch.save(get_peft_model_state_dict(llm, save_embedding_layers=False), out / "adapter_model.bin")
+    torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in bundle.model.projector.state_dict().items()},
+               out / "non_lora_trainables.bin")
+    config = _llava_config(bundle, "openai/clip-vit-large-patch14-336")
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_original_llava_lora(clip_dir: Path, llama_spm_dir: Path, dataset_dir: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = _with_lora(_random_bundle(clip_dir, llama_spm_dir, fmt="vicuna_v1", seed=5))
+    src = tmp_path / "llava-v1.5-tiny-lora"
+    _write_llava_lora(bundle, src, "lmsys/vicuna-7b-v1.5")
+    assert detect(src).format == "llava-lora"
+    assert main(["convert", str(src), str(tmp_path / "merged"), "--to", "vistune", "--vision", str(clip_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "needs its base LLM" in err and "'lmsys/vicuna-7b-v1.5'" in err and "--base" in err
+    parts = ["--vision", str(clip_dir), "--base", str(llama_spm_dir)]
+    assert main(["convert", str(src), str(tmp_path / "merged"), "--to", "vistune", *parts]) == 0
+    assert main(["convert", str(src), str(tmp_path / "kept"), "--to", "vistune", "--keep-adapter", *parts]) == 0
+    assert load_checkpoint(tmp_path / "kept").spec.llm_adapter == "llm_adapter"
+
+    native = Engine(bundle)  # the adapter model the folder was written from
+    batch = _inputs(native, _wide_image(dataset_dir))
+    want = _logits(native, batch)
+    for out in ("merged", "kept"):
+        torch.testing.assert_close(_logits(Engine(load_checkpoint(tmp_path / out)), batch), want, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- detection, safety, info
+
+def test_unknown_and_incomplete_folders(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="not a checkpoint vistune can read"):
+        detect(tmp_path / "x")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    (lora / "non_lora_trainables.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="without its adapter weights"):
+        detect(lora)
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204
+        return (print, ("unpickled code ran",))
+
+
+def test_bin_files_are_loaded_weights_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save({"model.mm_projector.0.weight": _Payload()}, tmp_path / "mm_projector.bin")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_weight_file(tmp_path / "mm_projector.bin")
+    assert "unpickled code ran" not in capsys.readouterr().out
+    torch.save({"a": torch.ones(2)}, tmp_path / "ok.bin")
+    assert torch.equal(load_weight_file(tmp_path / "ok.bin")["a"], torch.ones(2))
+
+
+def test_info_on_other_formats(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(tiny_checkpoint), str(tmp_path / "hf"), "--to", "llava-hf"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    for expected in ("format                  llava-hf", "conversation_format     chat_template",
+                     "image_tokens_per_image  16", "projector               mlp2x_gelu, 6,272 parameters"):
+        assert expected in out

@@ -172,6 +172,7 @@ def _read_lora(det: Detected, vision_path: Path, vision_cfg: VisionConfig, base:
     adapter_state = load_weight_file(adapter_file)
     lora = LoraConfig.from_pretrained(str(folder))
     lora.inference_mode = True
+    lora.base_model_name_or_path = str(base)  # the local copy it is applied to
     model = get_peft_model(model, lora)
     result = set_peft_model_state_dict(model, adapter_state)
     loaded_lora = [k for k in model.state_dict() if "lora_" in k]
