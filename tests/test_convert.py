@@ -25,8 +25,14 @@ from vistune.convert.llava_hf import write_llava_hf
 from vistune.convert.templates import processor_chat_template
 from vistune.convert.weights import load_weight_file
 from vistune.errors import CheckpointError
-from vistune.infer.engine import Engine
-from vistune.model.checkpoint import Bundle, ModelSpec, build_model, load_checkpoint, save_checkpoint
+from vistune.infer.engine import Engine, Sampling
+from vistune.model.checkpoint import (
+    Bundle,
+    ModelSpec,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.model.vlm import IMAGE_TOKEN_ID
@@ -130,17 +136,11 @@ def test_llava_hf_parity(preprocess: str, tiny_checkpoint: Path, dataset_dir: Pa
     assert theirs.shape[-1] == ours.shape[-1] + 1
     assert (ours - theirs[..., : ours.shape[-1]]).abs().max() < 1e-5
 
-    new = engine.model.generate(**batch, **engine._generate_kwargs(engine_sampling()))[0]
+    new = engine.model.generate(**batch, **engine._generate_kwargs(Sampling(max_new_tokens=12)))[0]
     with torch.no_grad():
         hf_new = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert new.tolist() == hf_new.tolist()
     assert engine.tokenizer.decode(new, skip_special_tokens=True).strip().startswith("The")
-
-
-def engine_sampling():  # noqa: ANN201
-    from vistune.infer.engine import Sampling
-
-    return Sampling(max_new_tokens=12)
 
 
 def test_pad_and_processor_pixels_differ(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
@@ -373,7 +373,7 @@ def test_unknown_and_incomplete_folders(tmp_path: Path) -> None:
 
 
 class _Payload:
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple:
         return (print, ("unpickled code ran",))
 
 

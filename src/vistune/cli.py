@@ -80,19 +80,22 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
     import json
 
     from vistune.convert.api import load_any
+    from vistune.convert.llava_hf import EXPORT_FILE
     from vistune.train.parts import count
 
     bundle, detected = load_any(model, vision=vision, llm=llm, base=base, merge=False)
     spec = bundle.spec
     native = detected.format == "vistune"
+    # Only vistune checkpoints and vistune's own llava-hf exports record the conversation format.
+    stored = native or (detected.folder / EXPORT_FILE).is_file()
 
     def where(path: str) -> str:
         return path if Path(path).is_absolute() else f"{path}/ in the checkpoint"
     adapter = spec.llm_adapter or ("in the source folder" if hasattr(bundle.model.llm, "peft_config") else None)
     rows = {
         "format": "vistune v1" if native else f"{detected.format} (read by vistune convert)",
-        "conversation_format": spec.conversation_format + ("" if native else " (not stored by this format: "
-                                                           "the default, or --format at convert time)"),
+        "conversation_format": spec.conversation_format + ("" if stored else " (not recorded in this folder: "
+                                                           "the default; choose with convert --format)"),
         "system_prompt": spec.system_prompt or "(format default)",
         "model_max_length": spec.model_max_length,
         "image_tokens_per_image": spec.num_image_tokens,

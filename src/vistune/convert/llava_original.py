@@ -165,7 +165,7 @@ def _read_lora(det: Detected, vision_path: Path, vision_cfg: VisionConfig, base:
         if not merge:
             raise CheckpointError(f"{folder}: non_lora_trainables.bin also changes LLM weights {sorted(llm_extra)[:3]}, "
                                   "which an adapter on the untouched base cannot carry; convert with merging")
-        missing_ok, unexpected = model.load_state_dict(llm_extra, strict=False)
+        _, unexpected = model.load_state_dict(llm_extra, strict=False)  # missing: the LLM keeps the rest
         if unexpected:
             raise CheckpointError(f"{non_lora}: keys {unexpected[:5]} are not in the LLM")
     adapter_file = next(folder / f for f in ADAPTER_FILES if (folder / f).is_file())

@@ -14,7 +14,12 @@ import json
 
 from transformers import PreTrainedTokenizerBase
 
-from vistune.chat.formats import IMAGE_PLACEHOLDER, LLAMA_2_SYSTEM, VICUNA_SYSTEM, check_format_key
+from vistune.chat.formats import (
+    IMAGE_PLACEHOLDER,
+    LLAMA_2_SYSTEM,
+    VICUNA_SYSTEM,
+    check_format_key,
+)
 
 # Content (a string or a list of parts) -> text, image parts as the placeholder.
 _TEXT = (
