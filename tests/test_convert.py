@@ -362,7 +362,7 @@ def test_original_llava_lora(clip_dir: Path, llama_spm_dir: Path, dataset_dir: P
 def test_unknown_and_incomplete_folders(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("hi")
-    with pytest.raises(CheckpointError, match="not a checkpoint vistune can read"):
+    with pytest.raises(CheckpointError, match="no other format vistune reads was found"):
         detect(tmp_path / "x")
     lora = tmp_path / "lora"
     lora.mkdir()

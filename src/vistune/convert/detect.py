@@ -70,7 +70,8 @@ def detect(folder: str | Path) -> Detected:
                               "LoRA adapter")
     found = sorted(p.name for p in folder.iterdir())[:12]
     raise CheckpointError(
-        f"{folder}: not a checkpoint vistune can read (found {found}). Expected one of: {SPEC_FILE} (vistune); "
+        f"{folder}: {SPEC_FILE} is missing and no other format vistune reads was found (found {found}). "
+        f"Expected one of: {SPEC_FILE} (vistune); "
         "config.json with model_type 'llava' and text_config (llava-hf); config.json with mm_vision_tower and "
         "weights (original LLaVA); mm_projector.bin (LLaVA stage 1); adapter_config.json + "
         "non_lora_trainables.bin (LLaVA LoRA)"
