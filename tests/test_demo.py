@@ -12,15 +12,15 @@ import pytest
 
 from vistune.datagen.sources import read_coco
 from vistune.demo.world import CATEGORIES, QUESTION_TYPES, build_world, questions, render, sample_scene
-from vistune.eval.metrics import exact_match, normalize_answer
+from vistune.eval.metrics import exact_match, normalize_vqa_answer
 
 
 def test_normalize_answer_follows_vqa_processing() -> None:
-    assert normalize_answer("Two.") == "2"
-    assert normalize_answer("The Red") == "red"
-    assert normalize_answer("  yes!") == "yes"
-    assert normalize_answer("dont") == "don't"
-    assert normalize_answer("3.5") == "3.5"
+    assert normalize_vqa_answer("Two.") == "2"
+    assert normalize_vqa_answer("The Red") == "red"
+    assert normalize_vqa_answer("  yes!") == "yes"
+    assert normalize_vqa_answer("dont") == "don't"
+    assert normalize_vqa_answer("3.5") == "3.5"
     assert exact_match("Left.", "left") and not exact_match("left", "right")
 
 
