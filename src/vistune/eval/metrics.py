@@ -262,7 +262,8 @@ def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
 
 def parse_review_scores(review: str) -> tuple[float, float] | None:
     """The (assistant 1, assistant 2) scores on a review's first line, as eval_gpt_review_bench.py
-    reads them ("8 7", "8, 7"); None where it would return [-1, -1]."""
+    reads them ("8 7", "8,7"); None where it would return [-1, -1]. Like the official split on single
+    spaces, "8, 7" (two spaces once the comma is replaced) is unparseable."""
     parts = review.split("\n")[0].replace(",", " ").split(" ")
     if len(parts) != 2:
         return None

@@ -42,6 +42,15 @@ def read_predictions(path: Path) -> dict[str, str]:
     return replies
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a crash mid-write) so that appended records start on a line of their own."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        _atomic_write(path, text[: text.rfind("\n") + 1])
+
+
 def _batches(task: Task, items: Sequence[Item], batch_size: int) -> list[list[Item]]:
     """Consecutive chunks of at most batch_size items, never mixing the task's batch groups."""
     out: list[list[Item]] = []
@@ -142,6 +151,7 @@ def evaluate_task(task: Task, engine: Engine | None, data: Path, out: Path, batc
     if todo:
         if engine is None:
             raise DataError(f"{task.name}: {len(todo)} item(s) have no prediction in {folder} and no model was given")
+        drop_torn_tail(shard)
         with shard.open("a", encoding="utf-8") as f:
             def append(chunk: list[Item], replies: list[str]) -> None:
                 for it, reply in zip(chunk, replies):
