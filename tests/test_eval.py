@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -180,7 +180,8 @@ class FakeJudge:
     """Chat completions: LLaVA-Bench reviews "8 6", MM-Vet grades "0.5"; garbage when the request
     mentions "[unparseable]"; a 500 on the first request (the client must retry)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[str], str] | None = None) -> None:
+        self.answer = answer
         self.requests = 0
         self.lock = threading.Lock()
         judge = self
@@ -198,7 +199,7 @@ class FakeJudge:
                 if first:
                     status, payload = 500, {"error": {"message": "try again"}}
                 else:
-                    reply = ("no idea" if "[unparseable]" in text else
+                    reply = judge.answer(text) if judge.answer else ("no idea" if "[unparseable]" in text else
                              "0.5" if "Correctness" in text else "8 6\nAssistant 2 is less detailed.")
                     status, payload = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                                             "choices": [{"index": 0, "finish_reason": "stop",
@@ -250,6 +251,34 @@ def test_judged_tasks_with_a_judge_on_loopback(data: Path, tmp_path: Path, fake_
     assert fake_judge.requests == calls
     assert "judge calls this run: 0" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["mmvet"]["total"] == pytest.approx(50.0)
+
+
+def _sqa_teacher(text: str) -> str:
+    """A text-only teacher: knows mammals, cannot see colours; as a judge it picks A for mammals, else C."""
+    if "Two students" in text:
+        return "A" if "mammal" in text else "C"
+    return "A" if "mammal" in text else "I cannot see the image."
+
+
+@pytest.mark.parametrize("ensemble", ["complement", "judge"])
+def test_scienceqa_ensembles_with_a_text_only_teacher(data: Path, tmp_path: Path, ensemble: str) -> None:
+    from vistune.eval.judge import get_judge
+
+    server = FakeJudge(_sqa_teacher)
+    server.requests = 1  # no injected 500 here
+    try:
+        out = tmp_path / "out"
+        _write_preds(out, "scienceqa", {"1": "B", "2": "C"})  # the model: wrong on the mammal, right on the colour
+        teacher = get_judge("openai:teacher", server.url, cache=tmp_path / "cache.jsonl")
+        m = run_eval(["scienceqa"], None, data, out, judge=teacher,
+                     task_options={"scienceqa": {"ensemble": ensemble}})["scienceqa"]
+    finally:
+        server.httpd.shutdown()
+    assert m["img_accuracy"] == 50.0 and m["teacher_accuracy"] == 50.0 and m["teacher_failed"] == 1
+    # complement: teacher's A for the mammal, the model's C where the teacher declined.
+    # judge: both questions disagree; the teacher picks A and C.
+    assert m["ensemble_accuracy"] == 100.0
+    assert teacher.calls == (2 if ensemble == "complement" else 4)
 
 
 # --- the demo world ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vistune.errors import DataError
 from vistune.eval.metrics import (
@@ -31,6 +32,9 @@ from vistune.eval.metrics import (
 )
 from vistune.eval.tasks.base import LETTER_ANSWER, LETTER_ANSWER_CN, Item, Task, accuracy, b64, find, read_json, with_line
 
+if TYPE_CHECKING:
+    from vistune.eval.judge import Judge
+
 CIRCULAR_STRIDE = 1_000_000  # MMBench's index offset between circular copies of one question
 
 
@@ -39,7 +43,18 @@ def options_block(options: Sequence[str]) -> str:
 
 
 class ScienceQA(Task):
+    """Options: ensemble (complement | judge; the --judge model is the text-only teacher)."""
+
     name, folder, headline = "scienceqa", "scienceqa", ("img_accuracy",)
+
+    def __init__(self, ensemble: str | None = None) -> None:
+        from vistune.eval.scienceqa_ensemble import ENSEMBLES
+
+        if ensemble is not None and ensemble not in ENSEMBLES:
+            raise DataError(f"scienceqa: unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}", "bad option")
+        self.ensemble = ensemble
+        if ensemble:
+            self.headline = ("img_accuracy", "ensemble_accuracy")
 
     def load(self, root: Path) -> list[Item]:
         problems = read_json(find(root, ["problems.json"], self.name))
@@ -63,16 +78,28 @@ class ScienceQA(Task):
                                                             "choices": p["choices"], "hint": p.get("hint", "")}))
         return items
 
-    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
         per: dict[str, list[bool]] = defaultdict(list)
-        failed = 0
+        letters = {it.id: scienceqa_parse(replies.get(it.id, "FAILED"), it.meta["num_choices"]) for it in items}
         for it in items:
-            letter = scienceqa_parse(replies.get(it.id, "FAILED"), it.meta["num_choices"])
-            failed += letter is None
-            per["all"].append(letter == it.answer)
-            per[str(it.meta.get("subject"))].append(letter == it.answer)
-        return {"img_accuracy": 100 * accuracy(per.pop("all")), "n": len(items), "failed": failed,
-                "per_subject": {k: 100 * accuracy(v) for k, v in sorted(per.items())}}
+            per["all"].append(letters[it.id] == it.answer)
+            per[str(it.meta.get("subject"))].append(letters[it.id] == it.answer)
+        out = {"img_accuracy": 100 * accuracy(per.pop("all")), "n": len(items),
+               "failed": sum(v is None for v in letters.values()),
+               "per_subject": {k: 100 * accuracy(v) for k, v in sorted(per.items())}}
+        if self.ensemble:
+            from vistune.eval import scienceqa_ensemble as ens
+
+            if judge is None:
+                raise DataError("scienceqa: an ensemble needs the text-only teacher: --judge openai:MODEL", "bad option")
+            teacher = ens.teacher_answers(items, judge)
+            final = ens.complement(letters, teacher) if self.ensemble == "complement" else \
+                ens.judge(items, letters, teacher, judge)
+            out |= {"ensemble": self.ensemble,
+                    "teacher_accuracy": 100 * accuracy([teacher[it.id] == it.answer for it in items]),
+                    "teacher_failed": sum(v is None for v in teacher.values()),
+                    "ensemble_accuracy": 100 * accuracy([final[it.id] == it.answer for it in items])}
+        return out
 
 
 def _read_tsv(path: Path) -> list[dict[str, str]]:
