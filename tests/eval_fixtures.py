@@ -124,8 +124,8 @@ def mme(root: Path) -> Path:
                 image(base / task / "images" / f"{stem}.png", k + t)
                 txt = base / task / "questions_answers_YN" / f"{stem}.txt"
             txt.parent.mkdir(parents=True, exist_ok=True)
-            txt.write_text(f"Is there a dog in this image? Please answer yes or no.\tYes\n"
-                           f"Is there a cat in this image? Please answer yes or no.\tNo\n")
+            txt.write_text("Is there a dog in this image? Please answer yes or no.\tYes\n"
+                           "Is there a cat in this image? Please answer yes or no.\tNo\n")
     return root
 
 

@@ -9,20 +9,25 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import eval_fixtures
 import pytest
 
-import eval_fixtures
 from vistune.errors import RegistryKeyError
 from vistune.eval.metrics import pope_metrics, pope_parse, vqa_accuracy
 from vistune.eval.run import evaluate_task, read_predictions, run_eval
 from vistune.eval.tasks import TASKS, get_task
-from vistune.eval.tasks.base import LETTER_ANSWER, LETTER_ANSWER_CN, SHORT_ANSWER, VIZWIZ_UNANSWERABLE
+from vistune.eval.tasks.base import (
+    LETTER_ANSWER,
+    LETTER_ANSWER_CN,
+    SHORT_ANSWER,
+    VIZWIZ_UNANSWERABLE,
+)
 
 UNJUDGED = [t for t in eval_fixtures.WRITERS if not TASKS[t].judged]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path):  # noqa: ANN201
+def engine(tiny_checkpoint: Path):
     from vistune.infer.engine import Engine
 
     return Engine.load(tiny_checkpoint, device="cpu")
@@ -65,7 +70,7 @@ def test_prompts_follow_llava_1_5(data: Path) -> None:
     assert len(items["mme"]) == 8 and items["mme"][0].answer == "yes"
 
 
-def test_every_task_runs_end_to_end(engine, data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_every_task_runs_end_to_end(engine, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     tasks = list(eval_fixtures.WRITERS)
     results = run_eval(tasks, None, data, out, batch_size=4, max_new_tokens=3, engine=engine)
@@ -138,15 +143,15 @@ def test_scores_from_known_replies(data: Path, tmp_path: Path) -> None:
 class _CountingEngine:
     """Wraps an engine and records how many conversations it was asked."""
 
-    def __init__(self, engine) -> None:  # noqa: ANN001
+    def __init__(self, engine) -> None:
         self.engine, self.bundle, self.asked = engine, engine.bundle, 0
 
-    def generate(self, convs, images, sampling):  # noqa: ANN001, ANN201
+    def generate(self, convs, images, sampling):
         self.asked += len(convs)
         return self.engine.generate(convs, images, sampling)
 
 
-def test_interrupted_run_resumes(engine, data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_interrupted_run_resumes(engine, data: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     run_eval(["pope"], None, data, full, batch_size=4, max_new_tokens=3, engine=engine)
     lines = (full / "pope" / "predictions.jsonl").read_text().splitlines()
@@ -161,7 +166,7 @@ def test_interrupted_run_resumes(engine, data: Path, tmp_path: Path) -> None:  #
         json.loads((full / "metrics.json").read_text())["pope"]["f1"]
 
 
-def test_shards_merge_into_the_single_process_result(engine, data: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_shards_merge_into_the_single_process_result(engine, data: Path, tmp_path: Path) -> None:
     single = tmp_path / "single"
     one = evaluate_task(get_task("mme"), engine, data, single, batch_size=2, max_new_tokens=3)
     sharded = tmp_path / "sharded"
@@ -283,7 +288,7 @@ def test_scienceqa_ensembles_with_a_text_only_teacher(data: Path, tmp_path: Path
 
 # --- the demo world ---------------------------------------------------------------------------------
 
-def test_demo_task_gives_the_demo_evaluations_numbers(engine, tmp_path: Path) -> None:  # noqa: ANN001
+def test_demo_task_gives_the_demo_evaluations_numbers(engine, tmp_path: Path) -> None:
     """`vistune eval demo` and the demo's own evaluation functions agree on the same world and model."""
     import vistune.demo.evaluate as demo_eval
     from vistune.demo.report import write_report  # noqa: F401  (the report's per_type shape is checked below)

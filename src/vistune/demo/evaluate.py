@@ -11,7 +11,14 @@ from pathlib import Path
 
 from vistune.eval.run import generate_replies
 from vistune.eval.tasks.base import SHORT_ANSWER
-from vistune.eval.tasks.demo import DemoTask, Question, blank_like, items_for, score_questions, select_questions
+from vistune.eval.tasks.demo import (
+    DemoTask,
+    Question,
+    blank_like,
+    items_for,
+    score_questions,
+    select_questions,
+)
 from vistune.infer.engine import Engine, Sampling
 
 SHORT_ANSWER_PROMPT = SHORT_ANSWER

@@ -116,8 +116,8 @@ class _Dist:
     """Rank, world size and a barrier: torch.distributed under torchrun, trivial otherwise."""
 
     def __init__(self, rank: int | None, world_size: int | None) -> None:
-        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        self.world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         self.torch = rank is None and world_size is None and self.world > 1
         if self.torch:
             import torch.distributed as dist

@@ -9,7 +9,7 @@ from vistune.eval.tasks.base import Item, Task
 from vistune.eval.tasks.choice import SEED, MMBench, MMBenchCN, ScienceQA
 from vistune.eval.tasks.demo import DemoTask
 from vistune.eval.tasks.judged import LLaVABench, LLaVABenchCOCO, MMVet
-from vistune.eval.tasks.vqa import GQA, VQAv2, TextVQA, VizWiz
+from vistune.eval.tasks.vqa import GQA, TextVQA, VizWiz, VQAv2
 from vistune.eval.tasks.yesno import MME, POPE
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (

@@ -30,7 +30,17 @@ from vistune.eval.metrics import (
     scienceqa_parse,
     seed_match,
 )
-from vistune.eval.tasks.base import LETTER_ANSWER, LETTER_ANSWER_CN, Item, Task, accuracy, b64, find, read_json, with_line
+from vistune.eval.tasks.base import (
+    LETTER_ANSWER,
+    LETTER_ANSWER_CN,
+    Item,
+    Task,
+    accuracy,
+    b64,
+    find,
+    read_json,
+    with_line,
+)
 
 if TYPE_CHECKING:
     from vistune.eval.judge import Judge

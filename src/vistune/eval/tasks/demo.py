@@ -69,7 +69,7 @@ def blank_like(image: Path, engine: Engine) -> Image.Image:
     mean = getattr(engine.bundle.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
     with Image.open(image) as im:
         size = im.size
-    return Image.new("RGB", size, tuple(int(round(m * 255)) for m in mean))
+    return Image.new("RGB", size, tuple(round(m * 255) for m in mean))
 
 
 def score_questions(questions: Sequence[Question], predictions: Sequence[str]) -> dict:

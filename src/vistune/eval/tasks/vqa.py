@@ -18,7 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vistune.errors import DataError
-from vistune.eval.metrics import gqa_match, normalize_gqa_answer, normalize_vqa_answer, vqa_accuracy
+from vistune.eval.metrics import (
+    gqa_match,
+    normalize_gqa_answer,
+    normalize_vqa_answer,
+    vqa_accuracy,
+)
 from vistune.eval.tasks.base import (
     SHORT_ANSWER,
     VIZWIZ_UNANSWERABLE,

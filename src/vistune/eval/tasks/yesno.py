@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vistune.errors import DataError
-from vistune.eval.metrics import MME_COGNITION, MME_PERCEPTION, mme_scores, pope_metrics, pope_parse
+from vistune.eval.metrics import (
+    MME_COGNITION,
+    MME_PERCEPTION,
+    mme_scores,
+    pope_metrics,
+    pope_parse,
+)
 from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, read_jsonl, with_line
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
