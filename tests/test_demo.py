@@ -12,15 +12,15 @@ import pytest
 
 from vistune.datagen.sources import read_coco
 from vistune.demo.world import CATEGORIES, QUESTION_TYPES, build_world, questions, render, sample_scene
-from vistune.eval.metrics import exact_match, normalize_answer
+from vistune.eval.metrics import exact_match, normalize_vqa_answer
 
 
 def test_normalize_answer_follows_vqa_processing() -> None:
-    assert normalize_answer("Two.") == "2"
-    assert normalize_answer("The Red") == "red"
-    assert normalize_answer("  yes!") == "yes"
-    assert normalize_answer("dont") == "don't"
-    assert normalize_answer("3.5") == "3.5"
+    assert normalize_vqa_answer("Two.") == "2"
+    assert normalize_vqa_answer("The Red") == "red"
+    assert normalize_vqa_answer("  yes!") == "yes"
+    assert normalize_vqa_answer("dont") == "don't"
+    assert normalize_vqa_answer("3.5") == "3.5"
     assert exact_match("Left.", "left") and not exact_match("left", "right")
 
 
@@ -99,3 +99,12 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert main(["demo", "--out", str(out), "--size", "tiny"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["per_type"] == report["per_type"]
+    # `vistune eval demo` on the same world and model gives the report's numbers.
+    settings = report["settings"]
+    assert main(["eval", "demo", "--model", str(out / "finetune"), "--data", str(out / "world"),
+                 "--out", str(tmp_path / "eval"), "--batch-size", "32", "--device", "cpu",
+                 "--option", f"demo.per_type={settings['eval_per_type']}", "--option", f"demo.seed={report['seed']}"]) == 0
+    ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())["demo"]
+    assert ev["accuracy_with_image"] == report["accuracy_with_image"]
+    assert ev["accuracy_blind"] == report["accuracy_blind"]
+    assert ev["per_type"] == report["per_type"]

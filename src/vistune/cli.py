@@ -213,6 +213,40 @@ def demo(out: Path, llm: str, seed: int, size: str, config: Path | None) -> None
     run_demo(out, llm=llm, seed=seed, size=size, config=config)
 
 
+def eval_tasks(tasks: str, model: Path | None, data: Path, out: Path, batch_size: int, max_new_tokens: int | None,
+               limit: int | None, judge: str | None, judge_base_url: str | None, judge_retries: int,
+               option: list[str] | None, device: str | None) -> None:
+    """Run benchmarks (comma-separated tasks) and score them as their official tools do."""
+    from vistune.eval.run import run_eval
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    judge_obj = None
+    if judge:
+        from vistune.eval.judge import get_judge
+
+        judge_obj = get_judge(judge, judge_base_url, cache=out / "judge_cache.jsonl", max_retries=judge_retries)
+    results = run_eval(task_list, model, data, out, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+                       judge=judge_obj, task_options=_task_options(option or []), device=device)
+    if results:
+        print((out / "results.md").read_text(), end="")
+        print(f"metrics: {out / 'metrics.json'}" + (f" (judge calls this run: {judge_obj.calls})" if judge_obj else ""))
+
+
+def _task_options(pairs: list[str]) -> dict[str, dict]:
+    """`demo.per_type=100` -> {"demo": {"per_type": 100}} (integers parsed, `none` is None)."""
+    from vistune.errors import ConfigError
+
+    options: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        task, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--option {pair!r}: expected TASK.KEY=VALUE, e.g. demo.per_type=100")
+        parsed: object = None if value.lower() == "none" else int(value) if value.lstrip("-").isdigit() else value
+        options.setdefault(task, {})[name] = parsed
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vistune", description="Visual instruction tuning (LLaVA, LLaVA-1.5).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -321,11 +355,28 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--size", default="default", help="default, or tiny (seconds; checks the pipeline, learns nothing)")
     de.add_argument("--config", type=Path, default=None, help="run config (default configs/demo/<llm>.yaml)")
+    ev = sub.add_parser("eval", help=eval_tasks.__doc__, description=eval_tasks.__doc__ + " Tasks: vqav2, gqa, "
+                        "vizwiz, scienceqa, textvqa, pope, mme, mmbench, mmbench_cn, seed, llava_bench, "
+                        "llava_bench_coco, mmvet, demo. Shard over GPUs with `torchrun --nproc-per-node N -m "
+                        "vistune.cli eval ...`.")
+    ev.add_argument("tasks", help="comma-separated task keys, e.g. pope,mme,scienceqa")
+    ev.add_argument("--model", type=Path, help="vistune checkpoint folder (not needed to rescore saved predictions)")
+    ev.add_argument("--data", type=Path, required=True, help="folder with one subfolder per task "
+                    "(vqav2, gqa, pope, MME, ... as LLaVA's playground/data/eval), or one task's folder")
+    ev.add_argument("--out", type=Path, required=True, help="output folder: TASK/predictions.jsonl, metrics.json, results.md")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default per task (128 short answers, 1024 judged)")
+    ev.add_argument("--limit", type=int, default=None, help="first N items of each task (smoke tests)")
+    ev.add_argument("--judge", default=None, help="openai:MODEL, for llava_bench, llava_bench_coco and mmvet")
+    ev.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint (key: $OPENAI_API_KEY)")
+    ev.add_argument("--judge-retries", type=int, default=6, help="retries per judge request on 429/5xx/timeouts")
+    ev.add_argument("--option", action="append", help="task option TASK.KEY=VALUE, e.g. demo.per_type=100 (repeatable)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     return p
 
 
 COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo, "convert": convert,
-            "merge-lora": merge_lora}
+            "merge-lora": merge_lora, "eval": eval_tasks}
 DATAGEN = {"instruct": datagen_instruct, "align": datagen_align, "convert": datagen_convert, "mix": datagen_mix}
 
 

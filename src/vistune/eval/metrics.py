@@ -1,36 +1,85 @@
-"""Answer normalisation and scores, as pure functions.
+"""Benchmark scoring as pure functions, following the official tools rule by rule.
 
-`normalize_answer` follows the official VQA evaluation script's answer processing (punctuation
-handling, number words to digits, articles dropped, common contractions restored), which LLaVA-1.5's
-short-answer benchmarks are scored with. The tables are facts from that script; the code is ours.
+Each function names the tool it follows. The tables (contractions, number words, punctuation) and the
+parsing rules are facts taken from those tools; the code is ours. Where two official tools disagree,
+we follow the one LLaVA-1.5's published numbers came from and say so here:
+
+- VQA answer processing. The VQA evaluation server (vqaEval.py) only normalises answers when the 10
+  human answers disagree, and never lowercases. LLaVA-1.5's TextVQA number comes from
+  `m4c_evaluator.TextVQAAccuracyEvaluator`, which runs the EvalAI answer processor (lowercase, "'s"
+  split, comma/question-mark removal, punctuation, number words, articles, contractions) on every
+  answer and on the prediction; LLaVA's VQAv2/VizWiz submission converters run the same processor on
+  predictions before upload. `normalize_vqa_answer` + `vqa_accuracy` are that processor and that
+  evaluator. A quirk kept on purpose: the processor's period-strip call passes `re.UNICODE` as the
+  `count` argument, so at most 32 periods are removed.
+- POPE. LLaVA's `eval_pope.py` pairs predictions with labels by position in the label file; we pair
+  by question id (same result on the official files). Its parser is case sensitive: "No"/"no"/"not"
+  as a whole word in the first sentence means no, anything else yes, so "Not sure" is a yes (kept).
+  The script divides by zero when nothing is predicted yes; `pope_metrics` reports precision 0 there.
+- MME. The official `calculation.py` lowercases, accepts exactly "yes"/"no", else looks for "yes"
+  then "no" in the first 4 characters ("not sure" -> no), else "other" (always wrong).
+- ScienceQA. LLaVA's `eval_science_qa.py`: a bare letter, "X. ..." or exactly one "The answer is X."
+  match, else FAILED; a letter beyond the question's choices scores as wrong. `scienceqa_parse`
+  returns None for both (FAILED and out of range: both are wrong, the letter would mislead).
+- GQA. LLaVA's `convert_gqa_for_eval.py` strips trailing periods and lowercases, then the official
+  GQA `eval.py` compares exactly.
+- SEED-Bench. LLaVA's `convert_seed_for_submission.py` compares the reply to the letter exactly.
+- MMBench. Circular evaluation as the MMBench paper defines it: a question counts only if every
+  circular shift of its options is answered right. The official server falls back to a GPT matcher for
+  replies that hold no option letter; we do not call one, such replies count as wrong.
+- LLaVA-Bench. `summarize_gpt_review.py` averages the judge's (reference, model) pairs and reports
+  model / reference x 100; an unparseable review becomes (-1, -1) and is averaged in. We count
+  unparseable reviews and leave them out of both means.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+# --------------------------------------------------------------------------------------------------
+# VQA (EvalAI answer processor, m4c TextVQAAccuracyEvaluator)
+# --------------------------------------------------------------------------------------------------
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "let's": "let's",
-    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "thats": "that's",
-    "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "wholl": "who'll",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
+    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
     "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period not between digits (the official pattern)
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# "(?!<=\d)" is the official pattern as written (a typo for a lookbehind: it is a lookahead that
+# never fails), so a period is kept only when a digit follows it: "3.5" stays, "end." loses it.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
 
 
 def _punctuation(text: str) -> str:
@@ -40,21 +89,217 @@ def _punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)  # count=32: the official call's quirk
 
 
-def normalize_answer(answer: str) -> str:
-    """An answer as the VQA evaluation compares it: 'Two.' -> '2', 'The Red' -> 'red'."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+def normalize_vqa_answer(text: str) -> str:
+    """An answer as the EvalAI processor leaves it: 'Two.' -> '2', 'The Red' -> 'red', 'dont' -> "don't"."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
     text = _punctuation(text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(word, word))
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
 
 
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA soft accuracy: the mean over the human answers of min(1, matches among the others / 3).
+
+    With 10 answers, a prediction given by 3 or more annotators scores 1, by 2 scores 0.9... exactly
+    as `TextVQAAccuracyEvaluator`. Both sides go through `normalize_vqa_answer`."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_vqa_answer(prediction)
+    gts = [normalize_vqa_answer(a) for a in answers]
+    total = 0.0
+    for i in range(len(gts)):
+        matches = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
+        total += min(1.0, matches / 3)
+    return total / len(gts)
+
+
 def exact_match(prediction: str, answer: str) -> bool:
-    """Normalised prediction equals the normalised reference answer."""
-    return normalize_answer(prediction) == normalize_answer(answer)
+    """Normalised prediction equals the normalised reference answer (single-answer sets)."""
+    return normalize_vqa_answer(prediction) == normalize_vqa_answer(answer)
+
+
+# --------------------------------------------------------------------------------------------------
+# GQA, SEED-Bench
+# --------------------------------------------------------------------------------------------------
+
+def normalize_gqa_answer(text: str) -> str:
+    """LLaVA's GQA conversion: trailing periods stripped, lowercased (the GQA eval then compares exactly)."""
+    return text.rstrip(".").lower()
+
+
+def gqa_match(prediction: str, answer: str) -> bool:
+    return normalize_gqa_answer(prediction) == answer
+
+
+def seed_match(prediction: str, answer: str) -> bool:
+    """SEED-Bench as LLaVA scores it: the (stripped) reply is exactly the answer letter."""
+    return prediction.strip() == answer
+
+
+# --------------------------------------------------------------------------------------------------
+# POPE, MME
+# --------------------------------------------------------------------------------------------------
+
+def pope_parse(text: str) -> str:
+    """'no' if 'No', 'no' or 'not' is a word of the first sentence (case sensitive), else 'yes'."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and yes-ratio of parsed predictions ('yes'/'no') against labels.
+
+    A label other than 'no' counts as yes (as the official script does). Undefined ratios are 0."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    tp = fp = tn = fn = 0
+    for p, label in zip(predictions, labels):
+        pos, true = p != "no", label != "no"
+        tp += pos and true
+        fp += pos and not true
+        tn += (not pos) and (not true)
+        fn += (not pos) and true
+    n = len(labels)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n if n else 0.0, "n": n}
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_parse(text: str) -> str:
+    """'yes' | 'no' | 'other' as MME's calculation.py reads a reply."""
+    text = text.lower()
+    if text in ("yes", "no"):
+        return text
+    prefix = text[:4]
+    return "yes" if "yes" in prefix else "no" if "no" in prefix else "other"
+
+
+def mme_scores(rows: Iterable[tuple[str, str, str, str]]) -> dict:
+    """MME from (subtask, image, reference yes/no, reply) rows.
+
+    Per subtask: acc (per question) and acc+ (per image: both of its questions right), score =
+    100 * acc + 100 * acc+; perception and cognition are the sums over their subtasks."""
+    per: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for task, image, answer, reply in rows:
+        per[task][image].append(mme_parse(reply) == answer.lower())
+    tasks = {}
+    for task, images in sorted(per.items()):
+        flat = [x for xs in images.values() for x in xs]
+        acc = sum(flat) / len(flat)
+        acc_plus = sum(all(xs) for xs in images.values()) / len(images)
+        tasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * acc + 100 * acc_plus,
+                       "questions": len(flat), "images": len(images)}
+    return {"perception": sum(v["score"] for k, v in tasks.items() if k in MME_PERCEPTION),
+            "cognition": sum(v["score"] for k, v in tasks.items() if k in MME_COGNITION),
+            "tasks": tasks}
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple choice: ScienceQA, MMBench
+# --------------------------------------------------------------------------------------------------
+
+OPTION_LETTERS = "ABCDEFGHIJ"
+_SQA_OPTIONS = "ABCDE"
+_SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def scienceqa_parse(text: str, num_choices: int) -> str | None:
+    """The chosen letter as eval_science_qa.py reads it, or None where it says FAILED or the letter is
+    beyond the question's `num_choices` options (both score as wrong)."""
+    if text in _SQA_OPTIONS:
+        letter = text
+    elif len(text) >= 3 and text[0] in _SQA_OPTIONS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _SQA_ANSWER_IS.findall(text)
+        letter = found[0] if len(found) == 1 else ""
+    return letter if letter and letter in _SQA_OPTIONS[:num_choices] else None
+
+
+def mmbench_parse(text: str, num_options: int, options: Sequence[str] = ()) -> str | None:
+    """The option letter a reply picks: a leading letter ("B", "B.", "(B) ...", "B: ..."), or a reply
+    that equals exactly one option's text; None when it names none (the server would ask GPT)."""
+    letters = OPTION_LETTERS[:num_options]
+    t = text.strip()
+    m = re.match(r"^\(?([A-J])(?:[).:,\s]|$)", t)
+    if m and m.group(1) in letters:
+        return m.group(1)
+    m = re.search(r"(?:answer|option) is \(?([A-J])\b", t, flags=re.IGNORECASE)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    hits = [letters[i] for i, o in enumerate(options[:num_options]) if t.rstrip(".").lower() == str(o).strip().lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
+def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
+    """MMBench circular evaluation from (question group, correct) pairs, one per circular pass:
+    a question is right only when all of its passes are. Also the single-pass accuracy (first pass)."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for group, correct in results:
+        groups[group].append(correct)
+    n = len(groups)
+    return {"circular_accuracy": sum(all(v) for v in groups.values()) / n if n else 0.0,
+            "single_pass_accuracy": sum(v[0] for v in groups.values()) / n if n else 0.0, "questions": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Judged benchmarks: LLaVA-Bench, MM-Vet
+# --------------------------------------------------------------------------------------------------
+
+def parse_review_scores(review: str) -> tuple[float, float] | None:
+    """The (assistant 1, assistant 2) scores on a review's first line, as eval_gpt_review_bench.py
+    reads them ("8 7", "8,7"); None where it would return [-1, -1]. Like the official split on single
+    spaces, "8, 7" (two spaces once the comma is replaced) is unparseable."""
+    parts = review.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) != 2:
+        return None
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+
+
+def relative_scores(rows: Iterable[tuple[str, tuple[float, float] | None]]) -> dict:
+    """LLaVA-Bench: per category and overall, mean model score / mean reference score x 100.
+
+    `rows` are (category, (reference score, model score) or None for an unparseable review). Those
+    are counted in `unparsed` and left out of the means (the official summary averages them in as -1)."""
+    scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    unparsed: dict[str, int] = defaultdict(int)
+    for category, pair in rows:
+        for key in (category, "all"):
+            if pair is None:
+                unparsed[key] += 1
+            else:
+                scores[key].append(pair)
+    out = {}
+    for key in sorted(set(scores) | set(unparsed)):
+        pairs = scores.get(key, [])
+        ref = sum(p[0] for p in pairs) / len(pairs) if pairs else 0.0
+        model = sum(p[1] for p in pairs) / len(pairs) if pairs else 0.0
+        out[key] = {"relative": model / ref * 100 if ref else 0.0, "reference_mean": ref, "model_mean": model,
+                    "judged": len(pairs), "unparsed": unparsed.get(key, 0)}
+    return out
+
+
+def parse_mmvet_score(reply: str) -> float | None:
+    """MM-Vet's grader reply: a correctness score in [0, 1]; None when it is not one."""
+    try:
+        value = float(reply.strip().split()[0]) if reply.strip() else None
+    except ValueError:
+        return None
+    return value if value is not None and 0.0 <= value <= 1.0 else None

@@ -1,0 +1,229 @@
+"""Multiple-choice tasks: ScienceQA-IMG, MMBench / MMBench-CN (circular), SEED-Bench (image).
+
+Layouts read:
+- scienceqa: the official ScienceQA `problems.json` + `pid_splits.json`, images
+  `images/test/{pid}/image.png` (LLaVA's `llava_test_CQM-A.json`, when present, gives the prompts
+  verbatim). Only the test questions with an image are asked (ScienceQA-IMG, as LLaVA-1.5 reports).
+  Without LLaVA's file the prompt is "Context: HINT\\nQUESTION\\nA. ...\\nB. ..." (context line only
+  when the hint is not empty), then the letter instruction.
+- mmbench / mmbench_cn: the MMBench TSV (`mmbench_dev_20230712.tsv`, `mmbench_dev_cn_20231003.tsv`,
+  or any `*.tsv`): index, question, hint, A-D, answer, category, base64 image. Files whose indices
+  already hold the circular copies (index + k * 1e6, as the 2023 releases do) are read as they are;
+  otherwise each question is expanded into one pass per circular shift of its options.
+- seed: the official `SEED-Bench.json`, image questions only, images `SEED-Bench-image/{data_id}`.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vistune.errors import DataError
+from vistune.eval.metrics import (
+    OPTION_LETTERS,
+    circular_accuracy,
+    mmbench_parse,
+    scienceqa_parse,
+    seed_match,
+)
+from vistune.eval.tasks.base import (
+    LETTER_ANSWER,
+    LETTER_ANSWER_CN,
+    Item,
+    Task,
+    accuracy,
+    b64,
+    find,
+    read_json,
+    with_line,
+)
+
+if TYPE_CHECKING:
+    from vistune.eval.judge import Judge
+
+CIRCULAR_STRIDE = 1_000_000  # MMBench's index offset between circular copies of one question
+
+
+def options_block(options: Sequence[str]) -> str:
+    return "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
+
+
+class ScienceQA(Task):
+    """Options: ensemble (complement | judge; the --judge model is the text-only teacher)."""
+
+    name, folder, headline = "scienceqa", "scienceqa", ("img_accuracy",)
+
+    def __init__(self, ensemble: str | None = None) -> None:
+        from vistune.eval.scienceqa_ensemble import ENSEMBLES
+
+        if ensemble is not None and ensemble not in ENSEMBLES:
+            raise DataError(f"scienceqa: unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}", "bad option")
+        self.ensemble = ensemble
+        if ensemble:
+            self.headline = ("img_accuracy", "ensemble_accuracy")
+
+    def load(self, root: Path) -> list[Item]:
+        problems = read_json(find(root, ["problems.json"], self.name))
+        splits = read_json(find(root, ["pid_splits.json"], self.name))
+        llava = {}
+        if (root / "llava_test_CQM-A.json").is_file():
+            llava = {str(r["id"]): r for r in read_json(root / "llava_test_CQM-A.json")}
+        items = []
+        for pid in splits["test"]:
+            p = problems[pid]
+            if not p.get("image"):
+                continue
+            if pid in llava:
+                prompt = llava[pid]["conversations"][0]["value"].replace("<image>", "").strip()
+            else:
+                lines = [f"Context: {p['hint']}"] if p.get("hint", "").strip() else []
+                prompt = "\n".join([*lines, p["question"], options_block(p["choices"])])
+            items.append(Item(pid, with_line(prompt, LETTER_ANSWER), (root / "images" / "test" / pid / p["image"],),
+                              OPTION_LETTERS[p["answer"]], {"num_choices": len(p["choices"]),
+                                                            "subject": p.get("subject"), "question": p["question"],
+                                                            "choices": p["choices"], "hint": p.get("hint", "")}))
+        return items
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
+        per: dict[str, list[bool]] = defaultdict(list)
+        letters = {it.id: scienceqa_parse(replies.get(it.id, "FAILED"), it.meta["num_choices"]) for it in items}
+        for it in items:
+            per["all"].append(letters[it.id] == it.answer)
+            per[str(it.meta.get("subject"))].append(letters[it.id] == it.answer)
+        out = {"img_accuracy": 100 * accuracy(per.pop("all")), "n": len(items),
+               "failed": sum(v is None for v in letters.values()),
+               "per_subject": {k: 100 * accuracy(v) for k, v in sorted(per.items())}}
+        if self.ensemble:
+            from vistune.eval import scienceqa_ensemble as ens
+
+            if judge is None:
+                raise DataError("scienceqa: an ensemble needs the text-only teacher: --judge openai:MODEL", "bad option")
+            teacher = ens.teacher_answers(items, judge)
+            final = ens.complement(letters, teacher) if self.ensemble == "complement" else \
+                ens.judge(items, letters, teacher, judge)
+            out |= {"ensemble": self.ensemble,
+                    "teacher_accuracy": 100 * accuracy([teacher[it.id] == it.answer for it in items]),
+                    "teacher_failed": sum(v is None for v in teacher.values()),
+                    "ensemble_accuracy": 100 * accuracy([final[it.id] == it.answer for it in items])}
+        return out
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    csv.field_size_limit(sys.maxsize)  # base64 images are far larger than csv's 128 KiB default
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _present(value: str | None) -> bool:
+    return value is not None and value.strip() != "" and value.strip().lower() != "nan"
+
+
+class MMBench(Task):
+    name, folder, headline = "mmbench", "mmbench", ("circular_accuracy",)
+    files = ("mmbench_dev_20230712.tsv", "mmbench_dev_en*.tsv", "MMBench_DEV_EN*.tsv", "*.tsv")
+    instruction = LETTER_ANSWER
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, str]] = {}  # the TSV rows, for the submission file
+
+    def load(self, root: Path) -> list[Item]:
+        path = find(root, list(self.files), self.name)
+        rows = _read_tsv(path)
+        for col in ("index", "question", "A", "B", "image"):
+            if rows and col not in rows[0]:
+                raise DataError(f"{path}: no {col!r} column; expected MMBench's TSV layout", "bad file")
+        self.rows = {int(r["index"]): r for r in rows}
+        has_copies = any(i >= CIRCULAR_STRIDE for i in self.rows)
+        items = []
+        for index, r in self.rows.items():
+            options = [r[c] for c in "ABCDEFGHIJ" if _present(r.get(c))]
+            image = r["image"]
+            if image.isdigit():  # newer TSVs store an image once and refer to it by index
+                image = self.rows[int(image)]["image"]
+            answer = r.get("answer") if _present(r.get("answer")) else None
+            shifts = 1 if has_copies else len(options)
+            for k in range(shifts):
+                opts = options[k:] + options[:k]
+                ans = None
+                if answer is not None:
+                    ans = OPTION_LETTERS[(OPTION_LETTERS.index(answer.strip()) - k) % len(options)]
+                question = f"{r['hint']}\n{r['question']}" if _present(r.get("hint")) else r["question"]
+                items.append(Item(str(index + k * CIRCULAR_STRIDE),
+                                  with_line(f"{question}\n{options_block(opts)}", self.instruction),
+                                  (b64(image),), ans,
+                                  {"group": str(index % CIRCULAR_STRIDE), "options": opts,
+                                   "category": r.get("category")}))
+        return items
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+        scored = [it for it in items if it.answer is not None]
+        if not scored:
+            return {"n": len(items), "scored": 0, "note": "no public answers: upload the submission file"}
+        results, per_cat = [], defaultdict(list)
+        unparsed = 0
+        for it in scored:
+            letter = mmbench_parse(replies.get(it.id, ""), len(it.meta["options"]), it.meta["options"])
+            unparsed += letter is None
+            results.append((it.meta["group"], letter == it.answer))
+            per_cat[str(it.meta.get("category"))].append((it.meta["group"], letter == it.answer))
+        out = {k: 100 * v if "accuracy" in k else v for k, v in circular_accuracy(results).items()}
+        out |= {"n": len(items), "passes": len(scored), "unparsed": unparsed,
+                "per_category": {c: 100 * circular_accuracy(r)["circular_accuracy"] for c, r in sorted(per_cat.items())}}
+        return out
+
+    def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
+        """The xlsx the MMBench server takes: the TSV's rows (no image/hint columns) plus `prediction`."""
+        try:
+            from openpyxl import Workbook
+        except ImportError:
+            raise DataError("the MMBench submission is an .xlsx file: pip install 'vistune[eval]' (openpyxl)",
+                            "missing dependency") from None
+        drop = {"image", "hint", "category", "source", "comment", "l2-category"}
+        header = [c for c in next(iter(self.rows.values()), {}) if c not in drop] + ["prediction"]
+        wb = Workbook()
+        ws = wb.active
+        ws.append(header)
+        for index, r in self.rows.items():
+            ws.append([*(r[c] for c in header[:-1]), replies.get(str(index), "")])
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{self.name}_submission.xlsx"
+        tmp = path.with_name(path.name + ".tmp")
+        wb.save(tmp)
+        tmp.replace(path)
+        return [path]
+
+
+class MMBenchCN(MMBench):
+    name, folder = "mmbench_cn", "mmbench_cn"
+    files = ("mmbench_dev_cn_20231003.tsv", "mmbench_dev_cn*.tsv", "MMBench_DEV_CN*.tsv", "*.tsv")
+    instruction = LETTER_ANSWER_CN
+
+
+class SEED(Task):
+    name, folder, headline = "seed", "seed_bench", ("accuracy",)
+
+    def load(self, root: Path) -> list[Item]:
+        data = read_json(find(root, ["SEED-Bench.json"], self.name))
+        type_names = {v: k for k, v in data.get("question_type", {}).items()}
+        items = []
+        for q in data["questions"]:
+            if q.get("data_type", "image") != "image":
+                continue
+            options = [q[f"choice_{c}"] for c in "abcd"]
+            items.append(Item(str(q["question_id"]), with_line(f"{q['question']}\n{options_block(options)}", LETTER_ANSWER),
+                              (root / "SEED-Bench-image" / q["data_id"],), q["answer"],
+                              {"type": type_names.get(q.get("question_type_id"), str(q.get("question_type_id")))}))
+        return items
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+        per: dict[str, list[bool]] = defaultdict(list)
+        for it in items:
+            ok = seed_match(replies.get(it.id, ""), it.answer)
+            per["all"].append(ok)
+            per[it.meta["type"]].append(ok)
+        return {"accuracy": 100 * accuracy(per.pop("all")), "n": len(items),
+                "per_type": {k: 100 * accuracy(v) for k, v in sorted(per.items())}}

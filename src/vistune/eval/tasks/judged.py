@@ -1,0 +1,148 @@
+"""Judged tasks: LLaVA-Bench (In-the-Wild), LLaVA-Bench (COCO) and MM-Vet.
+
+Layouts read:
+- llava_bench: LLaVA's `llava-bench-in-the-wild` folder: `questions.jsonl` (question_id, image,
+  text, category), `context.jsonl` (image, caption), `answers_gpt4.jsonl` (the reference answers),
+  `images/`.
+- llava_bench_coco: LLaVA's `coco2014_val_qa_eval` folder: `qa90_questions.jsonl`,
+  `qa90_gpt4_answer.jsonl`, `caps_boxes_coco2014_val_80.jsonl` (captions + boxes); images in
+  `images/` or COCO `val2014/` (COCO_val2014_ prefix).
+- mmvet: the official `mm-vet.json` (id -> imagename, capability, question, answer) and `images/`.
+
+LLaVA-Bench follows `eval_gpt_review_bench.py` / `eval_gpt_review_visual.py`: the judge sees the
+context, the question, the reference answer as assistant 1 and the model's as assistant 2, with the
+category's rule from LLaVA's rule.json (system prompt and temperature 0.2 as there), and scores both;
+the result is model / reference x 100 (`metrics.relative_scores`). MM-Vet follows
+`mm-vet_evaluator.py`: the few-shot grader prompt, a 0-1 correctness score per sample (temperature 0,
+3 tokens), total and per capability as mean x 100. Its evaluator asks again with rising temperature
+when the reply is not a number; we count such replies as unparsed instead and leave them out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from vistune.errors import DataError
+from vistune.eval.judge import Judge
+from vistune.eval.metrics import parse_mmvet_score, parse_review_scores, relative_scores
+from vistune.eval.tasks.base import Item, Task, find, read_json, read_jsonl
+
+REVIEW_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+
+
+def _prompt_file(name: str) -> str:
+    return resources.files("vistune.eval").joinpath("prompts", name).read_text(encoding="utf-8")
+
+
+def review_content(context: str, question: str, reference: str, answer: str, rule: dict[str, str]) -> str:
+    role = rule["role"]
+    return (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
+            f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+            f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule['prompt']}\n\n")
+
+
+def _no_judge(items: Sequence[Item]) -> dict:
+    return {"n": len(items), "note": "no judge given (--judge openai:MODEL): replies saved, not scored"}
+
+
+class LLaVABench(Task):
+    name, folder, headline = "llava_bench", "llava-bench-in-the-wild", ("all",)
+    max_new_tokens = 1024
+    judged = True
+    rule_prefix = "llava_bench_"
+
+    def load(self, root: Path) -> list[Item]:
+        questions = read_jsonl(find(root, ["questions.jsonl"], self.name))
+        refs = {r["question_id"]: r["text"] for r in read_jsonl(find(root, ["answers_gpt4.jsonl"], self.name))}
+        ctx = {r["image"]: r["caption"] for r in read_jsonl(find(root, ["context.jsonl"], self.name))}
+        return [self._item(root, q, refs, ctx) for q in questions]
+
+    def _item(self, root: Path, q: dict, refs: dict, ctx: dict) -> Item:
+        if q["question_id"] not in refs:
+            raise DataError(f"{self.name}: question {q['question_id']} has no reference answer", "bad record")
+        caption = ctx.get(q["image"], "")
+        context = "\n".join(caption) if isinstance(caption, list) else caption
+        return Item(str(q["question_id"]), q["text"], (root / "images" / q["image"],), refs[q["question_id"]],
+                    {"category": q.get("category", "all"), "context": context, "question": q["text"]})
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
+        if judge is None:
+            return _no_judge(items)
+        rules = json.loads(_prompt_file("llava_bench_rules.json"))
+        rows = []
+        for it in items:
+            key = self.rule_prefix + it.meta["category"]
+            if key not in rules:
+                raise DataError(f"{self.name}: question {it.id} has category {it.meta['category']!r}; the rules "
+                                f"know {', '.join(k.removeprefix(self.rule_prefix) for k in rules if k.startswith(self.rule_prefix))}")
+            content = review_content(it.meta["context"], it.meta["question"], it.answer, replies.get(it.id, ""), rules[key])
+            review = judge.complete([{"role": "system", "content": REVIEW_SYSTEM}, {"role": "user", "content": content}],
+                                    temperature=0.2, max_tokens=1024)
+            rows.append((it.meta["category"], parse_review_scores(review)))
+        per = relative_scores(rows)
+        overall = per.get("all", {})
+        return {"all": overall.get("relative", 0.0), "unparsed": overall.get("unparsed", 0), "n": len(items),
+                "per_category": per}
+
+
+class LLaVABenchCOCO(LLaVABench):
+    name, folder = "llava_bench_coco", "coco2014_val_qa_eval"
+    rule_prefix = ""
+
+    def load(self, root: Path) -> list[Item]:
+        questions = read_jsonl(find(root, ["qa90_questions.jsonl"], self.name))
+        refs = {r["question_id"]: r["text"] for r in read_jsonl(find(root, ["qa90_gpt4_answer.jsonl"], self.name))}
+        ctx = {}
+        for r in read_jsonl(find(root, ["caps_boxes_coco2014_val_80.jsonl"], self.name)):
+            boxes = "\n".join(f"{b['category']}: {b['bbox']}" for b in r.get("instances", []))
+            ctx[r["image"]] = "\n".join(r["captions"]) + "\n\n" + boxes  # as eval_gpt_review_visual.py
+        items = []
+        for q in questions:
+            it = self._item(root, q, refs, ctx)
+            image = root / "images" / q["image"]
+            if not image.is_file():
+                image = root / "val2014" / f"COCO_val2014_{q['image']}"
+            items.append(Item(it.id, it.prompt, (image,), it.answer, it.meta))
+        return items
+
+
+class MMVet(Task):
+    name, folder, headline = "mmvet", "mm-vet", ("total",)
+    max_new_tokens = 1024
+    judged = True
+
+    def load(self, root: Path) -> list[Item]:
+        data = read_json(find(root, ["mm-vet.json"], self.name))
+        return [Item(qid, r["question"], (root / "images" / r["imagename"],), r["answer"],
+                     {"capability": list(r["capability"]), "question": r["question"]}) for qid, r in data.items()]
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
+        if judge is None:
+            return _no_judge(items)
+        grader = _prompt_file("mmvet_grader.txt")
+        per: dict[str, list[float]] = defaultdict(list)
+        unparsed = 0
+        for it in items:
+            truth = it.answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+            content = grader + "\n" + " | ".join([it.meta["question"], truth, replies.get(it.id, ""), ""])
+            value = parse_mmvet_score(judge.complete([{"role": "user", "content": content}], temperature=0.0, max_tokens=3))
+            if value is None:
+                unparsed += 1
+                continue
+            per["total"].append(value)
+            for cap in sorted(set(it.meta["capability"])):
+                per[cap].append(value)
+        means = {k: 100 * sum(v) / len(v) for k, v in per.items()}
+        return {"total": means.pop("total", 0.0), "graded": len(per.get("total", [])), "unparsed": unparsed,
+                "n": len(items), "per_capability": dict(sorted(means.items()))}
+
+    def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
+        """{id: reply}, the results file MM-Vet's online evaluator takes."""
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "mmvet_results.json"
+        path.write_text(json.dumps({it.id: replies.get(it.id, "") for it in items}, ensure_ascii=False, indent=1))
+        return [path]

@@ -1,0 +1,113 @@
+"""Yes/no tasks: POPE (adversarial, popular, random) and MME.
+
+Layouts read:
+- pope: the official POPE files `coco_pope_{adversarial,popular,random}.json` (JSON lines:
+  question_id, image, text, label), in the folder or its `coco/` subfolder, as LLaVA's eval folder
+  keeps them; images from COCO `val2014/`. Item ids are CATEGORY/question_id (ids repeat across files).
+- mme: the official `MME_Benchmark_release_version/` folder (or its contents): one folder per subtask
+  holding either `images/` + `questions_answers_YN/*.txt` or the images and .txt files side by side;
+  each .txt holds two "question<TAB>Yes|No" lines for its image.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from vistune.errors import DataError
+from vistune.eval.metrics import (
+    MME_COGNITION,
+    MME_PERCEPTION,
+    mme_scores,
+    pope_metrics,
+    pope_parse,
+)
+from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, read_jsonl, with_line
+
+POPE_CATEGORIES = ("adversarial", "popular", "random")
+
+
+class POPE(Task):
+    name, folder, headline = "pope", "pope", ("f1", "accuracy")
+
+    def load(self, root: Path) -> list[Item]:
+        base = root / "coco" if (root / "coco").is_dir() else root
+        image_dir = next((d for d in (root / "val2014", root.parent / "val2014") if d.is_dir()), root / "val2014")
+        items = []
+        for cat in POPE_CATEGORIES:
+            path = base / f"coco_pope_{cat}.json"
+            if not path.is_file():
+                continue
+            for r in read_jsonl(path):
+                items.append(Item(f"{cat}/{r['question_id']}", with_line(r["text"], SHORT_ANSWER),
+                                  (image_dir / r["image"],), r["label"], {"category": cat}))
+        if not items:
+            raise DataError(f"pope: no coco_pope_{{{','.join(POPE_CATEGORIES)}}}.json in {base}", "missing file")
+        return items
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+        by_cat: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        for it in items:
+            preds, labels = by_cat[it.meta["category"]]
+            preds.append(pope_parse(replies.get(it.id, "")))
+            labels.append(it.answer)
+        cats = {c: {k: (100 * v if k != "n" else v) for k, v in pope_metrics(*pl).items()}
+                for c, pl in sorted(by_cat.items())}
+        out = {k: sum(m[k] for m in cats.values()) / len(cats) for k in ("f1", "accuracy", "precision", "recall",
+                                                                           "yes_ratio")}
+        return out | {"n": len(items), "per_category": cats}
+
+
+def _mme_root(root: Path) -> Path:
+    inner = root / "MME_Benchmark_release_version"
+    return inner if inner.is_dir() else root
+
+
+class MME(Task):
+    name, folder, headline = "mme", "MME", ("perception", "cognition")
+
+    def load(self, root: Path) -> list[Item]:
+        root = _mme_root(root)
+        items = []
+        for task in (*MME_PERCEPTION, *MME_COGNITION):
+            tdir = root / task
+            if not tdir.is_dir():
+                continue
+            qa_dir = tdir / "questions_answers_YN" if (tdir / "questions_answers_YN").is_dir() else tdir
+            img_dir = tdir / "images" if (tdir / "images").is_dir() else tdir
+            for txt in sorted(qa_dir.glob("*.txt")):
+                image = next((p for p in (img_dir / f"{txt.stem}{ext}" for ext in (".jpg", ".png", ".jpeg"))
+                              if p.is_file()), None)
+                if image is None:
+                    raise DataError(f"mme: {txt} has no image {txt.stem}.jpg/.png in {img_dir}", "missing file")
+                lines = [ln for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                for k, line in enumerate(lines):
+                    question, _, answer = line.rpartition("\t")
+                    if answer.strip().lower() not in ("yes", "no"):
+                        raise DataError(f"mme: {txt} line {k + 1}: answer {answer!r} is not Yes/No", "bad record")
+                    items.append(Item(f"{task}/{image.name}/{k}", with_line(question.strip(), SHORT_ANSWER), (image,),
+                                      answer.strip().lower(), {"task": task, "image": image.name,
+                                                               "question": question.strip()}))
+        if not items:
+            raise DataError(f"mme: no subtask folders ({', '.join(MME_PERCEPTION[:3])}, ...) in {root}", "missing file")
+        return items
+
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+        rows = [(it.meta["task"], it.meta["image"], it.answer, replies.get(it.id, "")) for it in items]
+        return mme_scores(rows) | {"n": len(items)}
+
+    def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
+        """One IMAGE<TAB>QUESTION<TAB>GT<TAB>REPLY file per subtask, what MME's calculation.py reads."""
+        folder = out / "mme_results"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines: dict[str, list[str]] = defaultdict(list)
+        for it in items:
+            reply = replies.get(it.id, "").replace("\t", " ").replace("\n", " ")
+            lines[it.meta["task"]].append(f"{it.meta['image']}\t{it.meta['question']}\t{it.answer.capitalize()}\t{reply}")
+        paths = []
+        for task, rows in lines.items():
+            path = folder / f"{task}.txt"
+            path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+            paths.append(path)
+        return paths
