@@ -223,9 +223,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
 
     @app.exception_handler(Exception)
     async def on_fault(_: Request, e: Exception) -> JSONResponse:
-        log.error("server fault: %s: %s", type(e).__name__, e)
-        return _error_response(500, f"the server failed on this request ({type(e).__name__}); it keeps serving, "
-                                    "retry or report it", "server_error", code="internal_error")
+        return _fault_response(e)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -263,7 +261,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(ticket, rid, model_name, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        c = await _await_or_cancel(ticket, request)
+        try:
+            c = await _await_or_cancel(ticket, request)
+        except Exception as e:  # the model failed on this batch: answered here, so the connection stays usable
+            return _fault_response(e)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
             "system_fingerprint": None,
@@ -280,6 +281,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         mount_ui(app, ui_path, ui_api_base, model_name, key_required=api_key is not None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, open_prefix=ui_path)
     return app
+
+
+def _fault_response(e: Exception) -> JSONResponse:
+    log.error("server fault: %s: %s", type(e).__name__, e)
+    return _error_response(500, f"the server failed on this request ({type(e).__name__}); it keeps serving, "
+                                "retry or report it", "server_error", code="internal_error")
 
 
 def _usage(c: Completion) -> dict[str, int]:
