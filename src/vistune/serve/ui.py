@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 UI_DEFAULTS = {"temperature": 0.2, "top_p": 1.0, "max_tokens": 256}  # LLaVA's demo uses 0.2
+ERROR_TITLE = "API error"
 
 
 def image_part(path: str | Path) -> dict[str, Any]:
@@ -41,11 +42,23 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     return parts
 
 
+def _is_error(turn: dict[str, Any]) -> bool:
+    return turn["role"] == "assistant" and (turn.get("metadata") or {}).get("title") == ERROR_TITLE
+
+
 def to_openai_messages(message: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Gradio's multimodal message and history -> OpenAI chat messages (consecutive turns of one
-    role, as Gradio stores an upload and its text, are merged into one message)."""
+    role, as Gradio stores an upload and its text, are merged into one message). Error replies, and
+    the user turns that led to them, are left out: the model never saw them."""
+    kept: list[dict[str, Any]] = []
+    for h in history:
+        if _is_error(h):
+            while kept and kept[-1]["role"] == "user":
+                kept.pop()
+        else:
+            kept.append(h)
     out: list[dict[str, Any]] = []
-    turns = [(h["role"], _parts(h["content"])) for h in history]
+    turns = [(h["role"], _parts(h["content"])) for h in kept]
     turns.append(("user", [image_part(f if isinstance(f, str) else f["path"]) for f in message.get("files") or []]
                   + ([{"type": "text", "text": message["text"]}] if message.get("text") else [])))
     for role, parts in turns:
@@ -64,8 +77,12 @@ def build_ui(api_base: str, model: str, key_required: bool):  # noqa: ANN201 (gr
     import gradio as gr
     import openai
 
+    def error(text: str) -> Any:
+        gr.Warning(text)
+        return gr.ChatMessage(content=text, metadata={"title": ERROR_TITLE})
+
     async def respond(message: dict[str, Any], history: list[dict[str, Any]], temperature: float, top_p: float,
-                      max_tokens: float, api_key: str = "") -> AsyncIterator[str]:
+                      max_tokens: float, api_key: str = "") -> AsyncIterator[Any]:
         client = openai.AsyncOpenAI(base_url=api_base, api_key=api_key or "none", max_retries=0)
         try:
             stream = await client.chat.completions.create(
@@ -78,11 +95,13 @@ def build_ui(api_base: str, model: str, key_required: bool):  # noqa: ANN201 (gr
                     yield text
             if not text:
                 yield "(the model gave an empty reply)"
+        # Errors become a marked reply (and a toast), not gr.Error: after gr.Error, Gradio 6 leaves
+        # the input box disabled, and the user could not try again (e.g. with the right key).
         except openai.APIStatusError as e:
             detail = (e.body or {}).get("message") if isinstance(e.body, dict) else None
-            raise gr.Error(f"API error {e.status_code}: {detail or e.message}") from None
+            yield error(f"{ERROR_TITLE} {e.status_code}: {detail or e.message}")
         except openai.APIConnectionError as e:
-            raise gr.Error(f"cannot reach the API at {api_base}: {e}") from None
+            yield error(f"cannot reach the API at {api_base}: {e}")
         finally:
             await client.close()
 
