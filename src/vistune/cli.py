@@ -190,7 +190,10 @@ def serve(model: Path, host: str, port: int, api_key: str | None, served_model_n
     """OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health), batched; --ui adds the chat page."""
     import os
 
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise VistuneError(f"serving needs the serve extra ({e}): pip install 'vistune[serve]'") from None
 
     from vistune.infer.engine import load
     from vistune.serve.api import create_app
