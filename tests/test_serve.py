@@ -38,7 +38,7 @@ LIMITS = Limits(max_body_bytes=100_000, max_images=2, max_image_pixels=128 * 128
 class FaultyEngine(Engine):
     """An engine whose model fails on requests with seed 666: a stand-in for a real server fault."""
 
-    def run(self, jobs):  # noqa: ANN001, ANN201
+    def run(self, jobs):
         if any(j.sampling.seed == 666 for j in jobs):
             raise RuntimeError("injected fault")
         return super().run(jobs)

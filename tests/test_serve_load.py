@@ -12,7 +12,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 
 
-def _bench():  # noqa: ANN202
+def _bench():
     spec = importlib.util.spec_from_file_location("serve_load", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["serve_load"] = module  # dataclasses look their module up there

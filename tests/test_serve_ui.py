@@ -9,6 +9,7 @@ Chromium (.ci/run). Playwright's own browser download is never used.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -39,7 +40,7 @@ RECORD = """() => {
 }"""
 
 
-def _wait_until_stable(page, timeout_s: float = 60.0) -> list[str]:  # noqa: ANN001
+def _wait_until_stable(page, timeout_s: float = 60.0) -> list[str]:
     """The recorded bot texts, once the last one has stopped changing for a second."""
     deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
     while time.monotonic() < deadline:
@@ -89,7 +90,7 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
     answers = [s for s in states if s.strip() and "API error" not in s]
     assert len(set(answers)) >= 3, f"the answer did not stream: {answers}"
     # Each state extends the previous one (the reply grows; nothing is replaced).
-    assert all(b.startswith(a.strip()) for a, b in zip(answers, answers[1:])), answers
+    assert all(b.startswith(a.strip()) for a, b in itertools.pairwise(answers)), answers
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     if os.environ.get("VISTUNE_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["VISTUNE_SCREENSHOT_DIR"]) / "serve-ui.png")

@@ -246,7 +246,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         try:
             prompt = await run_in_threadpool(engine.prepare, messages, images)
         except DataError as e:
-            raise RequestError(400, str(e), e.reason.replace(" ", "_"), "messages") from None
+            code = "context_length_exceeded" if e.reason == "prompt too long" else e.reason.replace(" ", "_")
+            raise RequestError(400, str(e), code, "messages") from None
         n_prompt = len(prompt.input_ids)
         max_tokens = asked if asked is not None else max(1, min(limits.max_tokens, max_length - n_prompt))
         limits.check_prompt(n_prompt, max_tokens, max_length)
@@ -278,7 +279,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
 
         if ui_api_base is None:
             raise ValueError("ui_path needs ui_api_base, the URL of this server's /v1")
-        mount_ui(app, ui_path, ui_api_base, model_name, key_required=api_key is not None)
+        mount_ui(app, ui_path, ui_api_base, model_name, key_required=api_key is not None,
+                 max_file_bytes=limits.max_body_bytes)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, open_prefix=ui_path)
     return app
 

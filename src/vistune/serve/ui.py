@@ -72,7 +72,7 @@ def to_openai_messages(message: dict[str, Any], history: list[dict[str, Any]]) -
     return out
 
 
-def build_ui(api_base: str, model: str, key_required: bool):  # noqa: ANN201 (gradio is imported lazily)
+def build_ui(api_base: str, model: str, key_required: bool):
     """The Gradio Blocks of the chat page, talking to the API at `api_base` (e.g. http://127.0.0.1:8000/v1)."""
     import gradio as gr
     import openai
@@ -118,8 +118,10 @@ def build_ui(api_base: str, model: str, key_required: bool):  # noqa: ANN201 (gr
         analytics_enabled=False, flagging_mode="never")
 
 
-def mount_ui(app: FastAPI, path: str, api_base: str, model: str, key_required: bool) -> None:
-    """Mount the chat page on `app` at `path`, calling the API at `api_base` (its own server's /v1)."""
+def mount_ui(app: FastAPI, path: str, api_base: str, model: str, key_required: bool, max_file_bytes: int) -> None:
+    """Mount the chat page on `app` at `path`, calling the API at `api_base` (its own server's /v1).
+    Uploads to the page are capped like API bodies; no server-side rendering (it would start Node)."""
     import gradio as gr
 
-    gr.mount_gradio_app(app, build_ui(api_base, model, key_required), path=path)
+    gr.mount_gradio_app(app, build_ui(api_base, model, key_required), path=path, max_file_size=max_file_bytes,
+                        ssr_mode=False)
