@@ -247,6 +247,45 @@ def _task_options(pairs: list[str]) -> dict[str, dict]:
     return options
 
 
+def serve(model: Path, host: str, port: int, api_key: str | None, served_model_name: str | None, device: str | None,
+          max_batch_size: int, max_wait_ms: float, max_body_mb: float, max_images: int, max_image_pixels: int,
+          max_tokens: int, max_prompt_tokens: int | None, allow_image_host: list[str] | None, ui: bool,
+          log_level: str = "info") -> None:
+    """OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health), batched; --ui adds the chat page."""
+    import os
+
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise VistuneError(f"serving needs the serve extra ({e}): pip install 'vistune[serve]'") from None
+
+    from vistune.infer.engine import load
+    from vistune.serve.api import create_app
+    from vistune.serve.limits import Limits
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not call home
+    api_key = api_key or os.environ.get("VISTUNE_API_KEY") or None
+    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
+                    max_image_pixels=max_image_pixels, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                    allowed_image_hosts=tuple(h.lower() for h in allow_image_host or ()))
+    engine = load(model, device)
+    name = served_model_name or model.resolve().name
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
+    app = create_app(engine, name, api_key=api_key, limits=limits, max_batch_size=max_batch_size,
+                     max_wait_ms=max_wait_ms, ui_path="/ui" if ui else None, ui_api_base=f"{base}/v1")
+    print(f"vistune serve: {name} at {base}/v1{' (API key required)' if api_key else ''}"
+          f"{f', chat page at {base}/ui' if ui else ''}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def ui(model: Path, host: str, port: int, api_key: str | None, device: str | None) -> None:
+    """The web chat page (Gradio: image upload, streamed answers, settings) on its own API server, at /ui."""
+    serve(model, host, port, api_key, None, device, max_batch_size=8, max_wait_ms=5.0, max_body_mb=20,
+          max_images=4, max_image_pixels=4096 * 4096, max_tokens=1024, max_prompt_tokens=None,
+          allow_image_host=None, ui=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vistune", description="Visual instruction tuning (LLaVA, LLaVA-1.5).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -348,6 +387,30 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("inputs", nargs="+", help="FILE[:RATIO], e.g. instruct.jsonl vqav2.jsonl:0.75")
     dm.add_argument("--out", type=Path, required=True)
     dm.add_argument("--seed", type=int, default=0)
+    sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    sv.add_argument("model", type=Path, help="vistune checkpoint folder")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set $VISTUNE_API_KEY)")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    sv.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="requests per generate call (1 = no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
+    sv.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default 20 MiB)")
+    sv.add_argument("--max-images", type=int, default=4, help="images per request")
+    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height per image")
+    sv.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's model_max_length")
+    sv.add_argument("--allow-image-host", action="append", default=None, metavar="HOST",
+                    help="fetch http(s) image URLs from this host (repeatable); by default no URL is fetched")
+    sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    u = sub.add_parser("ui", help=ui.__doc__, description=ui.__doc__)
+    u.add_argument("model", type=Path, help="vistune checkpoint folder")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--api-key", default=None, help="require this key (the page asks for it)")
+    u.add_argument("--device", default=None)
     de = sub.add_parser("demo", help=demo.__doc__, description=demo.__doc__)
     de.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     de.add_argument("--llm", default="standin", help="standin (default: a small LLM trained on the world's text) "
@@ -376,7 +439,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo, "convert": convert,
-            "merge-lora": merge_lora, "eval": eval_tasks}
+            "merge-lora": merge_lora, "eval": eval_tasks, "serve": serve, "ui": ui}
 DATAGEN = {"instruct": datagen_instruct, "align": datagen_align, "convert": datagen_convert, "mix": datagen_mix}
 
 

@@ -8,20 +8,22 @@ prompt ends where its reply begins.
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import IMAGE_PLACEHOLDER, Message, get_format
 from vistune.data.dataset import load_image
 from vistune.errors import DataError
+from vistune.infer.rows import Completion, Row, RowSampler, RowTracker, Sampling
 from vistune.model.checkpoint import Bundle, load_checkpoint
 from vistune.model.vision import preprocess_images
 
@@ -29,19 +31,22 @@ ImageInput = Image.Image | str | Path
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Decoding settings. temperature 0 means greedy."""
+class Prompt:
+    """A conversation made ready for the model: token ids (image slots expanded) and its images."""
 
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # [N, 3, H, W], or None without images
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens}
+
+@dataclass(frozen=True)
+class Job:
+    """One reply to generate within a batch: the prompt, its settings, and optional hooks."""
+
+    prompt: Prompt
+    sampling: Sampling = Sampling()
+    on_text: Callable[[str], None] | None = None  # called with each final piece of the reply
+    cancel: threading.Event | None = None  # set to stop this reply early; the rest of the batch goes on
+    on_finish: Callable[[Completion], None] | None = None  # called as soon as this reply ends
 
 
 def _as_messages(messages: Sequence[Message | dict[str, str]]) -> list[Message]:
@@ -73,7 +78,11 @@ class Engine:
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         return cls(load_checkpoint(path, dtype=dtype, device=device))
 
-    def _prepare(self, messages: list[Message], images: Sequence[ImageInput]) -> tuple[list[int], torch.Tensor | None]:
+    def prepare(self, messages: Sequence[Message | dict[str, str]], images: Sequence[ImageInput] = ()) -> Prompt:
+        """Tokenize a conversation (ending with a user message) and preprocess its images.
+        Raises DataError when placeholders and images disagree, an image is unreadable or the prompt
+        is longer than the model's model_max_length."""
+        messages = _as_messages(messages)
         n_placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
         if images and n_placeholders == 0:
             # Convenience for callers that pass an image but no placeholder: it goes before the first
@@ -86,64 +95,82 @@ class Engine:
         enc = self.encoder.encode(messages, "prompt", add_generation_prompt=True)
         if len(enc.input_ids) > self.bundle.spec.model_max_length:
             raise DataError(f"prompt is {len(enc.input_ids)} tokens, over the model's "
-                            f"model_max_length {self.bundle.spec.model_max_length}")
+                            f"model_max_length {self.bundle.spec.model_max_length}", "prompt too long")
         pil = [im if isinstance(im, Image.Image) else load_image(im, "prompt") for im in images]
         pixels = preprocess_images(pil, self.bundle.image_processor, self.bundle.spec.vision.image_preprocess) if pil else None
-        return enc.input_ids, pixels
+        return Prompt(enc.input_ids, pixels)
 
-    def _batch(self, conversations: Sequence[Sequence[Message | dict[str, str]]],
-               images: Sequence[Sequence[ImageInput]]) -> dict[str, torch.Tensor | None]:
-        if len(images) != len(conversations):
-            raise ValueError("give one image list per conversation (an empty list for none)")
-        prepared = [self._prepare(_as_messages(c), imgs) for c, imgs in zip(conversations, images)]
-        length = max(len(ids) for ids, _ in prepared)
+    def _batch(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor | None]:
+        length = max(len(p.input_ids) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prepared), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(prepared), length), dtype=torch.long)
-        for i, (ids, _) in enumerate(prepared):
-            input_ids[i, length - len(ids):] = torch.tensor(ids)  # left padding
-            mask[i, length - len(ids):] = 1
-        pixels = [p for _, p in prepared if p is not None]
+        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)  # [B, T]
+        for i, p in enumerate(prompts):
+            input_ids[i, length - len(p.input_ids):] = torch.tensor(p.input_ids)  # left padding
+            mask[i, length - len(p.input_ids):] = 1
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
                 "pixel_values": torch.cat(pixels).to(self.device) if pixels else None}
 
-    def _generate_kwargs(self, sampling: Sampling) -> dict[str, Any]:
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        return {**sampling.generate_kwargs(), "eos_token_id": self.stop_ids or None,
-                "pad_token_id": self.tokenizer.pad_token_id}
+    def run(self, jobs: Sequence[Job]) -> list[Completion]:
+        """Generate the replies of a batch of prepared jobs in one `generate` call, each with its own
+        sampling, stop rules, streaming hook and cancel flag (see `vistune.infer.rows`). A row whose
+        reply ended early only pads along until the longest one ends."""
+        if not jobs:
+            return []
+        rows = [Row(j.sampling, j.on_text, j.cancel, j.on_finish, len(j.prompt.input_ids)) for j in jobs]
+        tracker = RowTracker(rows, self.tokenizer, self.stop_ids)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(j.sampling.max_new_tokens for j in jobs), "do_sample": False,
+            # Stop tokens are the tracker's business (per row, and ignore_eos); an empty list keeps
+            # generate from adding its own batch-wide rule from the LLM's generation config.
+            "eos_token_id": [], "pad_token_id": self.tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([tracker]),
+        }
+        if not all(j.sampling.greedy for j in jobs):
+            kwargs["logits_processor"] = LogitsProcessorList([RowSampler([j.sampling for j in jobs], self.device)])
+        self.model.generate(**self._batch([j.prompt for j in jobs]), **kwargs)  # [B, new]
+        for row in rows:
+            if row.finish_reason is None:  # generate stopped first (its own length cap)
+                tracker.finish(row, "length")
+        return [r.completion() for r in rows]
 
     def generate(self, conversations: Sequence[Sequence[Message | dict[str, str]]],
-                 images: Sequence[Sequence[ImageInput]], sampling: Sampling = Sampling()) -> list[str]:
-        """Replies for a batch of conversations (each ending with a user message)."""
-        batch = self._batch(conversations, images)
-        out = self.model.generate(**batch, **self._generate_kwargs(sampling))  # [B, new]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+                 images: Sequence[Sequence[ImageInput]], sampling: Sampling | Sequence[Sampling] = Sampling()
+                 ) -> list[str]:
+        """Replies for a batch of conversations (each ending with a user message); one Sampling for
+        all or one per conversation."""
+        if len(images) != len(conversations):
+            raise ValueError("give one image list per conversation (an empty list for none)")
+        samplings = [sampling] * len(conversations) if isinstance(sampling, Sampling) else list(sampling)
+        jobs = [Job(self.prepare(c, imgs), s) for c, imgs, s in zip(conversations, images, samplings)]
+        return [c.text.strip() for c in self.run(jobs)]
 
     def stream(self, messages: Sequence[Message | dict[str, str]], images: Sequence[ImageInput] = (),
                sampling: Sampling = Sampling()) -> Iterator[str]:
-        """The reply to one conversation, piece by piece as it is generated."""
-        batch = self._batch([messages], [images])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**batch, **self._generate_kwargs(sampling), "streamer": streamer}
+        """The reply to one conversation, piece by piece as it is generated. Closing the iterator
+        early stops the generation."""
+        pieces: queue.Queue[str | None] = queue.Queue()
+        cancel = threading.Event()
+        job = Job(self.prepare(messages, images), sampling, pieces.put, cancel)
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                self.model.generate(**kwargs)
+                self.run([job])
             except Exception as e:  # re-raised in the caller's thread below
                 errors.append(e)
-                streamer.end()
+            finally:
+                pieces.put(None)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        first = True
-        for piece in streamer:
-            if first:
-                piece, first = piece.lstrip(), not piece.strip()
-            if piece:
+        try:
+            while (piece := pieces.get()) is not None:
                 yield piece
-        thread.join()
+        finally:
+            cancel.set()
+            thread.join()
         if errors:
             raise errors[0]
 

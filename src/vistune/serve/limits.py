@@ -1,0 +1,134 @@
+"""What a request may ask of the server, and the checks that enforce it before any real work.
+
+Every check raises `RequestError` (an HTTP status, a message and an OpenAI error `code`/`param`),
+which the API turns into OpenAI's error shape. Images are the dangerous input: a few KB of PNG can
+declare a 100,000 x 100,000 canvas (a decompression bomb), so the pixel count is read from the
+header (`Image.open` is lazy) and checked before anything is decoded; only common formats are
+opened at all; remote URLs are fetched only from hosts an operator allowed, without redirects,
+with a byte cap and a timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+#: Formats a client may send. PIL can open many more (EPS via Ghostscript, ...): no reason to let them in.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.ASCII)
+
+
+class RequestError(Exception):
+    """A request the server will not serve; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits of `vistune serve` (each one's CLI flag is the field name with dashes)."""
+
+    max_body_bytes: int = 20 * 1024 * 1024  # a few base64 images; base64 adds a third
+    max_images: int = 4  # per request; each costs the model's image tokens (576 for LLaVA-1.5)
+    max_image_pixels: int = 4096 * 4096  # width x height, checked from the header before decoding
+    max_tokens: int = 1024  # the most a request may ask for with max_tokens
+    max_prompt_tokens: int | None = None  # None: the model's model_max_length
+    allowed_image_hosts: tuple[str, ...] = field(default=())  # hosts whose http(s) image URLs may be fetched
+    fetch_timeout_s: float = 10.0
+
+    def check_max_tokens(self, max_tokens: int) -> None:
+        if max_tokens > self.max_tokens:
+            raise RequestError(400, f"max_tokens is {max_tokens}, over this server's limit of {self.max_tokens}; "
+                                    "ask for fewer", "max_tokens_exceeded", "max_tokens")
+
+    def check_prompt(self, prompt_tokens: int, max_tokens: int, model_max_length: int) -> None:
+        limit = min(self.max_prompt_tokens or model_max_length, model_max_length)
+        if prompt_tokens > limit:
+            raise RequestError(400, f"the prompt is {prompt_tokens} tokens (images included), over the limit of "
+                                    f"{limit}; shorten the conversation or send fewer images",
+                               "context_length_exceeded", "messages")
+        if prompt_tokens + max_tokens > model_max_length:
+            raise RequestError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the "
+                                    f"model's context of {model_max_length} tokens; lower max_tokens",
+                               "context_length_exceeded", "max_tokens")
+
+    def check_image_count(self, n: int) -> None:
+        if n > self.max_images:
+            raise RequestError(400, f"the request has {n} images, over this server's limit of {self.max_images}",
+                               "too_many_images", "messages")
+
+    def open_image(self, data: bytes, where: str) -> Image.Image:
+        """Decode image bytes after checking format and pixel count; `where` names the part in errors."""
+        try:
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+        except Image.DecompressionBombError as e:  # PIL's own cap (about 179 MP) fires inside open()
+            raise RequestError(400, f"{where}: {e}", "image_too_large", where) from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise RequestError(400, f"{where}: not a readable image in any of {', '.join(IMAGE_FORMATS)} ({e})",
+                               "invalid_image", where) from None
+        w, h = im.size
+        if w * h > self.max_image_pixels:
+            raise RequestError(400, f"{where}: image is {w}x{h} = {w * h:,} pixels, over this server's limit of "
+                                    f"{self.max_image_pixels:,}", "image_too_large", where)
+        try:
+            im.load()
+            return im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise RequestError(400, f"{where}: the image cannot be decoded ({e})", "invalid_image", where) from None
+
+    def image_bytes_from_url(self, url: str, where: str) -> bytes:
+        """The bytes behind an image_url: a base64 data: URI, or an http(s) URL on an allowed host."""
+        if url.startswith("data:"):
+            m = _DATA_URI.match(url)
+            if m is None or not m.group("b64"):
+                raise RequestError(400, f"{where}: a data: URI must look like data:image/png;base64,...",
+                                   "invalid_image_url", where)
+            if m.group("mime") and not m.group("mime").startswith("image/"):
+                raise RequestError(400, f"{where}: data: URI of type {m.group('mime')}, not an image",
+                                   "invalid_image_url", where)
+            try:
+                return base64.b64decode(url[m.end():], validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(400, f"{where}: the data: URI is not valid base64", "invalid_image_url",
+                                   where) from None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise RequestError(400, f"{where}: image URLs must be data: URIs (or http(s) URLs on an allowed host), "
+                                    f"not {parts.scheme or 'a bare path'}", "invalid_image_url", where)
+        host = (parts.hostname or "").lower()
+        if host not in self.allowed_image_hosts:
+            raise RequestError(400, f"{where}: fetching images from {host or '(no host)'} is not allowed on this "
+                                    "server; send the image as a data: URI (the operator can allow hosts with "
+                                    "--allow-image-host)", "image_url_not_allowed", where)
+        return self._fetch(url, where)
+
+    def _fetch(self, url: str, where: str) -> bytes:
+        import httpx
+
+        # No redirects: a redirect could lead to any host, and the allow-list is about hosts.
+        try:
+            with httpx.stream("GET", url, timeout=self.fetch_timeout_s, follow_redirects=False) as r:
+                if r.status_code != 200:
+                    raise RequestError(400, f"{where}: {url} answered HTTP {r.status_code}", "image_fetch_failed",
+                                       where)
+                chunks, size = [], 0
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise RequestError(400, f"{where}: {url} is over {self.max_body_bytes:,} bytes",
+                                           "image_too_large", where)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.HTTPError as e:
+            raise RequestError(400, f"{where}: fetching {url} failed ({type(e).__name__}: {e})", "image_fetch_failed",
+                               where) from None

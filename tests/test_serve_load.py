@@ -1,0 +1,31 @@
+"""A bounded load test through the real command: `vistune serve` in a subprocess, many concurrent
+`openai` clients (the driver of benchmarks/serve_load.py); no 5xx, no lost or short replies, and the
+server really batched."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_concurrent_load_through_the_cli_server(tiny_checkpoint: Path, dataset_dir: Path) -> None:
+    args = argparse.Namespace(image=dataset_dir / "images" / "img_0.png", requests=32, concurrency=16,
+                              max_tokens=8, device="cpu")
+    run = _bench().serve_and_load(tiny_checkpoint, 16, args)
+    assert run["status_counts"] == {"200": 32}, run
+    assert run["ok"] == 32 and run["lost"] == 0 and run["server_errors_5xx"] == 0
+    assert run["server"]["completed"] == 32 and run["server"]["failed"] == 0 and run["server"]["running"] == 0
+    assert run["server"]["largest_batch"] > 1  # requests were batched, not served one by one
+    assert run["latency_p95_s"] >= run["latency_p50_s"] > 0
