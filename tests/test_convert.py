@@ -25,7 +25,7 @@ from vistune.convert.llava_hf import write_llava_hf
 from vistune.convert.templates import processor_chat_template
 from vistune.convert.weights import load_weight_file
 from vistune.errors import CheckpointError
-from vistune.infer.engine import Engine, Sampling
+from vistune.infer.engine import Engine, Job, Sampling
 from vistune.model.checkpoint import (
     Bundle,
     ModelSpec,
@@ -54,7 +54,7 @@ def _random_bundle(vision_dir: Path, llm_dir: Path, fmt: str = "chat_template", 
 
 
 def _inputs(engine: Engine, image: Image.Image) -> dict[str, torch.Tensor | None]:
-    return engine._batch([[Message("user", QUESTION)]], [[image]])
+    return engine._batch([engine.prepare([Message("user", QUESTION)], [image])])
 
 
 def _logits(engine: Engine, batch: dict) -> torch.Tensor:
@@ -136,11 +136,16 @@ def test_llava_hf_parity(preprocess: str, tiny_checkpoint: Path, dataset_dir: Pa
     assert theirs.shape[-1] == ours.shape[-1] + 1
     assert (ours - theirs[..., : ours.shape[-1]]).abs().max() < 1e-5
 
-    new = engine.model.generate(**batch, **engine._generate_kwargs(Sampling(max_new_tokens=12)))[0]
+    new = engine.model.generate(**batch, max_new_tokens=12, do_sample=False, eos_token_id=engine.tokenizer.eos_token_id,
+                                pad_token_id=engine.tokenizer.pad_token_id)[0]
     with torch.no_grad():
         hf_new = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert new.tolist() == hf_new.tolist()
-    assert engine.tokenizer.decode(new, skip_special_tokens=True).strip().startswith("The")
+    # ...and the engine (what chat, eval and serve use) replies with the same text.
+    reply = engine.run([Job(engine.prepare([Message("user", QUESTION)], [image]),
+                            Sampling(max_new_tokens=12))])[0].text
+    assert reply.strip() == engine.tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert reply.strip().startswith("The")
 
 
 def test_pad_and_processor_pixels_differ(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
