@@ -49,3 +49,27 @@ def describe(engine: Engine, images: list[Path], instruction: str, max_new_token
     """Generated descriptions of a few images, for the report."""
     convs = [[{"role": "user", "content": f"<image>\n{instruction}"}] for _ in images]
     return engine.generate(convs, [[p] for p in images], Sampling(max_new_tokens=max_new_tokens))
+
+
+def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[str, list[str]],
+                      batch_size: int = BATCH_SIZE) -> list[str]:
+    """The stand-in LLM alone answers each question from its image's captions given as text, in the
+    prompt shape of its pretraining: what it can read from a perfect description. A VLM built on it
+    is not expected to read more from the image than this. `captions` maps image file names."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_dir, padding_side="left")
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    replies: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        prompts = [tok.apply_chat_template(
+            [{"role": "user", "content": f"{' '.join(captions[q.image.name])}\n{q.question}\n{SHORT_ANSWER_PROMPT}"}],
+            tokenize=False, add_generation_prompt=True) for q in chunk]
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = lm.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+        replies += tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [r.strip() for r in replies]

@@ -101,6 +101,18 @@ def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, t
     return texts
 
 
+def _texts_for_tokenizer(captions: dict, vqa_questions: Path, vqa_answers: Path) -> list[str]:
+    """The world's text the tokenizer learns its merges from: captions, and each question with its short
+    answer on a line of its own, where replies start. Trained on captions alone, BPE only ever saw answer
+    words after a space and split a reply like "yes" into single letters."""
+    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
+
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
+    return [a["caption"] for a in captions["annotations"]] + [
+        f"{q['question']}\n{SHORT_ANSWER_PROMPT}\n{answers[q['question_id']]}"
+        for q in json.loads(vqa_questions.read_text())["questions"]]
+
+
 def _pixels(image_folder: Path, file_names: list[str], image_size: int):  # noqa: ANN202
     """All images of a split as one normalised tensor [N, 3, H, W], CLIP's published mean/std."""
     import numpy as np
@@ -190,9 +202,9 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     parts = out / "parts"
     ann = world / "annotations"
     captions = json.loads((ann / "captions_train.json").read_text())
-    texts = [a["caption"] for a in captions["annotations"]]
     if not (parts / "tokenizer" / "tokenizer.json").is_file():
-        standins.build_tokenizer(texts, parts / "tokenizer")
+        standins.build_tokenizer(_texts_for_tokenizer(captions, ann / "vqa_questions_train.json",
+                                                      ann / "vqa_annotations_train.json"), parts / "tokenizer")
     if not (parts / "clip" / "stats.json").is_file():
         by_image: dict[int, list[str]] = {}
         for a in captions["annotations"]:
@@ -260,7 +272,7 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
 
     # 5. Evaluation ----------------------------------------------------------------------------------
     t = _step(5, "evaluation: held-out questions with the image and blind")
-    from vistune.demo.evaluate import ask_all, describe, load_questions, score
+    from vistune.demo.evaluate import ask_all, ask_from_captions, describe, load_questions, score
     from vistune.infer.engine import Engine
 
     engine = Engine.load(outputs["finetune"], device="cpu")
@@ -271,6 +283,13 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     with_image = ask_all(engine, questions, blind=False, desc="with image")
     blind = ask_all(engine, questions, blind=True, desc="blind")
     scores = {"with_image": score(questions, with_image), "blind": score(questions, blind)}
+    if llm == "standin":
+        # The ceiling the stand-in LLM sets: its answers from a perfect description (captions as text).
+        caps = json.loads((ann / "captions_test.json").read_text())
+        by_name: dict[str, list[str]] = {}
+        for a in caps["annotations"]:
+            by_name.setdefault(names[a["image_id"]], []).append(a["caption"])
+        facts["lm"]["answers_from_captions"] = score(questions, ask_from_captions(parts / "lm", questions, by_name))
     sample_paths = [world / "test" / im["file_name"] for im in test_images[: sz.descriptions]]
     descriptions = describe(engine, sample_paths, "Describe the image in detail.")
     conversation = engine.chat([{"role": "user", "content": "<image>\nWhat do you see in this image?"}],
@@ -291,6 +310,8 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
         model_dir=outputs["finetune"], machine=_machine())
     print(f"\nDone in {wall / 60:.1f} min (peak memory {peak_gib:.2f} GiB).")
     print(f"accuracy with image {report['accuracy_with_image']:.3f}, blind {report['accuracy_blind']:.3f}")
+    if "answers_from_captions" in facts.get("lm", {}):
+        print(f"(the stand-in LLM alone, given the captions as text: {facts['lm']['answers_from_captions']['accuracy']:.3f})")
     for qtype, row in report["per_type"].items():
         print(f"  {qtype:<10} with image {row['with_image']:.3f}   blind {row['blind']:.3f}   (n={row['n']})")
     print(f"\nReport: {out / 'report.md'} (and report.json, loss_curves.png)")

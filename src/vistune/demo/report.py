@@ -104,6 +104,7 @@ def write_report(out: Path, *, facts: dict, scores: dict, questions: list[Questi
         f"| **all** | **{report['accuracy_with_image']:.3f}** | **{report['accuracy_blind']:.3f}** | "
         f"{len(questions)} |",
         "",
+        *_reading_check(facts),
         "## Loss curves",
         "",
         "![loss curves](loss_curves.png)",
@@ -133,3 +134,14 @@ def write_report(out: Path, *, facts: dict, scores: dict, questions: list[Questi
     ]
     _write(out / "report.md", "\n".join(md))
     return report
+
+
+def _reading_check(facts: dict) -> list[str]:
+    """The stand-in LLM's own ceiling, when it was measured: its answers from the captions as text."""
+    check = facts.get("lm", {}).get("answers_from_captions")
+    if not check:
+        return []
+    per = ", ".join(f"{t} {r['accuracy']:.2f}" for t, r in check["per_type"].items())
+    return [f"Reading check: the stand-in LLM alone, given each test image's captions as text instead of the "
+            f"image, answers {check['accuracy']:.3f} of the same questions ({per}). A VLM built on it is not "
+            "expected to read more from pixels than its LLM reads from a description.", ""]
