@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
 
 
@@ -134,76 +135,6 @@ def merge_lora(src: Path, dst: Path, base: Path | None, vision: Path | None) -> 
     from vistune.convert.api import merge_lora as run_merge
 
     print(f"merged: {run_merge(src, dst, base=base, vision=vision)}")
-
-
-def datagen_instruct(out: Path, teacher: str, kinds: str, captions: Path | None, instances: Path | None,
-                     jsonl: Path | None, base_url: str | None, gguf_file: str | None, limit: int | None,
-                     concurrency: int, seed: int, max_tokens: int | None, temperature: float | None,
-                     max_retries: int, price: list[float] | None, prompts: Path | None, reask: int,
-                     no_progress: bool) -> None:
-    """Instruction data (conversation, detail, complex) from captions and boxes by a teacher; resumable."""
-    from vistune.datagen.instruct import run_instruct
-    from vistune.datagen.teachers import RetryPolicy, get_teacher
-
-    records = _datagen_records(captions, instances, jsonl, limit)
-    options: dict = {}
-    if teacher.startswith("openai:"):
-        options = {"base_url": base_url, "retry": RetryPolicy(max_retries=max_retries),
-                   "prices": tuple(price) if price else None}
-        options |= {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
-    elif teacher.startswith("hf:"):
-        options = {"gguf_file": gguf_file}
-        options |= {k: v for k, v in (("max_new_tokens", max_tokens), ("temperature", temperature)) if v is not None}
-    summary = run_instruct(records, [k.strip() for k in kinds.split(",") if k.strip()], get_teacher(teacher, **options),
-                           out, seed=seed, concurrency=concurrency, progress=not no_progress, prompts_dir=prompts,
-                           reask=reask)
-    print(summary.text())
-
-
-def datagen_align(out: Path, captions: Path | None, jsonl: Path | None, limit: int | None, seed: int,
-                  per_caption: bool, np_filter: bool, min_np_count: int, max_np_count: int,
-                  prompts: Path | None) -> None:
-    """Stage-1 alignment data: one brief-caption record per image (or per caption), optional noun-phrase filter."""
-    from vistune.datagen.align import run_align
-
-    records = _datagen_records(captions, None, jsonl, limit)
-    print(run_align(records, out, seed=seed, per_caption=per_caption, filter_noun_phrases=np_filter,
-                    min_np_count=min_np_count, max_np_count=max_np_count, prompts_dir=prompts).text())
-
-
-def datagen_convert(layout: str, questions: Path, annotations: Path | None, out: Path, image_template: str | None,
-                    no_merge: bool, seed: int, box_frame: str, max_turns: int | None) -> None:
-    """Convert an academic VQA set in its published layout to LLaVA records with LLaVA-1.5's prompts."""
-    from vistune.datagen.mix import convert_vqa
-
-    print(convert_vqa(layout, questions, annotations, out, image_template=image_template,
-                      merge_per_image=not no_merge, seed=seed, box_frame=box_frame, max_turns=max_turns).text())
-
-
-def datagen_mix(inputs: list[str], out: Path, seed: int) -> None:
-    """Combine LLaVA sets, each `FILE[:RATIO]` (RATIO: the fraction kept at random, default 1), shuffled."""
-    from vistune.datagen.mix import run_mix
-
-    pairs = []
-    for spec in inputs:
-        path, sep, ratio = spec.rpartition(":")
-        try:
-            pairs.append((Path(path), float(ratio)) if sep else (Path(spec), 1.0))
-        except ValueError:
-            pairs.append((Path(spec), 1.0))  # a ':' inside a path, no ratio
-    print(run_mix(pairs, out, seed=seed).text())
-
-
-def _datagen_records(captions: Path | None, instances: Path | None, jsonl: Path | None, limit: int | None) -> list:
-    from vistune.datagen.sources import read_coco, read_jsonl
-    from vistune.errors import DataError
-
-    if (captions is None) == (jsonl is None):
-        raise DataError("give either --captions (COCO, with optional --instances) or --jsonl")
-    if jsonl is not None:
-        records = read_jsonl(jsonl)
-        return records[:limit] if limit is not None else records
-    return read_coco(captions, instances, limit)  # type: ignore[arg-type]
 
 
 def demo(out: Path, llm: str, seed: int, size: str, config: Path | None) -> None:
@@ -340,53 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     ml.add_argument("--base", type=Path, help="original LLaVA LoRA: local copy of the base LLM")
     ml.add_argument("--vision", type=Path, help="original LLaVA LoRA: local copy of the vision tower")
 
-    d = sub.add_parser("datagen", help="generate training data (instruction, alignment, mixtures)",
-                       description="Generate training data: instruct, align, convert, mix.")
-    dsub = d.add_subparsers(dest="datagen_command", required=True)
-    di = dsub.add_parser("instruct", help=datagen_instruct.__doc__, description=datagen_instruct.__doc__)
-    di.add_argument("--captions", type=Path, help="COCO captions_*.json")
-    di.add_argument("--instances", type=Path, help="COCO instances_*.json (boxes)")
-    di.add_argument("--jsonl", type=Path, help="JSONL of {image, captions, boxes} instead of COCO files")
-    di.add_argument("--kinds", default="conversation,detail,complex", help="comma-separated (default: all three)")
-    di.add_argument("--teacher", required=True, help="template | openai:MODEL | hf:PATH (a folder or a .gguf file)")
-    di.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (key: $OPENAI_API_KEY)")
-    di.add_argument("--gguf-file", help="hf teacher: GGUF file name inside PATH")
-    di.add_argument("--out", type=Path, required=True, help="output .jsonl; rejects go to OUT.rejects.jsonl")
-    di.add_argument("--limit", type=int, help="first N images only")
-    di.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    di.add_argument("--seed", type=int, default=0)
-    di.add_argument("--max-tokens", type=int, help="reply length cap (openai default 1024, hf 512)")
-    di.add_argument("--temperature", type=float, help="openai default 0.2, hf default 0 (greedy)")
-    di.add_argument("--max-retries", type=int, default=6, help="openai: retries per request on 429/5xx/timeouts")
-    di.add_argument("--price", type=float, nargs=2, metavar=("IN", "OUT"), help="price per 1M prompt / completion tokens")
-    di.add_argument("--prompts", type=Path, help="a folder laid out like datagen/prompts/ to use instead")
-    di.add_argument("--reask", type=int, default=0, help="ask again this many times after an invalid reply")
-    di.add_argument("--no-progress", action="store_true")
-    da = dsub.add_parser("align", help=datagen_align.__doc__, description=datagen_align.__doc__)
-    da.add_argument("--captions", type=Path, help="COCO captions_*.json")
-    da.add_argument("--jsonl", type=Path, help="JSONL of {image, captions}")
-    da.add_argument("--out", type=Path, required=True, help="output .jsonl (or .json)")
-    da.add_argument("--limit", type=int)
-    da.add_argument("--seed", type=int, default=0)
-    da.add_argument("--per-caption", action="store_true", help="one record per caption, not per image")
-    da.add_argument("--np-filter", action="store_true", help="the paper's noun-phrase frequency filter (needs vistune[nlp])")
-    da.add_argument("--min-np-count", type=int, default=3)
-    da.add_argument("--max-np-count", type=int, default=100)
-    da.add_argument("--prompts", type=Path)
-    dc = dsub.add_parser("convert", help=datagen_convert.__doc__, description=datagen_convert.__doc__)
-    dc.add_argument("layout", help="vqav2 | okvqa | gqa | ocrvqa | aokvqa | textcaps | refcoco | vg")
-    dc.add_argument("--questions", type=Path, required=True)
-    dc.add_argument("--annotations", type=Path, help="vqav2/okvqa annotations, refcoco instances.json, vg image_data.json")
-    dc.add_argument("--out", type=Path, required=True)
-    dc.add_argument("--image-template", help="e.g. 'coco/train2014/COCO_train2014_{image_id:012d}.jpg'")
-    dc.add_argument("--no-merge", action="store_true", help="one record per question instead of one per image")
-    dc.add_argument("--seed", type=int, default=0)
-    dc.add_argument("--box-frame", default="square", choices=["square", "image"])
-    dc.add_argument("--max-turns", type=int, help="split an image's questions into conversations of this many turns")
-    dm = dsub.add_parser("mix", help=datagen_mix.__doc__, description=datagen_mix.__doc__)
-    dm.add_argument("inputs", nargs="+", help="FILE[:RATIO], e.g. instruct.jsonl vqav2.jsonl:0.75")
-    dm.add_argument("--out", type=Path, required=True)
-    dm.add_argument("--seed", type=int, default=0)
+    datagen_cli.add_parser(sub)
     sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     sv.add_argument("model", type=Path, help="vistune checkpoint folder")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
@@ -440,7 +325,6 @@ def _parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo, "convert": convert,
             "merge-lora": merge_lora, "eval": eval_tasks, "serve": serve, "ui": ui}
-DATAGEN = {"instruct": datagen_instruct, "align": datagen_align, "convert": datagen_convert, "mix": datagen_mix}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = args.pop("command")
-    command = DATAGEN[args.pop("datagen_command")] if name == "datagen" else COMMANDS[name]
+    command = datagen_cli.COMMANDS[args.pop("datagen_command")] if name == "datagen" else COMMANDS[name]
     try:
         command(**args)
     except VistuneError as e:
