@@ -79,7 +79,9 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
             page.evaluate(RECORD)
             page.locator("input[type=file]").first.set_input_files(str(image))
             box.fill("What colour is the shape?")
-            time.sleep(0.5)  # the upload's preview settles before submitting
+            # Submit only once the upload has reached the server (its thumbnail then points at the
+            # server's copy); a fixed sleep lost this race on a loaded machine.
+            page.locator("img.thumbnail-image[src*='file=']").first.wait_for(timeout=30_000)
             box.press("Enter")
             states = _wait_until_stable(page)
             assert page.locator('[data-testid="user"] img').count() >= 1  # the upload is in the asked turn
