@@ -141,3 +141,108 @@ def test_review_scores_and_relative_score() -> None:
     assert rel["detail"]["relative"] == pytest.approx(100.0) and rel["detail"]["unparsed"] == 1
     assert rel["all"]["relative"] == pytest.approx(20 / 23 * 100) and rel["all"]["judged"] == 3
     assert parse_mmvet_score("0.7") == 0.7 and parse_mmvet_score("1.5") is None and parse_mmvet_score("good") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Official behaviour pinned after reading the tools' source (see metrics.py's docstring for the files).
+# Each case is one where a plausible hand-written rule would score differently.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("3.", "3"),              # the period pattern's "(?!<=\d)" is a lookahead typo: a lookbehind would keep "3."
+    ("e.g.", "eg"),           # periods not followed by a digit are deleted, not replaced by a space
+    ("none", "0"),            # number map runs before the article check
+    ("the one", "1"),
+    ("a an the", ""),         # only articles: empty
+    ("can't", "can't"),       # "'" is not in the punctuation list
+    ("cant", "can't"),
+    ("it's", "it 's"),        # "'s" split before the contraction lookup, so no "it's" key is needed
+    ("red/blue", "red blue"),  # "/" glued to words -> a space
+    ("red / blue", "red blue"),  # "/" next to a space -> deleted (double space collapses on split)
+    ("(5)", "5"),
+])
+def test_m4c_processor_official_cases(raw: str, expected: str) -> None:
+    assert normalize_vqa_answer(raw) == expected
+
+
+def test_vqa_soft_accuracy_is_not_the_simple_min_formula() -> None:
+    # min(1, count/3) over all 10 answers would give 2/3 for 2 matches; the leave-one-out mean gives
+    # (2 * 1/3 + 8 * 2/3) / 10 = 0.6, as TextVQAAccuracyEvaluator._compute_answer_scores does.
+    answers = ["Two"] * 2 + ["three"] * 8
+    assert vqa_accuracy("2", answers) == pytest.approx(0.6)
+    # 3 matches: 3 * (2/3) + 7 * 1 over 10 = 0.9, not 1.0.
+    assert vqa_accuracy("2", ["2"] * 3 + ["x"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("2", ["2"] * 4 + ["x"] * 6) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reply, parsed", [
+    ("I know", "other"),       # "i kn": the search is in the first 4 characters only
+    ("know", "no"),            # first 4 characters "know" contain "no"
+    ("Yes\n", "yes"),          # calculation.py reads the reply with its newline: the prefix branch decides
+    ("I'm not sure", "other"),  # a "contains no/not" rule would say no
+    ("no yes", "no"),          # "no y" holds no "yes"
+    (" yes", "yes"),           # no strip: " yes"[:4] still holds "yes"
+    ("  yes", "other"),        # ...but "  ye" does not
+    ("Answer: yes", "other"),  # only the first 4 characters count
+])
+def test_mme_parse_official_cases(reply: str, parsed: str) -> None:
+    assert mme_parse(reply) == parsed
+
+
+def test_mme_totals_use_only_the_official_subtask_lists() -> None:
+    rows = [("OCR", "a.jpg", "yes", "yes"), ("OCR", "a.jpg", "no", "yes"),     # acc .5, acc+ 0 -> 50
+            ("text_translation", "b.png", "yes", "yes"), ("text_translation", "b.png", "no", "no"),  # 200
+            ("not_a_subtask", "c.jpg", "yes", "yes"), ("not_a_subtask", "c.jpg", "no", "no")]
+    s = mme_scores(rows)
+    assert s["perception"] == pytest.approx(50.0) and s["cognition"] == pytest.approx(200.0)
+    assert s["tasks"]["not_a_subtask"]["score"] == pytest.approx(200.0)  # reported, but in neither total
+
+
+@pytest.mark.parametrize("reply, gold, ok", [
+    ("Yes...", "yes", True),                # rstrip('.') takes every trailing period
+    ("Left.", "left", True),
+    ("No, it is not.", "no", False),        # no first-word extraction
+    ("two", "2", False),                    # no number map (unlike the VQA processor)
+    ("the table", "table", False),          # no article removal
+    ("yes!", "yes", False),                 # no punctuation removal beyond periods
+])
+def test_gqa_official_cases(reply: str, gold: str, ok: bool) -> None:
+    assert gqa_match(reply, gold) is ok
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ("B", True), ("B ", True),               # the engine strips replies as LLaVA's model_vqa_loader does
+    ("(B)", False), ("B. cat", False), ("The answer is B.", False), ("b", False), ("", False),
+])
+def test_seed_is_exact_letter_equality(reply: str, ok: bool) -> None:
+    assert seed_match(reply, "B") is ok
+
+
+@pytest.mark.parametrize("reply, parsed", [
+    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("[C]", "C"), ("**D**", "D"), ("Answer: B", "B"),
+    ("The answer is B.", "B"),
+    ("A dog on a mat", "A"),          # the "A might be a quantifier" guard is verbose-only
+    ("b", None),                      # letters are case sensitive, and "b" is no option text
+    ("A or B", None),                 # two letters: the letter step fails, no option text matches
+    ("B because C is wrong", None),   # a "leading letter" rule would say B
+    ("I pick the cat", "C"),          # text step: exactly one option text in the reply
+    ("the cat or a dog", None),       # two option texts
+    ("a dog or a cat", "A"),          # "a cat" is not the option text "the cat": one match
+    ("Z", None),                      # the official 'Z' (no letter), always wrong
+    ("Cannot determine the answer, maybe B", None),  # refusal phrase -> 'Z'
+    ("E", None),                      # not an option of a 4-option question
+])
+def test_mmbench_can_infer_official_cases(reply: str, parsed: str | None) -> None:
+    assert mmbench_parse(reply, 4, ["a dog", "a bird", "the cat", "a fish"]) == parsed
+
+
+def test_mmbench_text_step_is_skipped_for_long_replies() -> None:
+    opts = ["cat", "dog"]  # 6 characters: replies over 12 characters skip the text step
+    assert mmbench_parse("cat", 2, opts) == "A"
+    assert mmbench_parse("it is a cat, yes", 2, opts) is None
+
+
+def test_circular_group_fails_on_any_wrong_or_unread_pass() -> None:
+    res = circular_accuracy([("7", True), ("7", True), ("7", True), ("7", False),
+                             ("8", True), ("8", True), ("8", True), ("8", True)])
+    assert res["circular_accuracy"] == pytest.approx(0.5) and res["questions"] == 2

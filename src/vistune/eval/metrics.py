@@ -1,32 +1,59 @@
-"""Benchmark scoring as pure functions, following the official tools rule by rule.
+r"""Benchmark scoring as pure functions, checked rule by rule against the official tools' source.
 
-Each function names the tool it follows. The tables (contractions, number words, punctuation) and the
-parsing rules are facts taken from those tools; the code is ours. Where two official tools disagree,
-we follow the one LLaVA-1.5's published numbers came from and say so here:
+Each rule below names the file it was compared with, line by line (read from the stored public
+GitHub index; "repo:path"). The tables (contractions, number words, punctuation) and the parsing
+rules are facts taken from those files; the code is ours. tests/test_eval_metrics.py pins, for each,
+a case where a naive implementation would score differently. Where two official tools disagree, we
+follow the one LLaVA-1.5's published numbers came from and say so:
 
-- VQA answer processing. The VQA evaluation server (vqaEval.py) only normalises answers when the 10
-  human answers disagree, and never lowercases. LLaVA-1.5's TextVQA number comes from
-  `m4c_evaluator.TextVQAAccuracyEvaluator`, which runs the EvalAI answer processor (lowercase, "'s"
-  split, comma/question-mark removal, punctuation, number words, articles, contractions) on every
-  answer and on the prediction; LLaVA's VQAv2/VizWiz submission converters run the same processor on
-  predictions before upload. `normalize_vqa_answer` + `vqa_accuracy` are that processor and that
-  evaluator. A quirk kept on purpose: the processor's period-strip call passes `re.UNICODE` as the
-  `count` argument, so at most 32 periods are removed.
+- VQA answer processing and soft accuracy. Compared with LLaVA's `llava/eval/m4c_evaluator.py`
+  (`EvalAIAnswerProcessor`, `TextVQAAccuracyEvaluator`), read from the LLaVA fork
+  pixas/LLaVA:llava/eval/m4c_evaluator.py (haotian-liu/LLaVA's own copy is not in the index; its
+  `llava/eval/eval_textvqa.py`, which imports it, is, and was read too). Same steps, same order:
+  lowercase, drop "," and "?", "'s" -> " 's", newline/tab -> space, the punctuation rule (delete a
+  mark that touches a space, else replace it by a space), the period strip, number words (none..ten),
+  articles, contractions (table identical, key for key). Quirks kept: the period pattern
+  `(?!<=\d)(\.)(?!\d)` is a lookahead typo, so "3." loses its period; the call passes `re.UNICODE`
+  as the `count` argument, so at most 32 periods go; "Im"/"Ive" keys never match (text is
+  lowercased first). Soft accuracy: for each of the 10 human answers left out, min(1, matches among
+  the other 9 / 3), averaged. The evaluator asserts exactly 10 answers; `vqa_accuracy` takes any
+  number >= 1 with the same formula. The VQA server (vqaEval.py) normalises only when the 10 answers
+  disagree; LLaVA's VQAv2/VizWiz converters run this processor on predictions before upload.
 - POPE. LLaVA's `eval_pope.py` pairs predictions with labels by position in the label file; we pair
   by question id (same result on the official files). Its parser is case sensitive: "No"/"no"/"not"
   as a whole word in the first sentence means no, anything else yes, so "Not sure" is a yes (kept).
   The script divides by zero when nothing is predicted yes; `pope_metrics` reports precision 0 there.
-- MME. The official `calculation.py` lowercases, accepts exactly "yes"/"no", else looks for "yes"
-  then "no" in the first 4 characters ("not sure" -> no), else "other" (always wrong).
+- MME. Compared with MME's `eval_tool/calculation.py` (the stored copy is zjunlp/Deco:
+  eval_tool/calculation.py; MME's own repo is not in the index) and with LLaVA's
+  haotian-liu/LLaVA:playground/data/eval/MME/convert_answer_to_mme.py + scripts/v1_5/eval/mme.sh.
+  The reply is lowercased; exactly "yes"/"no", else "yes" then "no" searched in its first 4
+  characters ("not sure" -> no, "i know" -> no: "know" holds "no"), else "other" (always wrong).
+  calculation.py reads the reply with its line's trailing newline, so its exact-match branch never
+  fires; the prefix branch gives the same label. acc = per question (sklearn accuracy, "other"
+  wrong), acc+ = per image, both questions right; score = 100 acc + 100 acc+; perception and
+  cognition are sums over the same 10 and 4 subtask names. It pairs an image's questions by
+  consecutive lines, we by image name (the same pairs on the official files).
 - ScienceQA. LLaVA's `eval_science_qa.py`: a bare letter, "X. ..." or exactly one "The answer is X."
   match, else FAILED; a letter beyond the question's choices scores as wrong. `scienceqa_parse`
   returns None for both (FAILED and out of range: both are wrong, the letter would mislead).
-- GQA. LLaVA's `convert_gqa_for_eval.py` strips trailing periods and lowercases, then the official
-  GQA `eval.py` compares exactly.
-- SEED-Bench. LLaVA's `convert_seed_for_submission.py` compares the reply to the letter exactly.
-- MMBench. Circular evaluation as the MMBench paper defines it: a question counts only if every
-  circular shift of its options is answered right. The official server falls back to a GPT matcher for
-  replies that hold no option letter; we do not call one, such replies count as wrong.
+- GQA. Compared with haotian-liu/LLaVA:scripts/convert_gqa_for_eval.py (`text.rstrip('.').lower()`)
+  and scripts/v1_5/eval/gqa.sh, then GQA's `eval.py` (stored copies found by its code, not under a
+  GQA repo name): `correct = (predicted == gold)`, no further normalisation (no articles, no number
+  words, no strip beyond the trailing periods).
+- SEED-Bench. Compared with haotian-liu/LLaVA:scripts/convert_seed_for_submission.py: accuracy is
+  `row['text'] == question_data['answer']`, exact, over all image questions (a missing reply is
+  wrong); no letter extraction, so "B." or "(B)" is wrong. LLaVA's `model_vqa_loader` strips the
+  reply before it is saved; our engine strips too, and `seed_match` strips again (same result).
+- MMBench. haotian-liu/LLaVA:scripts/convert_mmbench_for_submission.py only writes the raw replies
+  into the submission xlsx; the scoring is the MMBench/VLMEvalKit evaluator, compared with
+  open-compass/VLMEvalKit:vlmeval/utils/matching_util.py (`can_infer_option`, `can_infer_text`) and
+  vlmeval/dataset/utils/multiple_choice.py (`prefetch_circular_group`, `eval_circular_group`,
+  `mcq_circular_eval`). Circular: copies share `index % 1e6`; a question counts only if every copy's
+  inferred letter is its answer. Replies `can_infer` cannot read go to a GPT matcher there; we call
+  none, they count as wrong (as VLMEvalKit's own exact-matching mode scores them). Later VLMEvalKit
+  versions also require the letter to sit among the last 5 tokens, and the first MMBench evaluator
+  refused a lone "A" in replies of more than 3 tokens ("A" may be an article); we follow the form
+  most stored copies show (no position check, the "A" guard only in verbose mode).
 - LLaVA-Bench. `summarize_gpt_review.py` averages the judge's (reference, model) pairs and reports
   model / reference x 100; an unparseable review becomes (-1, -1) and is averaged in. We count
   unparseable reviews and leave them out of both means.
@@ -230,19 +257,42 @@ def scienceqa_parse(text: str, num_choices: int) -> str | None:
     return letter if letter and letter in _SQA_OPTIONS[:num_choices] else None
 
 
+_MMB_STRIP = ".()[],:;!*#{}"  # characters VLMEvalKit's can_infer_option turns into spaces
+_MMB_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                 "I'm sorry, but without the image provided", "Cannot determine the answer")
+
+
 def mmbench_parse(text: str, num_options: int, options: Sequence[str] = ()) -> str | None:
-    """The option letter a reply picks: a leading letter ("B", "B.", "(B) ...", "B: ..."), or a reply
-    that equals exactly one option's text; None when it names none (the server would ask GPT)."""
+    """The option letter a reply picks, as VLMEvalKit's `can_infer` (matching_util.py) reads it, or None
+    where it infers nothing (the official pipeline would then ask a GPT matcher; we do not).
+
+    1. Letters: with `.()[],:;!*#{}` replaced by spaces and the reply split on whitespace, exactly one
+       of the question's option letters is a whole token -> that letter ("B", "(B) cat", "The answer
+       is B."). Case sensitive: "b" is no letter. The "A might be a quantifier" guard only runs in
+       VLMEvalKit's verbose mode, so "A dog on a mat" picks A here as it does there.
+    2. No option letter but a "Z" token, or one of its refusal phrases: the official 'Z' (always
+       wrong) -> None.
+    3. Two letters ("A or B") or none: exactly one option's text (lowercased) occurs in the
+       lowercased reply -> its letter; skipped when the reply is longer than twice the options'
+       total length."""
+    if any(r in text for r in _MMB_REFUSALS):
+        return None
     letters = OPTION_LETTERS[:num_options]
-    t = text.strip()
-    m = re.match(r"^\(?([A-J])(?:[).:,\s]|$)", t)
-    if m and m.group(1) in letters:
-        return m.group(1)
-    m = re.search(r"(?:answer|option) is \(?([A-J])\b", t, flags=re.IGNORECASE)
-    if m and m.group(1).upper() in letters:
-        return m.group(1).upper()
-    hits = [letters[i] for i, o in enumerate(options[:num_options]) if t.rstrip(".").lower() == str(o).strip().lower()]
-    return hits[0] if len(hits) == 1 else None
+    mod = text
+    for ch in _MMB_STRIP:
+        mod = mod.replace(ch, " ")
+    tokens = mod.split()
+    hits = [c for c in letters if c in tokens]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits and "Z" in tokens:
+        return None
+    opts = [str(o).lower() for o in options[:num_options]]
+    low = text.lower()
+    if not opts or len(low) > 2 * sum(len(o) for o in opts):
+        return None
+    found = [letters[i] for i, o in enumerate(opts) if o in low]
+    return found[0] if len(found) == 1 else None
 
 
 def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
