@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from vistune.errors import DataError
 from vistune.eval.tasks import Item, Task, get_task
+from vistune.eval.tasks.base import write_text_atomic
 
 if TYPE_CHECKING:
     from vistune.eval.judge import Judge
@@ -48,7 +49,7 @@ def drop_torn_tail(path: Path) -> None:
         return
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
-        _atomic_write(path, text[: text.rfind("\n") + 1])
+        write_text_atomic(path, text[: text.rfind("\n") + 1])
 
 
 def _batches(task: Task, items: Sequence[Item], batch_size: int) -> list[list[Item]]:
@@ -77,13 +78,6 @@ def generate_replies(engine: Engine, task: Task, items: Sequence[Item], batch_si
             on_batch(chunk, out)
         replies += out
     return replies
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def task_root(data: Path, task: Task) -> Path:
@@ -172,7 +166,7 @@ def evaluate_task(task: Task, engine: Engine | None, data: Path, out: Path, batc
         raise DataError(f"{task.name}: {len(lost)} item(s) have no prediction after merging (first: {lost[0]}); "
                         "run again to fill them in")
     prompts = {it.id: it.prompt for it in items}
-    _atomic_write(merged, "".join(json.dumps({"id": i, "prompt": prompts[i], "reply": replies[i]}, ensure_ascii=False)
+    write_text_atomic(merged, "".join(json.dumps({"id": i, "prompt": prompts[i], "reply": replies[i]}, ensure_ascii=False)
                                   + "\n" for i in ids))
     for path in shards:
         path.unlink()
@@ -210,6 +204,6 @@ def run_eval(tasks: Sequence[str], model: Path | None, data: Path, out: Path, ba
             results[task.name] = m
             all_metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
             all_metrics[task.name] = m | {"model": str(model) if model else None}
-            _atomic_write(out / "metrics.json", json.dumps(all_metrics, indent=1, ensure_ascii=False))
-            _atomic_write(out / "results.md", results_table(all_metrics))
+            write_text_atomic(out / "metrics.json", json.dumps(all_metrics, indent=1, ensure_ascii=False))
+            write_text_atomic(out / "results.md", results_table(all_metrics))
     return results

@@ -31,6 +31,15 @@ VIZWIZ_UNANSWERABLE = "When the provided information is insufficient, respond wi
 ImageRef = Path | Image.Image | bytes  # a file, an image, or encoded bytes (base64-decoded TSV cells)
 
 
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a results file so a crash never leaves it half written: temp file, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
 @dataclass(frozen=True)
 class Item:
     """One question to ask. `id` is unique within the task and keys the predictions file."""

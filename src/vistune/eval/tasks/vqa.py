@@ -33,6 +33,7 @@ from vistune.eval.tasks.base import (
     find,
     read_json,
     with_line,
+    write_text_atomic,
 )
 
 
@@ -52,11 +53,7 @@ def _soft_scores(items: Sequence[Item], replies: dict[str, str], type_key: str) 
 
 
 def _write_json(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(data))
 
 
 class VQAv2(Task):
