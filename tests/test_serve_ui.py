@@ -77,11 +77,18 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
             # With the key (the Settings panel is open when a key is needed), an image and a question.
             page.get_by_test_id("password").fill(KEY)
             page.evaluate(RECORD)
-            page.locator("input[type=file]").first.set_input_files(str(image))
+            # Submit only once the upload shows as a thumbnail in the input box; a fixed sleep lost
+            # this race on a loaded machine, and a file set while the page was still busy can be
+            # dropped, so it is set again until the thumbnail appears.
+            thumbnail = page.locator("img.thumbnail-image").first
+            for _ in range(3):
+                page.locator("input[type=file]").first.set_input_files(str(image))
+                try:
+                    thumbnail.wait_for(state="attached", timeout=10_000)
+                    break
+                except playwright.TimeoutError:
+                    continue
             box.fill("What colour is the shape?")
-            # Submit only once the upload has reached the server (its thumbnail then points at the
-            # server's copy); a fixed sleep lost this race on a loaded machine.
-            page.locator("img.thumbnail-image[src*='file=']").first.wait_for(timeout=30_000)
             box.press("Enter")
             states = _wait_until_stable(page)
             assert page.locator('[data-testid="user"] img').count() >= 1  # the upload is in the asked turn
