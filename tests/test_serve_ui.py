@@ -77,20 +77,15 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
             # With the key (the Settings panel is open when a key is needed), an image and a question.
             page.get_by_test_id("password").fill(KEY)
             page.evaluate(RECORD)
-            # Submit only once the upload shows as a thumbnail in the input box; a fixed sleep lost
-            # this race on a loaded machine, and a file set while the page was still busy can be
-            # dropped, so it is set again until the thumbnail appears.
-            thumbnail = page.locator("img.thumbnail-image").first
-            for _ in range(3):
+            # Submit only after the upload request has completed and its thumbnail is in the box:
+            # a fixed sleep lost this race on a loaded machine.
+            with page.expect_response(lambda r: "/gradio_api/upload" in r.url and r.ok, timeout=30_000):
                 page.locator("input[type=file]").first.set_input_files(str(image))
-                try:
-                    thumbnail.wait_for(state="attached", timeout=10_000)
-                    break
-                except playwright.TimeoutError:
-                    continue
+            page.locator("img.thumbnail-image").first.wait_for(state="attached", timeout=30_000)
             box.fill("What colour is the shape?")
             box.press("Enter")
             states = _wait_until_stable(page)
+            page.locator('[data-testid="user"] img').first.wait_for(state="attached", timeout=30_000)
             assert page.locator('[data-testid="user"] img').count() >= 1  # the upload is in the asked turn
             shot = tmp_path / "ui.png"
             page.screenshot(path=str(shot), full_page=True)
