@@ -9,6 +9,16 @@ Layouts read:
   `images/` or COCO `val2014/` (COCO_val2014_ prefix).
 - mmvet: the official `mm-vet.json` (id -> imagename, capability, question, answer) and `images/`.
 
+Or the lmms-lab parquet snapshots (`vistune.eval.tasks.parquet`), split `train` / `test`:
+- llava_bench: lmms-lab/llava-bench-in-the-wild `data/train-*.parquet` (question_id, question,
+  image, gpt_answer = the reference, category, caption = the context).
+- llava_bench_coco: lmms-lab/llava-bench-coco `data/train-*.parquet` (question_id, question, image,
+  answer (or gpt_answer) = the reference, category, caption). It has no boxes, so the judge's
+  context is the captions only (as lmms-eval gives it), not captions + boxes as LLaVA's
+  `caps_boxes_coco2014_val_80.jsonl` does.
+- mmvet: lmms-lab/MMVet `data/test-*.parquet` (question_id, question, answer, image, capability as
+  a comma-separated string).
+
 LLaVA-Bench follows `eval_gpt_review_bench.py` / `eval_gpt_review_visual.py`: the judge sees the
 context, the question, the reference answer as assistant 1 and the model's as assistant 2, with the
 category's rule from LLaVA's rule.json (system prompt and temperature 0.2 as there), and scores both;
@@ -29,6 +39,7 @@ from pathlib import Path
 from vistune.errors import DataError
 from vistune.eval.judge import Judge
 from vistune.eval.metrics import parse_mmvet_score, parse_review_scores, relative_scores
+from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import Item, Task, find, read_json, read_jsonl
 
 REVIEW_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -56,6 +67,8 @@ class LLaVABench(Task):
     rule_prefix = "llava_bench_"
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("train", "test"))) is not None:
+            return self._load_parquet(found[1])
         questions = read_jsonl(find(root, ["questions.jsonl"], self.name))
         refs = {r["question_id"]: r["text"] for r in read_jsonl(find(root, ["answers_gpt4.jsonl"], self.name))}
         ctx = {r["image"]: r["caption"] for r in read_jsonl(find(root, ["context.jsonl"], self.name))}
@@ -68,6 +81,22 @@ class LLaVABench(Task):
         context = "\n".join(caption) if isinstance(caption, list) else caption
         return Item(str(q["question_id"]), q["text"], (root / "images" / q["image"],), refs[q["question_id"]],
                     {"category": q.get("category", "all"), "context": context, "question": q["text"]})
+
+    def _load_parquet(self, shards: list[Path]) -> list[Item]:
+        rows = parquet.read_rows(shards, ["question_id", "question", "image", "category"], self.name,
+                                 ["gpt_answer", "answer", "caption"])
+        items = []
+        for r in rows:
+            reference = r.get("gpt_answer") if r.get("gpt_answer") is not None else r.get("answer")
+            if reference is None:
+                raise DataError(f"{self.name}: {shards[0]} question {r['question_id']} has no reference answer "
+                                "(gpt_answer / answer column)", "bad record")
+            caption = r.get("caption") or ""
+            context = "\n".join(caption) if isinstance(caption, list) else caption
+            items.append(Item(str(r["question_id"]), r["question"],
+                              (parquet.image_bytes(r["image"], f"{self.name} question {r['question_id']}"),), reference,
+                              {"category": r["category"] or "all", "context": context, "question": r["question"]}))
+        return items
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
         if judge is None:
@@ -94,6 +123,8 @@ class LLaVABenchCOCO(LLaVABench):
     rule_prefix = ""
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("train", "test"))) is not None:
+            return self._load_parquet(found[1])
         questions = read_jsonl(find(root, ["qa90_questions.jsonl"], self.name))
         refs = {r["question_id"]: r["text"] for r in read_jsonl(find(root, ["qa90_gpt4_answer.jsonl"], self.name))}
         ctx = {}
@@ -110,12 +141,22 @@ class LLaVABenchCOCO(LLaVABench):
         return items
 
 
+def _capabilities(cell: str | list[str]) -> list[str]:
+    """MM-Vet capabilities: a list in mm-vet.json, a comma-separated string in the lmms-lab parquet."""
+    return [c.strip() for c in cell.split(",") if c.strip()] if isinstance(cell, str) else list(cell)
+
+
 class MMVet(Task):
     name, folder, headline = "mmvet", "mm-vet", ("total",)
     max_new_tokens = 1024
     judged = True
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("test",))) is not None:
+            rows = parquet.read_rows(found[1], ["question_id", "question", "answer", "image", "capability"], self.name)
+            return [Item(str(r["question_id"]), r["question"], (parquet.image_bytes(r["image"], f"mmvet {r['question_id']}"),),
+                         r["answer"], {"capability": _capabilities(r["capability"]), "question": r["question"]})
+                    for r in rows]
         data = read_json(find(root, ["mm-vet.json"], self.name))
         return [Item(qid, r["question"], (root / "images" / r["imagename"],), r["answer"],
                      {"capability": list(r["capability"]), "question": r["question"]}) for qid, r in data.items()]
