@@ -55,7 +55,8 @@ class _StubJudge:
 
     calls = 0
 
-    def complete(self, messages: list[dict[str, str]], temperature: float = 0.0, max_tokens: int = 1024) -> str:
+    def complete(self, messages: list[dict[str, str]], temperature: float = 0.0, max_tokens: int = 1024,
+                 attempt: int = 0) -> str:
         self.calls += 1
         return "0.5" if "Correctness" in messages[-1]["content"] else "8 6\nfine"
 

@@ -35,6 +35,8 @@ from vistune.errors import DataError
 from vistune.eval.metrics import (
     OPTION_LETTERS,
     circular_accuracy,
+    mmbench_judge_letter,
+    mmbench_matcher_prompt,
     mmbench_parse,
     scienceqa_parse,
     seed_match,
@@ -196,23 +198,59 @@ class MMBench(Task):
                                   with_line(f"{question}\n{options_block(opts)}", self.instruction),
                                   (encoded,), ans,
                                   {"group": str(index % CIRCULAR_STRIDE), "options": opts,
-                                   "category": r.get("category")}))
+                                   "category": r.get("category"), "question": r["question"]}))
         return items
 
-    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
+        """Circular accuracy. Replies `can_infer` cannot read count as wrong, or, with a judge, are
+        matched to an option by it as VLMEvalKit's circular evaluation does (`match_with_judge`)."""
         scored = [it for it in items if it.answer is not None]
         if not scored:
             return {"n": len(items), "scored": 0, "note": "no public answers: upload the submission file"}
+        letters = {it.id: mmbench_parse(replies.get(it.id, ""), len(it.meta["options"]), it.meta["options"])
+                   for it in scored}
+        unread = sum(v is None for v in letters.values())
+        judged = self.match_with_judge(scored, replies, letters, judge) if judge is not None else {}
+        letters |= judged
         results, per_cat = [], defaultdict(list)
-        unparsed = 0
         for it in scored:
-            letter = mmbench_parse(replies.get(it.id, ""), len(it.meta["options"]), it.meta["options"])
-            unparsed += letter is None
-            results.append((it.meta["group"], letter == it.answer))
-            per_cat[str(it.meta.get("category"))].append((it.meta["group"], letter == it.answer))
+            results.append((it.meta["group"], letters[it.id] == it.answer))
+            per_cat[str(it.meta.get("category"))].append((it.meta["group"], letters[it.id] == it.answer))
         out = {k: 100 * v if "accuracy" in k else v for k, v in circular_accuracy(results).items()}
-        out |= {"n": len(items), "passes": len(scored), "unparsed": unparsed,
+        out |= {"n": len(items), "passes": len(scored), "unparsed": sum(letters[it.id] in (None, "Z") for it in scored),
+                "unread_by_rules": unread, "matcher": "judge" if judge is not None else "exact (can_infer only)",
+                "judge_matched": sum(v not in (None, "Z") for v in judged.values()),
                 "per_category": {c: 100 * circular_accuracy(r)["circular_accuracy"] for c, r in sorted(per_cat.items())}}
+        return out
+
+    @staticmethod
+    def match_with_judge(scored: Sequence[Item], replies: dict[str, str], letters: dict[str, str | None],
+                         judge: Judge, attempts: int = 3) -> dict[str, str | None]:
+        """Letters the judge gives for passes `can_infer` could not read, as VLMEvalKit's
+        `eval_circular_group` asks: a question none of whose read passes is wrong has its unread
+        passes asked in order, stopping at the first wrong one (the question has failed then); each
+        unread judge reply is asked again, up to `attempts` requests. Where VLMEvalKit then draws a
+        random option, the pass stays unmatched (None) and counts as wrong."""
+        groups: dict[str, list[Item]] = defaultdict(list)
+        for it in scored:
+            groups[it.meta["group"]].append(it)
+        out: dict[str, str | None] = {}
+        for passes in groups.values():
+            if any(letters[it.id] is not None and letters[it.id] != it.answer for it in passes):
+                continue  # already failed: no judge call (VLMEvalKit's prefetch)
+            for it in passes:
+                if letters[it.id] is not None:
+                    continue
+                prompt = mmbench_matcher_prompt(it.meta["question"], it.meta["options"], replies.get(it.id, "").strip())
+                letter = None
+                for attempt in range(attempts):
+                    letter = mmbench_judge_letter(judge.complete([{"role": "user", "content": prompt}], temperature=0.0,
+                                                                 attempt=attempt), it.meta["options"])
+                    if letter is not None:
+                        break
+                out[it.id] = letter
+                if letter != it.answer:
+                    break
         return out
 
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:

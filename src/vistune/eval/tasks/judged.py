@@ -24,8 +24,9 @@ context, the question, the reference answer as assistant 1 and the model's as as
 category's rule from LLaVA's rule.json (system prompt and temperature 0.2 as there), and scores both;
 the result is model / reference x 100 (`metrics.relative_scores`). MM-Vet follows
 `mm-vet_evaluator.py`: the few-shot grader prompt, a 0-1 correctness score per sample (temperature 0,
-3 tokens), total and per capability as mean x 100. Its evaluator asks again with rising temperature
-when the reply is not a number; we count such replies as unparsed instead and leave them out.
+3 tokens), total and per capability as mean x 100, with its re-ask rule (`grade_mmvet`). A sample
+still unread after the last re-ask is scored 0.0 by the official evaluator; here it is counted in
+`unparsed` and left out of `total` (the issue's rule), and `total_official` gives the 0.0 reading.
 """
 
 from __future__ import annotations
@@ -141,6 +142,28 @@ class LLaVABenchCOCO(LLaVABench):
         return items
 
 
+MMVET_REASK = "\nPredict the correctness of the answer (digit): "
+MMVET_REASK_TEMPERATURES = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def grade_mmvet(judge: Judge, content: str) -> tuple[float | None, int]:
+    """(score or None, requests made) for one MM-Vet sample, as `mm-vet_evaluator.py` grades it:
+    the grader prompt at temperature 0; while the reply is no score in [0, 1], the prompt plus
+    "Predict the correctness of the answer (digit): " at temperature 0.0, 0.5, 1.0, 1.5, 2.0; the
+    reply to the last re-ask is never read (the evaluator stops there with 0.0, None here). Each
+    request differs in prompt or temperature, so each has its own cache entry."""
+    value = parse_mmvet_score(judge.complete([{"role": "user", "content": content}], temperature=0.0, max_tokens=3))
+    requests = 1
+    for k, temperature in enumerate(MMVET_REASK_TEMPERATURES):
+        if value is not None:
+            break
+        reply = judge.complete([{"role": "user", "content": content + MMVET_REASK}], temperature=temperature, max_tokens=3)
+        requests += 1
+        if k < len(MMVET_REASK_TEMPERATURES) - 1:
+            value = parse_mmvet_score(reply)
+    return value, requests
+
+
 def _capabilities(cell: str | list[str]) -> list[str]:
     """MM-Vet capabilities: a list in mm-vet.json, a comma-separated string in the lmms-lab parquet."""
     return [c.strip() for c in cell.split(",") if c.strip()] if isinstance(cell, str) else list(cell)
@@ -166,11 +189,12 @@ class MMVet(Task):
             return _no_judge(items)
         grader = _prompt_file("mmvet_grader.txt")
         per: dict[str, list[float]] = defaultdict(list)
-        unparsed = 0
+        unparsed = reasked = 0
         for it in items:
             truth = it.answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
             content = grader + "\n" + " | ".join([it.meta["question"], truth, replies.get(it.id, ""), ""])
-            value = parse_mmvet_score(judge.complete([{"role": "user", "content": content}], temperature=0.0, max_tokens=3))
+            value, requests = grade_mmvet(judge, content)
+            reasked += requests > 1
             if value is None:
                 unparsed += 1
                 continue
@@ -178,7 +202,9 @@ class MMVet(Task):
             for cap in sorted(set(it.meta["capability"])):
                 per[cap].append(value)
         means = {k: 100 * sum(v) / len(v) for k, v in per.items()}
-        return {"total": means.pop("total", 0.0), "graded": len(per.get("total", [])), "unparsed": unparsed,
+        graded = len(per.get("total", []))
+        return {"total": means.pop("total", 0.0), "graded": graded, "unparsed": unparsed, "reasked": reasked,
+                "total_official": 100 * sum(per.get("total", [])) / len(items) if items else 0.0,
                 "n": len(items), "per_capability": dict(sorted(means.items()))}
 
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
