@@ -282,10 +282,11 @@ class MMBenchCN(MMBench):
     instruction = LETTER_ANSWER_CN
 
 
-# SEED-Bench's evaluation dimensions (question_type_id -> name, as SEED-Bench.json's `question_type`);
-# the parquet layout carries only the ids.
-SEED_IMAGE_TYPES = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Attributes",
-                    4: "Instance Location", 5: "Instances Counting", 6: "Spatial Relation",
+# SEED-Bench's evaluation dimensions (question_type_id -> name); the parquet layout carries only the
+# ids. The table is the `question_type` of AILab-CVC/SEED-Bench's DATASET.md; some third-party
+# scripts swap 3 and 4 (Attributes / Location). A SEED-Bench.json next to the parquet wins.
+SEED_IMAGE_TYPES = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Location",
+                    4: "Instance Attributes", 5: "Instances Counting", 6: "Spatial Relation",
                     7: "Instance Interaction", 8: "Visual Reasoning", 9: "Text Understanding",
                     10: "Action Recognition", 11: "Action Prediction", 12: "Procedure Understanding"}
 
@@ -297,8 +298,11 @@ class SEED(Task):
         if (found := parquet.find_split(root, ("test",))) is not None:
             rows = parquet.read_rows(found[1], ["question_id", "question", "answer", "choice_a", "choice_b", "choice_c",
                                                 "choice_d", "image"], self.name, ["data_type", "question_type_id"])
+            names = SEED_IMAGE_TYPES
+            if (root / "SEED-Bench.json").is_file():
+                names = {v: k for k, v in read_json(root / "SEED-Bench.json").get("question_type", {}).items()}
             return [self._item(q, parquet.images_of(q["image"], f"seed question {q['question_id']}"),
-                               SEED_IMAGE_TYPES.get(int(q.get("question_type_id") or 0), str(q.get("question_type_id"))))
+                               names.get(int(q.get("question_type_id") or 0), str(q.get("question_type_id"))))
                     for q in rows if q.get("data_type", "image") == "image"]
         data = read_json(find(root, ["SEED-Bench.json"], self.name))
         type_names = {v: k for k, v in data.get("question_type", {}).items()}
