@@ -147,7 +147,7 @@ def seed(root: Path) -> Path:
            "data_type": "image", "question": "How many?", "question_id": "102", "question_type_id": 2},
           {"answer": "B", "choice_a": "x", "choice_b": "y", "choice_c": "z", "choice_d": "w", "data_id": "v.mp4",
            "data_type": "video", "question": "A video question", "question_id": "103", "question_type_id": 10}]
-    _json(root / "SEED-Bench.json", {"questions": qs, "question_type": {"Scene Understanding": 1, "Instance Counting": 2,
+    _json(root / "SEED-Bench.json", {"questions": qs, "question_type": {"Scene Understanding": 1, "Instance Identity": 2,
                                                                         "Action Recognition": 10}})
     for i, q in enumerate(qs[:2]):
         image(root / "SEED-Bench-image" / q["data_id"], i)

@@ -248,9 +248,11 @@ def test_judged_tasks_with_a_judge_on_loopback(data: Path, tmp_path: Path, fake_
     vet = m["mmvet"]
     assert vet["total"] == pytest.approx(50.0) and vet["unparsed"] == 1 and vet["graded"] == 2
     assert set(vet["per_capability"]) == {"rec", "ocr", "math"}
+    assert vet["reasked"] == 1 and vet["total_official"] == pytest.approx(100 / 3)  # the unread one as 0.0
     calls = fake_judge.requests
-    assert calls == 3 + 2 + 3 + 1  # one request per item, plus the retried 500
-    assert "judge calls this run: 8" in capsys.readouterr().out
+    # one request per item, five re-asks for MM-Vet's unreadable grade, plus the retried 500
+    assert calls == 3 + 2 + (3 + 5) + 1
+    assert "judge calls this run: 13" in capsys.readouterr().out
     # A rerun costs nothing: every review comes from the cache.
     assert main(argv) == 0
     assert fake_judge.requests == calls

@@ -315,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default per task (128 short answers, 1024 judged)")
     ev.add_argument("--limit", type=int, default=None, help="first N items of each task (smoke tests)")
-    ev.add_argument("--judge", default=None, help="openai:MODEL, for llava_bench, llava_bench_coco and mmvet")
+    ev.add_argument("--judge", default=None, help="openai:MODEL, for llava_bench, llava_bench_coco and mmvet; "
+                    "mmbench's option matcher; the scienceqa ensembles' teacher")
     ev.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint (key: $OPENAI_API_KEY)")
     ev.add_argument("--judge-retries", type=int, default=6, help="retries per judge request on 429/5xx/timeouts")
     ev.add_argument("--option", action="append", help="task option TASK.KEY=VALUE, e.g. demo.per_type=100 (repeatable)")

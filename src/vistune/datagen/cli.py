@@ -67,6 +67,14 @@ def datagen_mix(inputs: list[str], out: Path, seed: int) -> None:
     print(run_mix(pairs, out, seed=seed).text())
 
 
+def datagen_scienceqa(root: Path, split: str, prompt_format: str, out: Path | None) -> None:
+    """ScienceQA (problems.json + pid_splits.json) to LLaVA records in the text of LLaVA's convert_sqa_to_llava.py."""
+    from vistune.datagen.scienceqa import convert_scienceqa
+
+    path, n, with_image = convert_scienceqa(root, split, prompt_format, out)
+    print(f"scienceqa {split} ({prompt_format}): {n} records ({with_image} with an image) -> {path}")
+
+
 def _datagen_records(captions: Path | None, instances: Path | None, jsonl: Path | None, limit: int | None) -> list:
     from vistune.datagen.sources import read_coco, read_jsonl
     from vistune.errors import DataError
@@ -82,7 +90,7 @@ def _datagen_records(captions: Path | None, instances: Path | None, jsonl: Path 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The `datagen` command group, with one subparser per command in COMMANDS."""
     d = sub.add_parser("datagen", help="generate training data (instruction, alignment, mixtures)",
-                       description="Generate training data: instruct, align, convert, mix.")
+                       description="Generate training data: instruct, align, convert, mix, scienceqa.")
     dsub = d.add_subparsers(dest="datagen_command", required=True)
     di = dsub.add_parser("instruct", help=datagen_instruct.__doc__, description=datagen_instruct.__doc__)
     di.add_argument("--captions", type=Path, help="COCO captions_*.json")
@@ -124,6 +132,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dc.add_argument("--seed", type=int, default=0)
     dc.add_argument("--box-frame", default="square", choices=["square", "image"])
     dc.add_argument("--max-turns", type=int, help="split an image's questions into conversations of this many turns")
+    ds = dsub.add_parser("scienceqa", help=datagen_scienceqa.__doc__, description=datagen_scienceqa.__doc__)
+    ds.add_argument("root", type=Path, help="ScienceQA's data/scienceqa folder (problems.json, pid_splits.json)")
+    ds.add_argument("--split", default="train", help="train | val | test | minival ... (default train)")
+    ds.add_argument("--prompt-format", default="QCM-LEA", help="INPUT-OUTPUT as LLaVA's script (default QCM-LEA, "
+                    "what LLaVA trained on)")
+    ds.add_argument("--out", type=Path, help="default ROOT/llava_{split}_{format}.json")
     dm = dsub.add_parser("mix", help=datagen_mix.__doc__, description=datagen_mix.__doc__)
     dm.add_argument("inputs", nargs="+", help="FILE[:RATIO], e.g. instruct.jsonl vqav2.jsonl:0.75")
     dm.add_argument("--out", type=Path, required=True)
@@ -131,4 +145,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"instruct": datagen_instruct, "align": datagen_align,
-                                            "convert": datagen_convert, "mix": datagen_mix}
+                                            "convert": datagen_convert, "mix": datagen_mix,
+                                            "scienceqa": datagen_scienceqa}

@@ -41,10 +41,15 @@ class Judge:
                     continue  # the torn last line of an interrupted run
                 self._cache[row["key"]] = row["reply"]
 
-    def complete(self, messages: list[dict[str, str]], temperature: float = 0.0, max_tokens: int = 1024) -> str:
-        """The judge's reply to `messages` (from the cache when this exact request was made before)."""
+    def complete(self, messages: list[dict[str, str]], temperature: float = 0.0, max_tokens: int = 1024,
+                 attempt: int = 0) -> str:
+        """The judge's reply to `messages` (from the cache when this exact request was made before).
+
+        `attempt` > 0 asks the same request again as a fresh call with its own cache entry (an
+        official tool's retry of an unreadable reply), so a rerun replays every attempt for free."""
         request = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
-        key = hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        keyed = {**request, "attempt": attempt} if attempt else request  # attempt 0 keeps the keys of earlier caches
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         if key in self._cache:
             return self._cache[key]
         from openai import OpenAIError

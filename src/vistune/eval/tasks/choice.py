@@ -11,6 +11,15 @@ Layouts read:
   already hold the circular copies (index + k * 1e6, as the 2023 releases do) are read as they are;
   otherwise each question is expanded into one pass per circular shift of its options.
 - seed: the official `SEED-Bench.json`, image questions only, images `SEED-Bench-image/{data_id}`.
+
+Or the lmms-lab parquet snapshots (`vistune.eval.tasks.parquet`):
+- scienceqa: lmms-lab/ScienceQA config ScienceQA-IMG, `ScienceQA-IMG/test-*.parquet` (or
+  lmms-lab/ScienceQA-IMG `data/test-*`): image, question, choices, answer (index), hint, subject.
+  The parquet has no problem id, so items are numbered `test/{row}` in file order.
+- mmbench / mmbench_cn: lmms-lab/MMBench `en/dev-*.parquet` / `cn/dev-*.parquet` (or lmms-lab/
+  MMBench_EN, MMBench_CN `data/dev-*`): the TSV's columns with `image` an embedded image.
+- seed: lmms-lab/SEED-Bench `data/test-*.parquet`: the JSON's fields, `image` a list of images,
+  `question_type_id` named by SEED_IMAGE_TYPES.
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ from vistune.errors import DataError
 from vistune.eval.metrics import (
     OPTION_LETTERS,
     circular_accuracy,
+    mmbench_judge_letter,
+    mmbench_matcher_prompt,
     mmbench_parse,
     scienceqa_parse,
     seed_match,
 )
+from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import (
     LETTER_ANSWER,
     LETTER_ANSWER_CN,
@@ -67,6 +79,9 @@ class ScienceQA(Task):
             self.headline = ("img_accuracy", "ensemble_accuracy")
 
     def load(self, root: Path) -> list[Item]:
+        found = parquet.find_split(root, ("test",), ("ScienceQA-IMG", "data", "."))
+        if found is not None:
+            return self._load_parquet(found[1])
         problems = read_json(find(root, ["problems.json"], self.name))
         splits = read_json(find(root, ["pid_splits.json"], self.name))
         llava = {}
@@ -80,13 +95,14 @@ class ScienceQA(Task):
             if pid in llava:
                 prompt = llava[pid]["conversations"][0]["value"].replace("<image>", "").strip()
             else:
-                lines = [f"Context: {p['hint']}"] if p.get("hint", "").strip() else []
-                prompt = "\n".join([*lines, p["question"], options_block(p["choices"])])
-            items.append(Item(pid, with_line(prompt, LETTER_ANSWER), (root / "images" / "test" / pid / p["image"],),
-                              OPTION_LETTERS[p["answer"]], {"num_choices": len(p["choices"]),
-                                                            "subject": p.get("subject"), "question": p["question"],
-                                                            "choices": p["choices"], "hint": p.get("hint", "")}))
+                prompt = _sqa_prompt(p)
+            items.append(_sqa_item(pid, prompt, root / "images" / "test" / pid / p["image"], p))
         return items
+
+    def _load_parquet(self, shards: list[Path]) -> list[Item]:
+        rows = parquet.read_rows(shards, ["image", "question", "choices", "answer"], self.name, ["hint", "subject"])
+        return [_sqa_item(f"test/{k}", _sqa_prompt(r), parquet.image_bytes(r["image"], f"scienceqa {shards[0].name} row {k}"),
+                          r) for k, r in enumerate(rows) if r["image"] is not None]  # ScienceQA-FULL: image questions only
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
         per: dict[str, list[bool]] = defaultdict(list)
@@ -112,6 +128,18 @@ class ScienceQA(Task):
         return out
 
 
+def _sqa_prompt(p: dict) -> str:
+    """"Context: HINT" (when there is a hint), the question, then the lettered options."""
+    lines = [f"Context: {p['hint']}"] if (p.get("hint") or "").strip() else []
+    return "\n".join([*lines, p["question"], options_block(p["choices"])])
+
+
+def _sqa_item(item_id: str, prompt: str, image: Path | bytes, p: dict) -> Item:
+    return Item(item_id, with_line(prompt, LETTER_ANSWER), (image,), OPTION_LETTERS[p["answer"]],
+                {"num_choices": len(p["choices"]), "subject": p.get("subject"), "question": p["question"],
+                 "choices": list(p["choices"]), "hint": p.get("hint") or ""})
+
+
 def _read_tsv(path: Path) -> list[dict[str, str]]:
     csv.field_size_limit(sys.maxsize)  # base64 images are far larger than csv's 128 KiB default
     with path.open(encoding="utf-8", newline="") as f:
@@ -125,25 +153,39 @@ def _present(value: str | None) -> bool:
 class MMBench(Task):
     name, folder, headline = "mmbench", "mmbench", ("circular_accuracy",)
     files = ("mmbench_dev_20230712.tsv", "mmbench_dev_en*.tsv", "MMBench_DEV_EN*.tsv", "*.tsv")
+    parquet_configs = ("en", "data", ".")  # lmms-lab/MMBench `en/`, lmms-lab/MMBench_EN `data/`
     instruction = LETTER_ANSWER
 
     def __init__(self) -> None:
         self.rows: dict[int, dict[str, str]] = {}  # the TSV rows, for the submission file
 
     def load(self, root: Path) -> list[Item]:
-        path = find(root, list(self.files), self.name)
-        rows = _read_tsv(path)
-        for col in ("index", "question", "A", "B", "image"):
-            if rows and col not in rows[0]:
-                raise DataError(f"{path}: no {col!r} column; expected MMBench's TSV layout", "bad file")
+        found = parquet.find_split(root, ("dev",), self.parquet_configs)
+        if found is not None:
+            rows = [{k: v if isinstance(v, dict) or v is None else str(v) for k, v in r.items()}
+                    for r in parquet.read_rows(found[1], ["index", "question", "A", "B", "image"], self.name,
+                                               ["hint", "C", "D", "E", "answer", "category", "L2-category", "l2-category",
+                                                "source", "comment", "split"])]
+            images = {int(r["index"]): parquet.image_bytes(r["image"], f"{self.name} index {r['index']}") for r in rows}
+        else:
+            path = find(root, list(self.files), self.name)
+            rows = _read_tsv(path)
+            for col in ("index", "question", "A", "B", "image"):
+                if rows and col not in rows[0]:
+                    raise DataError(f"{path}: no {col!r} column; expected MMBench's TSV layout", "bad file")
+            images = {}
         self.rows = {int(r["index"]): r for r in rows}
         has_copies = any(i >= CIRCULAR_STRIDE for i in self.rows)
         items = []
         for index, r in self.rows.items():
             options = [r[c] for c in "ABCDEFGHIJ" if _present(r.get(c))]
-            image = r["image"]
-            if image.isdigit():  # newer TSVs store an image once and refer to it by index
-                image = self.rows[int(image)]["image"]
+            if images:
+                encoded = images[index]
+            else:
+                image = r["image"]
+                if image.isdigit():  # newer TSVs store an image once and refer to it by index
+                    image = self.rows[int(image)]["image"]
+                encoded = b64(image)
             answer = r.get("answer") if _present(r.get("answer")) else None
             shifts = 1 if has_copies else len(options)
             for k in range(shifts):
@@ -154,25 +196,61 @@ class MMBench(Task):
                 question = f"{r['hint']}\n{r['question']}" if _present(r.get("hint")) else r["question"]
                 items.append(Item(str(index + k * CIRCULAR_STRIDE),
                                   with_line(f"{question}\n{options_block(opts)}", self.instruction),
-                                  (b64(image),), ans,
+                                  (encoded,), ans,
                                   {"group": str(index % CIRCULAR_STRIDE), "options": opts,
-                                   "category": r.get("category")}))
+                                   "category": r.get("category"), "question": r["question"]}))
         return items
 
-    def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
+    def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
+        """Circular accuracy. Replies `can_infer` cannot read count as wrong, or, with a judge, are
+        matched to an option by it as VLMEvalKit's circular evaluation does (`match_with_judge`)."""
         scored = [it for it in items if it.answer is not None]
         if not scored:
             return {"n": len(items), "scored": 0, "note": "no public answers: upload the submission file"}
+        letters = {it.id: mmbench_parse(replies.get(it.id, ""), len(it.meta["options"]), it.meta["options"])
+                   for it in scored}
+        unread = sum(v is None for v in letters.values())
+        judged = self.match_with_judge(scored, replies, letters, judge) if judge is not None else {}
+        letters |= judged
         results, per_cat = [], defaultdict(list)
-        unparsed = 0
         for it in scored:
-            letter = mmbench_parse(replies.get(it.id, ""), len(it.meta["options"]), it.meta["options"])
-            unparsed += letter is None
-            results.append((it.meta["group"], letter == it.answer))
-            per_cat[str(it.meta.get("category"))].append((it.meta["group"], letter == it.answer))
+            results.append((it.meta["group"], letters[it.id] == it.answer))
+            per_cat[str(it.meta.get("category"))].append((it.meta["group"], letters[it.id] == it.answer))
         out = {k: 100 * v if "accuracy" in k else v for k, v in circular_accuracy(results).items()}
-        out |= {"n": len(items), "passes": len(scored), "unparsed": unparsed,
+        out |= {"n": len(items), "passes": len(scored), "unparsed": sum(letters[it.id] in (None, "Z") for it in scored),
+                "unread_by_rules": unread, "matcher": "judge" if judge is not None else "exact (can_infer only)",
+                "judge_matched": sum(v not in (None, "Z") for v in judged.values()),
                 "per_category": {c: 100 * circular_accuracy(r)["circular_accuracy"] for c, r in sorted(per_cat.items())}}
+        return out
+
+    @staticmethod
+    def match_with_judge(scored: Sequence[Item], replies: dict[str, str], letters: dict[str, str | None],
+                         judge: Judge, attempts: int = 3) -> dict[str, str | None]:
+        """Letters the judge gives for passes `can_infer` could not read, as VLMEvalKit's
+        `eval_circular_group` asks: a question none of whose read passes is wrong has its unread
+        passes asked in order, stopping at the first wrong one (the question has failed then); each
+        unread judge reply is asked again, up to `attempts` requests. Where VLMEvalKit then draws a
+        random option, the pass stays unmatched (None) and counts as wrong."""
+        groups: dict[str, list[Item]] = defaultdict(list)
+        for it in scored:
+            groups[it.meta["group"]].append(it)
+        out: dict[str, str | None] = {}
+        for passes in groups.values():
+            if any(letters[it.id] is not None and letters[it.id] != it.answer for it in passes):
+                continue  # already failed: no judge call (VLMEvalKit's prefetch)
+            for it in passes:
+                if letters[it.id] is not None:
+                    continue
+                prompt = mmbench_matcher_prompt(it.meta["question"], it.meta["options"], replies.get(it.id, "").strip())
+                letter = None
+                for attempt in range(attempts):
+                    letter = mmbench_judge_letter(judge.complete([{"role": "user", "content": prompt}], temperature=0.0,
+                                                                 attempt=attempt), it.meta["options"])
+                    if letter is not None:
+                        break
+                out[it.id] = letter
+                if letter != it.answer:
+                    break
         return out
 
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
@@ -200,24 +278,46 @@ class MMBench(Task):
 class MMBenchCN(MMBench):
     name, folder = "mmbench_cn", "mmbench_cn"
     files = ("mmbench_dev_cn_20231003.tsv", "mmbench_dev_cn*.tsv", "MMBench_DEV_CN*.tsv", "*.tsv")
+    parquet_configs = ("cn", "data", ".")
     instruction = LETTER_ANSWER_CN
+
+
+# SEED-Bench's evaluation dimensions (question_type_id -> name); the parquet layout carries only the
+# ids. The table is the `question_type` of AILab-CVC/SEED-Bench's DATASET.md; some third-party
+# scripts swap 3 and 4 (Attributes / Location). A SEED-Bench.json next to the parquet wins.
+SEED_IMAGE_TYPES = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Location",
+                    4: "Instance Attributes", 5: "Instances Counting", 6: "Spatial Relation",
+                    7: "Instance Interaction", 8: "Visual Reasoning", 9: "Text Understanding",
+                    10: "Action Recognition", 11: "Action Prediction", 12: "Procedure Understanding"}
 
 
 class SEED(Task):
     name, folder, headline = "seed", "seed_bench", ("accuracy",)
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("test",))) is not None:
+            rows = parquet.read_rows(found[1], ["question_id", "question", "answer", "choice_a", "choice_b", "choice_c",
+                                                "choice_d", "image"], self.name, ["data_type", "question_type_id"])
+            names = SEED_IMAGE_TYPES
+            if (root / "SEED-Bench.json").is_file():
+                names = {v: k for k, v in read_json(root / "SEED-Bench.json").get("question_type", {}).items()}
+            return [self._item(q, parquet.images_of(q["image"], f"seed question {q['question_id']}"),
+                               names.get(int(q.get("question_type_id") or 0), str(q.get("question_type_id"))))
+                    for q in rows if q.get("data_type", "image") == "image"]
         data = read_json(find(root, ["SEED-Bench.json"], self.name))
         type_names = {v: k for k, v in data.get("question_type", {}).items()}
         items = []
         for q in data["questions"]:
             if q.get("data_type", "image") != "image":
                 continue
-            options = [q[f"choice_{c}"] for c in "abcd"]
-            items.append(Item(str(q["question_id"]), with_line(f"{q['question']}\n{options_block(options)}", LETTER_ANSWER),
-                              (root / "SEED-Bench-image" / q["data_id"],), q["answer"],
-                              {"type": type_names.get(q.get("question_type_id"), str(q.get("question_type_id")))}))
+            items.append(self._item(q, (root / "SEED-Bench-image" / q["data_id"],),
+                                    type_names.get(q.get("question_type_id"), str(q.get("question_type_id")))))
         return items
+
+    def _item(self, q: dict, images: tuple, type_name: str) -> Item:
+        options = [q[f"choice_{c}"] for c in "abcd"]
+        return Item(str(q["question_id"]), with_line(f"{q['question']}\n{options_block(options)}", LETTER_ANSWER),
+                    images, q["answer"], {"type": type_name})
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         per: dict[str, list[bool]] = defaultdict(list)

@@ -9,13 +9,24 @@ Layouts read:
   `images/` or COCO `val2014/` (COCO_val2014_ prefix).
 - mmvet: the official `mm-vet.json` (id -> imagename, capability, question, answer) and `images/`.
 
+Or the lmms-lab parquet snapshots (`vistune.eval.tasks.parquet`), split `train` / `test`:
+- llava_bench: lmms-lab/llava-bench-in-the-wild `data/train-*.parquet` (question_id, question,
+  image, gpt_answer = the reference, category, caption = the context).
+- llava_bench_coco: lmms-lab/llava-bench-coco `data/train-*.parquet` (question_id, question, image,
+  answer (or gpt_answer) = the reference, category, caption). It has no boxes, so the judge's
+  context is the captions only (as lmms-eval gives it), not captions + boxes as LLaVA's
+  `caps_boxes_coco2014_val_80.jsonl` does.
+- mmvet: lmms-lab/MMVet `data/test-*.parquet` (question_id, question, answer, image, capability as
+  a comma-separated string).
+
 LLaVA-Bench follows `eval_gpt_review_bench.py` / `eval_gpt_review_visual.py`: the judge sees the
 context, the question, the reference answer as assistant 1 and the model's as assistant 2, with the
 category's rule from LLaVA's rule.json (system prompt and temperature 0.2 as there), and scores both;
 the result is model / reference x 100 (`metrics.relative_scores`). MM-Vet follows
 `mm-vet_evaluator.py`: the few-shot grader prompt, a 0-1 correctness score per sample (temperature 0,
-3 tokens), total and per capability as mean x 100. Its evaluator asks again with rising temperature
-when the reply is not a number; we count such replies as unparsed instead and leave them out.
+3 tokens), total and per capability as mean x 100, with its re-ask rule (`grade_mmvet`). A sample
+still unread after the last re-ask is scored 0.0 by the official evaluator; here it is counted in
+`unparsed` and left out of `total` (the issue's rule), and `total_official` gives the 0.0 reading.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from pathlib import Path
 from vistune.errors import DataError
 from vistune.eval.judge import Judge
 from vistune.eval.metrics import parse_mmvet_score, parse_review_scores, relative_scores
+from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import Item, Task, find, read_json, read_jsonl
 
 REVIEW_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -56,6 +68,8 @@ class LLaVABench(Task):
     rule_prefix = "llava_bench_"
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("train", "test"))) is not None:
+            return self._load_parquet(found[1])
         questions = read_jsonl(find(root, ["questions.jsonl"], self.name))
         refs = {r["question_id"]: r["text"] for r in read_jsonl(find(root, ["answers_gpt4.jsonl"], self.name))}
         ctx = {r["image"]: r["caption"] for r in read_jsonl(find(root, ["context.jsonl"], self.name))}
@@ -68,6 +82,22 @@ class LLaVABench(Task):
         context = "\n".join(caption) if isinstance(caption, list) else caption
         return Item(str(q["question_id"]), q["text"], (root / "images" / q["image"],), refs[q["question_id"]],
                     {"category": q.get("category", "all"), "context": context, "question": q["text"]})
+
+    def _load_parquet(self, shards: list[Path]) -> list[Item]:
+        rows = parquet.read_rows(shards, ["question_id", "question", "image", "category"], self.name,
+                                 ["gpt_answer", "answer", "caption"])
+        items = []
+        for r in rows:
+            reference = r.get("gpt_answer") if r.get("gpt_answer") is not None else r.get("answer")
+            if reference is None:
+                raise DataError(f"{self.name}: {shards[0]} question {r['question_id']} has no reference answer "
+                                "(gpt_answer / answer column)", "bad record")
+            caption = r.get("caption") or ""
+            context = "\n".join(caption) if isinstance(caption, list) else caption
+            items.append(Item(str(r["question_id"]), r["question"],
+                              (parquet.image_bytes(r["image"], f"{self.name} question {r['question_id']}"),), reference,
+                              {"category": r["category"] or "all", "context": context, "question": r["question"]}))
+        return items
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
         if judge is None:
@@ -94,6 +124,8 @@ class LLaVABenchCOCO(LLaVABench):
     rule_prefix = ""
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("train", "test"))) is not None:
+            return self._load_parquet(found[1])
         questions = read_jsonl(find(root, ["qa90_questions.jsonl"], self.name))
         refs = {r["question_id"]: r["text"] for r in read_jsonl(find(root, ["qa90_gpt4_answer.jsonl"], self.name))}
         ctx = {}
@@ -110,12 +142,44 @@ class LLaVABenchCOCO(LLaVABench):
         return items
 
 
+MMVET_REASK = "\nPredict the correctness of the answer (digit): "
+MMVET_REASK_TEMPERATURES = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def grade_mmvet(judge: Judge, content: str) -> tuple[float | None, int]:
+    """(score or None, requests made) for one MM-Vet sample, as `mm-vet_evaluator.py` grades it:
+    the grader prompt at temperature 0; while the reply is no score in [0, 1], the prompt plus
+    "Predict the correctness of the answer (digit): " at temperature 0.0, 0.5, 1.0, 1.5, 2.0; the
+    reply to the last re-ask is never read (the evaluator stops there with 0.0, None here). Each
+    request differs in prompt or temperature, so each has its own cache entry."""
+    value = parse_mmvet_score(judge.complete([{"role": "user", "content": content}], temperature=0.0, max_tokens=3))
+    requests = 1
+    for k, temperature in enumerate(MMVET_REASK_TEMPERATURES):
+        if value is not None:
+            break
+        reply = judge.complete([{"role": "user", "content": content + MMVET_REASK}], temperature=temperature, max_tokens=3)
+        requests += 1
+        if k < len(MMVET_REASK_TEMPERATURES) - 1:
+            value = parse_mmvet_score(reply)
+    return value, requests
+
+
+def _capabilities(cell: str | list[str]) -> list[str]:
+    """MM-Vet capabilities: a list in mm-vet.json, a comma-separated string in the lmms-lab parquet."""
+    return [c.strip() for c in cell.split(",") if c.strip()] if isinstance(cell, str) else list(cell)
+
+
 class MMVet(Task):
     name, folder, headline = "mmvet", "mm-vet", ("total",)
     max_new_tokens = 1024
     judged = True
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("test",))) is not None:
+            rows = parquet.read_rows(found[1], ["question_id", "question", "answer", "image", "capability"], self.name)
+            return [Item(str(r["question_id"]), r["question"], (parquet.image_bytes(r["image"], f"mmvet {r['question_id']}"),),
+                         r["answer"], {"capability": _capabilities(r["capability"]), "question": r["question"]})
+                    for r in rows]
         data = read_json(find(root, ["mm-vet.json"], self.name))
         return [Item(qid, r["question"], (root / "images" / r["imagename"],), r["answer"],
                      {"capability": list(r["capability"]), "question": r["question"]}) for qid, r in data.items()]
@@ -125,11 +189,12 @@ class MMVet(Task):
             return _no_judge(items)
         grader = _prompt_file("mmvet_grader.txt")
         per: dict[str, list[float]] = defaultdict(list)
-        unparsed = 0
+        unparsed = reasked = 0
         for it in items:
             truth = it.answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
             content = grader + "\n" + " | ".join([it.meta["question"], truth, replies.get(it.id, ""), ""])
-            value = parse_mmvet_score(judge.complete([{"role": "user", "content": content}], temperature=0.0, max_tokens=3))
+            value, requests = grade_mmvet(judge, content)
+            reasked += requests > 1
             if value is None:
                 unparsed += 1
                 continue
@@ -137,7 +202,9 @@ class MMVet(Task):
             for cap in sorted(set(it.meta["capability"])):
                 per[cap].append(value)
         means = {k: 100 * sum(v) / len(v) for k, v in per.items()}
-        return {"total": means.pop("total", 0.0), "graded": len(per.get("total", [])), "unparsed": unparsed,
+        graded = len(per.get("total", []))
+        return {"total": means.pop("total", 0.0), "graded": graded, "unparsed": unparsed, "reasked": reasked,
+                "total_official": 100 * sum(per.get("total", [])) / len(items) if items else 0.0,
                 "n": len(items), "per_capability": dict(sorted(means.items()))}
 
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:

@@ -8,6 +8,16 @@ Layouts read (each from its task folder under --data):
 - textvqa: the official `TextVQA_0.5.1_val.json`, OCR tokens from each entry's `ocr_tokens` or from
   `TextVQA_Rosetta_OCR_v0.2_val.json`; images `train_images/{image_id}.jpg`.
 - gqa: the official `testdev_balanced_questions.json`, images `images/{imageId}.jpg`.
+
+Or each task's lmms-lab parquet snapshot (`vistune.eval.tasks.parquet`), detected by its shards:
+- vqav2: lmms-lab/VQAv2 `data/{testdev,validation}-*.parquet` (question_id, question, image,
+  answers [{answer, ...}], answer_type); `data/test-*` supplies the full test ids for the upload.
+- vizwiz: lmms-lab/VizWiz-VQA `data/{test,val}-*.parquet` (question_id, question, image, answers
+  [str], category); the item id is `{question_id}.jpg`, the image name the VizWiz server keys on.
+- textvqa: lmms-lab/textvqa `data/validation-*.parquet` (question_id, question, image, answers,
+  ocr_tokens).
+- gqa: lmms-lab/GQA `testdev_balanced_instructions/testdev-*.parquet` (id, imageId, question,
+  answer, types) joined on imageId with `testdev_balanced_images/testdev-*.parquet` (id, image).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from vistune.eval.metrics import (
     normalize_vqa_answer,
     vqa_accuracy,
 )
+from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import (
     SHORT_ANSWER,
     VIZWIZ_UNANSWERABLE,
@@ -63,6 +74,8 @@ class VQAv2(Task):
         self.full_test_ids: list[int] = []  # the test2015 question ids, when that file is present
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("testdev", "validation"))) is not None:
+            return self._load_parquet(root, *found)
         qfile = find(root, ["v2_OpenEnded_mscoco_test-dev2015_questions.json", "v2_OpenEnded_mscoco_val2014_questions.json",
                             "v2_OpenEnded_mscoco_*_questions.json"], self.name)
         subset = qfile.name.removeprefix("v2_OpenEnded_mscoco_").removesuffix("_questions.json")
@@ -83,6 +96,16 @@ class VQAv2(Task):
                               {"answer_type": a["answer_type"] if a else None}))
         return items
 
+    def _load_parquet(self, root: Path, split: str, shards: list[Path]) -> list[Item]:
+        rows = parquet.read_rows(shards, ["question_id", "question", "image"], self.name, ["answers", "answer_type"])
+        full = parquet.find_split(root, ("test",)) if split == "testdev" else None
+        self.full_test_ids = [r["question_id"] for r in parquet.read_rows(full[1], ["question_id"], self.name)] \
+            if full else []
+        return [Item(str(r["question_id"]), with_line(r["question"], SHORT_ANSWER),
+                     (parquet.image_bytes(r["image"], f"vqav2 question {r['question_id']}"),),
+                     [a["answer"] for a in r["answers"]] if r.get("answers") else None,
+                     {"answer_type": r.get("answer_type")}) for r in rows]
+
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         return _soft_scores(items, replies, "answer_type")
 
@@ -99,6 +122,12 @@ class VizWiz(Task):
     name, folder, headline = "vizwiz", "vizwiz", ("accuracy",)
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("test", "val"))) is not None:
+            rows = parquet.read_rows(found[1], ["question_id", "question", "image"], self.name, ["answers", "category"])
+            # `category` holds the VizWiz answer type (unanswerable, yes/no, number, other)
+            return [Item(f"{r['question_id']}.jpg", with_line(with_line(r["question"], VIZWIZ_UNANSWERABLE), SHORT_ANSWER),
+                         (parquet.image_bytes(r["image"], f"vizwiz {r['question_id']}"),), list(r.get("answers") or []) or None,
+                         {"answer_type": r.get("category")}) for r in rows]
         afile = find(root, ["test.json", "val.json", "Annotations/test.json", "Annotations/val.json"], self.name)
         split = afile.stem
         image_dir = next((d for d in (root / split, root.parent / split) if d.is_dir()), root / split)
@@ -119,10 +148,20 @@ class VizWiz(Task):
         return [_write_json(out / "vizwiz_answers_upload.json", rows)]
 
 
+def _ocr_prompt(question: str, tokens: Sequence[str]) -> str:
+    """LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: the question, then the OCR line when there are tokens."""
+    return question + ("\nReference OCR token: " + ", ".join(tokens) if tokens else "")
+
+
 class TextVQA(Task):
     name, folder, headline = "textvqa", "textvqa", ("accuracy",)
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("validation",))) is not None:
+            rows = parquet.read_rows(found[1], ["question_id", "question", "image"], self.name, ["answers", "ocr_tokens"])
+            return [Item(str(r["question_id"]), with_line(_ocr_prompt(r["question"], r.get("ocr_tokens") or []), SHORT_ANSWER),
+                         (parquet.image_bytes(r["image"], f"textvqa question {r['question_id']}"),),
+                         list(r.get("answers") or []) or None, {}) for r in rows]
         qfile = find(root, ["TextVQA_0.5.1_val.json", "TextVQA_*_val.json"], self.name)
         ocr: dict[str, list[str]] = {}
         ocr_files = sorted(root.glob("TextVQA_Rosetta_OCR_*_val.json"))
@@ -132,10 +171,7 @@ class TextVQA(Task):
         items = []
         for row in read_json(qfile)["data"]:
             tokens = row.get("ocr_tokens", ocr.get(row["image_id"], []))
-            prompt = row["question"]
-            if tokens:  # LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: the question, then the OCR line
-                prompt += "\nReference OCR token: " + ", ".join(tokens)
-            items.append(Item(str(row["question_id"]), with_line(prompt, SHORT_ANSWER),
+            items.append(Item(str(row["question_id"]), with_line(_ocr_prompt(row["question"], tokens), SHORT_ANSWER),
                               (image_dir / f"{row['image_id']}.jpg",), row.get("answers") or None, {}))
         return items
 
@@ -149,6 +185,9 @@ class GQA(Task):
     name, folder, headline = "gqa", "gqa", ("accuracy",)
 
     def load(self, root: Path) -> list[Item]:
+        found = parquet.find_split(root, ("testdev",), ("testdev_balanced_instructions",))
+        if found is not None:
+            return self._load_parquet(root, found[1])
         qfile = find(root, ["testdev_balanced_questions.json", "*_balanced_questions.json"], self.name)
         questions = read_json(qfile)
         if not isinstance(questions, dict):
@@ -156,6 +195,23 @@ class GQA(Task):
         return [Item(qid, with_line(q["question"], SHORT_ANSWER), (root / "images" / f"{q['imageId']}.jpg",),
                      q.get("answer"), {"structural": q.get("types", {}).get("structural")})
                 for qid, q in questions.items()]
+
+    def _load_parquet(self, root: Path, shards: list[Path]) -> list[Item]:
+        rows = parquet.read_rows(shards, ["id", "imageId", "question"], self.name, ["answer", "types"])
+        images_at = parquet.find_split(root, ("testdev",), ("testdev_balanced_images",))
+        if images_at is None:
+            raise DataError(f"gqa: {root} has testdev_balanced_instructions/ but no testdev_balanced_images/testdev-*.parquet "
+                            "(lmms-lab/GQA keeps the images in that config)", "missing file")
+        images = {r["id"]: r["image"] for r in parquet.read_rows(images_at[1], ["id", "image"], self.name)}
+        items = []
+        for r in rows:
+            if r["imageId"] not in images:
+                raise DataError(f"gqa: question {r['id']} refers to image {r['imageId']}, which is not in "
+                                f"{images_at[1][0].parent}", "bad record")
+            items.append(Item(str(r["id"]), with_line(r["question"], SHORT_ANSWER),
+                              (parquet.image_bytes(images[r["imageId"]], f"gqa image {r['imageId']}"),), r.get("answer"),
+                              {"structural": (r.get("types") or {}).get("structural")}))
+        return items
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         per: dict[str, list[bool]] = defaultdict(list)

@@ -7,6 +7,12 @@ Layouts read:
 - mme: the official `MME_Benchmark_release_version/` folder (or its contents): one folder per subtask
   holding either `images/` + `questions_answers_YN/*.txt` or the images and .txt files side by side;
   each .txt holds two "question<TAB>Yes|No" lines for its image.
+
+Or the lmms-lab parquet snapshots (`vistune.eval.tasks.parquet`):
+- pope: lmms-lab/POPE `data/test-*.parquet` (question_id, question, answer, image, category =
+  adversarial | popular | random).
+- mme: lmms-lab/MME `data/test-*.parquet` (question_id = the image's path within its subtask,
+  question, answer Yes/No, image, category = the subtask); an image's questions keep their file order.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from vistune.eval.metrics import (
     pope_metrics,
     pope_parse,
 )
+from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, read_jsonl, with_line
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
@@ -32,6 +39,13 @@ class POPE(Task):
     name, folder, headline = "pope", "pope", ("f1", "accuracy")
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("test",))) is not None:
+            rows = parquet.read_rows(found[1], ["question_id", "question", "answer", "image", "category"], self.name)
+            # grouped by category in POPE_CATEGORIES order, as the JSON layout's three files are read
+            rows.sort(key=lambda r: POPE_CATEGORIES.index(r["category"]) if r["category"] in POPE_CATEGORIES else 99)
+            return [Item(f"{r['category']}/{r['question_id']}", with_line(r["question"].strip(), SHORT_ANSWER),
+                         (parquet.image_bytes(r["image"], f"pope {r['category']}/{r['question_id']}"),),
+                         r["answer"].strip().lower(), {"category": r["category"]}) for r in rows]
         base = root / "coco" if (root / "coco").is_dir() else root
         image_dir = next((d for d in (root / "val2014", root.parent / "val2014") if d.is_dir()), root / "val2014")
         items = []
@@ -68,6 +82,8 @@ class MME(Task):
     name, folder, headline = "mme", "MME", ("perception", "cognition")
 
     def load(self, root: Path) -> list[Item]:
+        if (found := parquet.find_split(root, ("test",))) is not None:
+            return self._load_parquet(found[1])
         root = _mme_root(root)
         items = []
         for task in (*MME_PERCEPTION, *MME_COGNITION):
@@ -91,6 +107,23 @@ class MME(Task):
                                                                "question": question.strip()}))
         if not items:
             raise DataError(f"mme: no subtask folders ({', '.join(MME_PERCEPTION[:3])}, ...) in {root}", "missing file")
+        return items
+
+    def _load_parquet(self, shards: list[Path]) -> list[Item]:
+        rows = parquet.read_rows(shards, ["question_id", "question", "answer", "image", "category"], self.name)
+        per_image: dict[tuple[str, str], int] = defaultdict(int)
+        order = {t: k for k, t in enumerate((*MME_PERCEPTION, *MME_COGNITION))}
+        items = []
+        for r in sorted(rows, key=lambda r: order.get(r["category"], len(order))):  # stable: file order per subtask
+            task, image = r["category"], str(r["question_id"]).rsplit("/", 1)[-1]
+            answer = str(r["answer"]).strip().lower().rstrip(".")
+            if answer not in ("yes", "no"):
+                raise DataError(f"mme: question {r['question_id']} has answer {r['answer']!r}, not Yes/No", "bad record")
+            k = per_image[(task, image)]
+            per_image[(task, image)] += 1
+            items.append(Item(f"{task}/{image}/{k}", with_line(r["question"].strip(), SHORT_ANSWER),
+                              (parquet.image_bytes(r["image"], f"mme {r['question_id']}"),), answer,
+                              {"task": task, "image": image, "question": r["question"].strip()}))
         return items
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
