@@ -1,0 +1,193 @@
+"""Image modes (single / hd / anyres): token counts, tile layout, parity with LlavaNext, conversion.
+
+`anyres` is checked against transformers' own `LlavaNextForConditionalGeneration` and
+`LlavaNextProcessor` loading vistune's llava-next export unchanged; `hd` against the layout the
+LLaVA-1.5 paper describes, with a "tower" whose features are the mean colour of each patch, so a
+feature carries the place it was cut from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+from vistune.chat.formats import Message
+from vistune.cli import main
+from vistune.config import LLMConfig, VisionConfig
+from vistune.convert.detect import detect
+from vistune.convert.llava_hf import write_llava_hf
+from vistune.errors import CheckpointError, ConfigError
+from vistune.infer.engine import Engine
+from vistune.model.checkpoint import Bundle, ModelSpec, build_model, load_checkpoint
+from vistune.model.llm import load_tokenizer
+from vistune.model.tiling import ImageLayout, ImagePreprocessor, anyres_processor, default_pinpoints
+from vistune.model.vision import load_image_processor
+from vistune.model.vlm import IMAGE_TOKEN_ID
+
+PINPOINTS = [(32, 64), (64, 32), (64, 64)]  # [height, width] for the tiny 32 px CLIP: 1x2, 2x1, 2x2 tiles
+SIZES = [(40, 20), (20, 40), (30, 30), (90, 50)]  # (width, height): wide, tall, square, large
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def _bundle(clip_dir: Path, llama_dir: Path, **vision_fields: object) -> Bundle:
+    vision = VisionConfig(path=str(clip_dir), **vision_fields)  # type: ignore[arg-type]
+    llm = LLMConfig(path=str(llama_dir))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(vision, llm, "mlp2x_gelu").eval()
+    spec = ModelSpec(vision=vision, llm=llm, projector="mlp2x_gelu", vision_hidden_size=model.vision.hidden_size,
+                     llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,
+                     num_image_tokens=model.num_image_tokens, conversation_format="chat_template",
+                     model_max_length=1024)
+    return Bundle(model, load_tokenizer(llama_dir), load_image_processor(clip_dir), spec)
+
+
+# ---------------------------------------------------------------------------------------------- token counts
+
+def test_anyres_counts_equal_transformers_processor_for_llava_next_shapes(bpe_tokenizer: Path) -> None:
+    """CLIP-L/14-336 with LLaVA-NeXT's pinpoints: our count per image size is the processor's."""
+    from transformers import AutoTokenizer, LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    proc = LlavaNextProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(
+        str(bpe_tokenizer)), patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    layout = ImageLayout.build("anyres", 336, 14, 576)
+    assert [list(p) for p in layout.pinpoints] == proc.image_processor.image_grid_pinpoints
+    sizes = [(336, 336), (480, 640), (640, 480), (1000, 300), (300, 1000), (37, 1500), (2000, 2001), (1, 1)]
+    theirs = proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    assert [layout.num_tokens(h, w) for h, w in sizes] == theirs
+    assert ImageLayout.build("single", 336, 14, 576).num_tokens(480, 640) == 576
+    assert ImageLayout.build("hd", 336, 14, 576, hd_grid=(2, 2)).num_tokens(480, 640) == 5 * 576
+
+
+def test_layout_config_errors() -> None:
+    with pytest.raises(ConfigError, match="select_feature: patch"):
+        ImageLayout.build("anyres", 32, 8, 17)  # CLS kept: no spatial map
+    with pytest.raises(ConfigError, match="multiples"):
+        ImageLayout.build("anyres", 32, 8, 16, pinpoints=[(32, 50)])
+    with pytest.raises(ConfigError, match="max_tiles 1 leaves none"):
+        ImageLayout.build("anyres", 32, 8, 16, max_tiles=1)
+    capped = ImageLayout.build("anyres", 32, 8, 16, max_tiles=2)
+    assert capped.pinpoints == ((32, 64), (64, 32)) and default_pinpoints(32)[:2] == [(32, 64), (64, 32)]
+
+
+# ---------------------------------------------------------------------------------------------- hd layout
+
+def _patch_means(tiles: torch.Tensor, patch: int) -> torch.Tensor:
+    """A 'tower' whose feature for each patch is the patch's mean colour: [N, 3, S, S] -> [N, s*s, 3]."""
+    n, c, size, _ = tiles.shape
+    s = size // patch
+    return tiles.reshape(n, c, s, patch, s, patch).mean((3, 5)).permute(0, 2, 3, 1).reshape(n, s * s, c)
+
+
+def test_hd_tile_features_land_where_the_paper_puts_them() -> None:
+    """A 2x3 grid on an image of 6 coloured cells: the global image's features come first, then the
+    merged map row-major, so map position (R, C) holds tile (R // s, C // s)'s patch (R % s, C % s)."""
+    from transformers import CLIPImageProcessorPil
+
+    rows, cols, tile, patch = 2, 3, 32, 8
+    s = tile // patch
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200), (200, 0, 200)]
+    image = Image.new("RGB", (cols * tile, rows * tile))
+    for k, colour in enumerate(colours):
+        r, c = divmod(k, cols)
+        image.paste(colour, (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                      do_normalize=False)  # pixels stay colour / 255: features are readable
+    layout = ImageLayout.build("hd", tile, patch, s * s, hd_grid=(rows, cols))
+    pixels, sizes = ImagePreprocessor(layout, processor, "pad")([image])
+    assert pixels.shape[0] == layout.num_tiles(*sizes[0].tolist()) == 1 + rows * cols
+    merged = layout.merge(_patch_means(pixels, patch), sizes)  # [s*s + rows*s*cols*s, 3]
+    assert merged.shape[0] == layout.num_tokens(rows * tile, cols * tile)
+    grid = merged[s * s:].reshape(rows * s, cols * s, 3)
+    for big_r in range(rows * s):
+        for big_c in range(cols * s):
+            want = torch.tensor(colours[(big_r // s) * cols + big_c // s]) / 255
+            assert torch.allclose(grid[big_r, big_c], want, atol=1e-6), (big_r, big_c)
+    # The global tile is the whole image padded to a square and downsampled: its top-left patch is a
+    # band of the padding colour above the image, its centre row shows the cells left to right.
+    centre = merged[: s * s].reshape(s, s, 3)[s // 2 - 1]
+    assert centre[0, 0] > centre[0, 1] and centre[-1, 2] > centre[-1, 0]  # red cell left, blue cell right
+
+
+# ---------------------------------------------------------------------------------------------- anyres parity
+
+def _hf_inputs(processor: LlavaNextProcessor, images: list[Image.Image], text: str) -> dict:
+    conversation = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return processor(images=images, text=prompt, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def anyres_pair(clip_dir: Path, llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    bundle = _bundle(clip_dir, llama_dir, image_mode="anyres", image_grid_pinpoints=PINPOINTS)
+    out = tmp_path_factory.mktemp("anyres") / "hf"
+    write_llava_hf(bundle, out)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(out)).eval()
+    return bundle, out, hf, AutoProcessor.from_pretrained(str(out))
+
+
+@pytest.mark.parametrize("images", [[SIZES[0]], [SIZES[1]], [SIZES[2]], [SIZES[3]], [SIZES[0], SIZES[1]]],
+                         ids=["40x20", "20x40", "30x30", "90x50", "two-images"])
+def test_anyres_parity_with_llava_next(images: list, anyres_pair: tuple) -> None:
+    bundle, _, hf, processor = anyres_pair
+    pil = [_image(w, h, seed=i) for i, (w, h) in enumerate(images)]
+    engine = Engine(bundle)
+    batch = engine._batch([engine.prepare([Message("user", "<image>\n" * len(pil) + "What colour is the shape?")],
+                                          pil)])
+    inputs = _hf_inputs(processor, pil, "What colour is the shape?")
+    image_id = hf.config.image_token_id
+    # Token counts per image equal the processor's, and so do the whole ids and the tiles.
+    for im, n in zip(pil, processor._get_num_multimodal_tokens([(im.size[1], im.size[0]) for im in pil])
+                     ["num_image_tokens"]):
+        assert bundle.model.layout.num_tokens(im.size[1], im.size[0]) == n
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, image_id)
+    assert torch.equal(ids, inputs["input_ids"])
+    hf_tiles = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"],
+                                                 [bundle.model.layout.num_tiles(*hw) for hw in inputs["image_sizes"]])])
+    assert torch.equal(batch["pixel_values"], hf_tiles)
+    assert torch.equal(batch["image_sizes"], inputs["image_sizes"])
+    with torch.no_grad():
+        ours = engine.model(**batch).logits  # [1, L, V]
+        theirs = hf(**inputs).logits  # [1, L, V + 1]
+    assert (ours - theirs[..., : ours.shape[-1]]).abs().max() < 1e-5
+
+
+def test_llava_next_round_trip_and_detection(anyres_pair: tuple, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    bundle, hf_dir, _, _ = anyres_pair
+    assert detect(hf_dir).format == "llava-next"
+    assert main(["convert", str(hf_dir), str(tmp_path / "back"), "--to", "vistune"]) == 0
+    back = load_checkpoint(tmp_path / "back")
+    assert back.spec.vision.image_mode == "anyres"
+    assert [tuple(p) for p in back.spec.vision.image_grid_pinpoints or []] == PINPOINTS
+    sa, sb = bundle.model.state_dict(), back.model.state_dict()
+    assert sa.keys() == sb.keys() and "image_newline" in sa
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    # ... and out again: an anyres model goes to llava-next only.
+    assert main(["convert", str(tmp_path / "back"), str(tmp_path / "hf2"), "--to", "llava-hf"]) != 0
+    assert "llava-next holds `anyres` models only" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "back"), str(tmp_path / "hf3"), "--to", "llava-next"]) == 0
+    assert detect(tmp_path / "hf3").format == "llava-next"
+
+
+def test_hd_is_not_exportable(clip_dir: Path, llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="'hd'"):
+        write_llava_hf(_bundle(clip_dir, llama_dir, image_mode="hd"), tmp_path / "hf")
+
+
+def test_anyres_processor_copies_encoder_settings(clip_dir: Path) -> None:
+    source = load_image_processor(clip_dir)
+    layout = ImageLayout.build("anyres", 32, 8, 16, pinpoints=PINPOINTS)
+    proc = anyres_processor(source, layout)
+    assert proc.image_mean == source.image_mean and proc.crop_size == source.crop_size
+    assert proc.image_grid_pinpoints == [list(p) for p in PINPOINTS]
