@@ -128,3 +128,29 @@ def test_image_token_budget_error_and_skip(clip_dir: Path, llama_dir: Path, data
     train_stage(cfg.model, cfg.stages["finetune"], "finetune")
     report = json.loads((tmp_path / "b" / "skipped.json").read_text())
     assert report["counts"] == {"image tokens over model_max_length": 6}
+
+
+def test_demo_world_compare_questions(tmp_path: Path) -> None:
+    """The demo world's two-image questions are true of their scenes, balanced, and asked with both images."""
+    from vistune.demo.world import build_world
+    from vistune.eval.tasks.demo import DemoTask
+
+    counts = build_world(tmp_path, {"train": 4, "test": 30}, seed=0, compare={"test": 40})
+    assert counts["test"]["compare_questions"] == 40 and "compare_questions" not in counts["train"]
+    ann = tmp_path / "annotations"
+    instances = json.loads((ann / "instances_test.json").read_text())
+    circle_ids = {c["id"] for c in instances["categories"] if c["supercategory"] == "circle"}
+    circles: dict[int, int] = {im["id"]: 0 for im in instances["images"]}
+    for a in instances["annotations"]:
+        circles[a["image_id"]] += a["category_id"] in circle_ids
+    questions = json.loads((ann / "compare_test.json").read_text())["questions"]
+    for q in questions:
+        first, second = (circles[i] for i in q["image_ids"])
+        assert first != second and q["answer"] == ("first" if first > second else "second")
+    n_first = sum(q["answer"] == "first" for q in questions)
+    assert 10 <= n_first <= 30  # drawn evenly
+
+    items = DemoTask(per_type=5).load(tmp_path)
+    compare = [it for it in items if it.meta["question"].type == "compare"]
+    assert len(compare) == 10 and all(len(it.images) == 2 for it in compare)  # 5 with images + 5 blind
+
