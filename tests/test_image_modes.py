@@ -118,6 +118,45 @@ def test_hd_tile_features_land_where_the_paper_puts_them() -> None:
     assert centre[0, 0] > centre[0, 1] and centre[-1, 2] > centre[-1, 0]  # red cell left, blue cell right
 
 
+class _PatchMeanTower(torch.nn.Module):
+    """Stands in for the vision tower: each patch's feature is its mean colour (zero-padded to `dim`)."""
+
+    def __init__(self, patch: int, dim: int) -> None:
+        super().__init__()
+        self.patch, self.dim = patch, dim
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = _patch_means(pixel_values, self.patch)  # [N, s*s, 3]
+        return torch.nn.functional.pad(feats, (0, self.dim - 3))  # [N, s*s, dim]
+
+
+def test_hd_features_reach_their_slots_in_the_llm_input(llama_dir: Path) -> None:
+    """Through VisionLanguageModel.embed: two images in a batch of two samples, each image's merged map
+    lands in its own run of image slots, in order."""
+    from transformers import AutoModelForCausalLM, CLIPImageProcessorPil
+
+    from vistune.model.vlm import VisionLanguageModel
+
+    llm = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    dim = llm.get_input_embeddings().embedding_dim
+    layout = ImageLayout.build("hd", 32, 8, 16, hd_grid=(2, 2))
+    model = VisionLanguageModel(_PatchMeanTower(8, dim), torch.nn.Identity(), llm, layout)  # type: ignore[arg-type]
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      do_normalize=False)
+    left_red = Image.new("RGB", (64, 64), (0, 0, 200))
+    left_red.paste((200, 0, 0), (0, 0, 32, 64))
+    green = Image.new("RGB", (64, 64), (0, 200, 0))
+    pixels, sizes = ImagePreprocessor(layout, processor, "pad")([left_red, green])
+    n = layout.num_tokens(64, 64)  # 16 global + 64 merged
+    ids = torch.tensor([[5] + [IMAGE_TOKEN_ID] * n + [6], [IMAGE_TOKEN_ID] * n + [7, 8]])  # [2, n + 2]
+    embeds = model.embed(ids, pixels, sizes)  # [2, n + 2, dim]
+    first = embeds[0, 1 + 16: 1 + n, :3].reshape(8, 8, 3)  # sample 0's merged map
+    assert torch.allclose(first[:, :4], torch.tensor([200 / 255, 0, 0]).expand(8, 4, 3), atol=1e-6)  # left half red
+    assert torch.allclose(first[:, 4:], torch.tensor([0, 0, 200 / 255]).expand(8, 4, 3), atol=1e-6)
+    assert torch.allclose(embeds[1, :n, :3], torch.tensor([0, 200 / 255, 0]).expand(n, 3), atol=1e-6)
+    assert torch.equal(embeds[0, 0], llm.get_input_embeddings().weight[5])  # text positions untouched
+
+
 # ---------------------------------------------------------------------------------------------- anyres parity
 
 def _hf_inputs(processor: LlavaNextProcessor, images: list[Image.Image], text: str) -> dict:
@@ -165,6 +204,8 @@ def test_llava_next_round_trip_and_detection(anyres_pair: tuple, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     bundle, hf_dir, _, _ = anyres_pair
     assert detect(hf_dir).format == "llava-next"
+    assert main(["info", str(hf_dir)]) == 0
+    assert "image_mode              anyres, pinpoints [[32, 64], [64, 32], [64, 64]]" in capsys.readouterr().out
     assert main(["convert", str(hf_dir), str(tmp_path / "back"), "--to", "vistune"]) == 0
     back = load_checkpoint(tmp_path / "back")
     assert back.spec.vision.image_mode == "anyres"

@@ -105,6 +105,7 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
         "system_prompt": spec.system_prompt or "(format default)",
         "model_max_length": spec.model_max_length,
         "image_tokens_per_image": spec.num_image_tokens,
+        **_image_mode_row(bundle.model.layout),
         "image_preprocess": spec.vision.image_preprocess,
         "vision": f"{where(spec.vision.path)} (layer {spec.vision.select_layer}, {spec.vision.select_feature}), "
                   f"{count(bundle.model.vision)[1]:,} parameters",
@@ -120,6 +121,18 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def _image_mode_row(layout: object) -> dict[str, str]:
+    """`info`'s line for hd/anyres models (per-image tokens then depend on the image's size)."""
+    mode = getattr(layout, "mode", "single")
+    if mode == "hd":
+        return {"image_mode": f"hd, grid {list(layout.hd_grid)} + the whole image: "  # type: ignore[attr-defined]
+                              f"{layout.num_tokens(1, 1)} tokens per image"}  # type: ignore[attr-defined]
+    if mode == "anyres":
+        return {"image_mode": f"anyres, pinpoints {[list(p) for p in layout.pinpoints]} "  # type: ignore[attr-defined]
+                              "(tokens per image depend on its size)"}
+    return {}
 
 
 def convert(src: Path, dst: Path, to: str, vision: Path | None, llm: Path | None, base: Path | None,

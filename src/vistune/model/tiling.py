@@ -203,7 +203,8 @@ class ImagePreprocessor:
         rows, cols = self.layout.hd_grid
         crops: list[Image.Image] = []
         for im in images:
-            crops.append(expand_to_square(im, background))  # type: ignore[arg-type]
+            # The global tile: as `single` preprocesses the image (padded to a square with `pad`).
+            crops.append(expand_to_square(im, background) if self.image_preprocess == "pad" else im)  # type: ignore[arg-type]
             crops += _resize_tiles(im, rows, cols, self.layout.tile, background)  # type: ignore[arg-type]
         return self.processor(images=crops, return_tensors="pt")["pixel_values"], sizes
 

@@ -33,8 +33,10 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.projector = projector
         self.llm = llm
-        cfg = vision.encoder.config
-        self.layout = layout or ImageLayout.build("single", cfg.image_size, cfg.patch_size, vision.num_tokens)
+        if layout is None:
+            cfg = vision.encoder.config
+            layout = ImageLayout.build("single", cfg.image_size, cfg.patch_size, vision.num_tokens)
+        self.layout = layout
         newline = None
         if self.layout.mode == "anyres":
             # LLaVA-NeXT's learned row-end embedding, initialised as LlavaNextModel does (std 1/sqrt(D)).
