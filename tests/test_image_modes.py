@@ -178,6 +178,20 @@ def anyres_pair(clip_dir: Path, llama_dir: Path, tmp_path_factory: pytest.TempPa
                          ids=["40x20", "20x40", "30x30", "90x50", "two-images"])
 def test_anyres_parity_with_llava_next(images: list, anyres_pair: tuple) -> None:
     bundle, _, hf, processor = anyres_pair
+    _check_parity(bundle, hf, processor, images)
+
+
+def test_anyres_parity_with_llava_next_siglip(siglip_dir: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """SigLIP: no CLS token (HF strategy `full`) and no crop in its processor."""
+    bundle = _bundle(siglip_dir, llama_dir, image_mode="anyres", image_grid_pinpoints=PINPOINTS)
+    write_llava_hf(bundle, tmp_path / "hf")
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.vision_feature_select_strategy == "full"
+    _check_parity(bundle, hf, AutoProcessor.from_pretrained(str(tmp_path / "hf")), [SIZES[0], SIZES[3]])
+
+
+def _check_parity(bundle: Bundle, hf: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor,
+                  images: list) -> None:
     pil = [_image(w, h, seed=i) for i, (w, h) in enumerate(images)]
     engine = Engine(bundle)
     batch = engine._batch([engine.prepare([Message("user", "<image>\n" * len(pil) + "What colour is the shape?")],

@@ -167,6 +167,8 @@ def anyres_processor(source: BaseImageProcessor, layout: ImageLayout) -> BaseIma
         from transformers import LlavaNextImageProcessor
     fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS and v is not None}
     fields.setdefault("do_center_crop", False)  # an encoder processor without a crop (SigLIP) must not crop
+    # LlavaNext takes its tile side from crop_size (default 224): give it the encoder's when there is none.
+    fields.setdefault("crop_size", {"height": layout.tile, "width": layout.tile})
     return LlavaNextImageProcessor(**fields, image_grid_pinpoints=[list(p) for p in layout.pinpoints])
 
 
