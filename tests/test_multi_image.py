@@ -154,3 +154,40 @@ def test_demo_world_compare_questions(tmp_path: Path) -> None:
     compare = [it for it in items if it.meta["question"].type == "compare"]
     assert len(compare) == 10 and all(len(it.images) == 2 for it in compare)  # 5 with images + 5 blind
 
+
+
+def test_precheck_counts_anyres_lengths_the_same_in_worker_processes(llama_dir: Path, dataset_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """Exact lengths from the image headers, serially and in a process pool (the layout travels along)."""
+    from vistune.chat.encode import ChatEncoder
+    from vistune.chat.formats import get_format
+    from vistune.data.dataset import sample_image_tokens
+    from vistune.data.precheck import precheck
+    from vistune.model.llm import load_tokenizer
+    from vistune.model.tiling import ImageLayout
+
+    samples = load_samples(_two_image_data(dataset_dir, tmp_path), dataset_dir / "images", False, Problems())
+    encoder = ChatEncoder(load_tokenizer(llama_dir), get_format("chat_template"), 16, 1024)
+    layout = ImageLayout.build("anyres", 32, 8, 16)
+    _, serial = precheck(samples, encoder, False, Problems(), layout=layout)
+    _, pooled = precheck(samples, encoder, False, Problems(), workers=2, pool_min=4, layout=layout)
+    _, single = precheck(samples, encoder, False, Problems())
+    assert serial == pooled
+    for s, n_any, n_single in zip(samples, serial, single):
+        extra = sum(sample_image_tokens(layout, s) or []) - 16 * len(s.images)
+        assert abs(n_any) - abs(n_single) == extra  # only the image runs differ, by the counted tokens
+
+
+def test_hd_global_tile_follows_image_preprocess(clip_dir: Path) -> None:
+    from PIL import Image
+
+    from vistune.model.tiling import ImageLayout, ImagePreprocessor
+    from vistune.model.vision import load_image_processor
+
+    layout = ImageLayout.build("hd", 32, 8, 16, hd_grid=(1, 2))
+    image = Image.new("RGB", (64, 32), (200, 30, 30))
+    processor = load_image_processor(clip_dir)
+    pad, _ = ImagePreprocessor(layout, processor, "pad")([image])
+    crop, _ = ImagePreprocessor(layout, processor, "processor")([image])
+    assert pad.shape == crop.shape == (3, 3, 32, 32)  # global + 1x2 tiles
+    assert not torch.equal(pad[0], crop[0]) and torch.equal(pad[1:], crop[1:])  # only the global tile differs
