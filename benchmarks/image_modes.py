@@ -136,9 +136,9 @@ def main() -> None:
 
     import torch
     import transformers
+    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
 
     import vistune
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
 
     if args.threads:
         torch.set_num_threads(args.threads)
