@@ -191,7 +191,8 @@ def test_anyres_parity_with_llava_next_siglip(siglip_dir: Path, llama_dir: Path,
 
 
 def _check_parity(bundle: Bundle, hf: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor,
-                  images: list) -> None:
+                  images: list) -> tuple[Engine, dict, dict]:
+    """Same ids, tiles, image sizes and logits (< 1e-5) from vistune and transformers; returns the inputs."""
     pil = [_image(w, h, seed=i) for i, (w, h) in enumerate(images)]
     engine = Engine(bundle)
     batch = engine._batch([engine.prepare([Message("user", "<image>\n" * len(pil) + "What colour is the shape?")],
@@ -212,6 +213,17 @@ def _check_parity(bundle: Bundle, hf: LlavaNextForConditionalGeneration, process
         ours = engine.model(**batch).logits  # [1, L, V]
         theirs = hf(**inputs).logits  # [1, L, V + 1]
     assert (ours - theirs[..., : ours.shape[-1]]).abs().max() < 1e-5
+    return engine, batch, inputs
+
+
+def test_anyres_greedy_generation_equals_llava_next(anyres_pair: tuple) -> None:
+    bundle, _, hf, processor = anyres_pair
+    engine, batch, inputs = _check_parity(bundle, hf, processor, [SIZES[3]])
+    ours = engine.model.generate(**batch, max_new_tokens=10, do_sample=False, eos_token_id=[],
+                                 pad_token_id=engine.tokenizer.pad_token_id)[0]
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert ours.tolist() == theirs[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def test_llava_next_round_trip_and_detection(anyres_pair: tuple, tmp_path: Path,
