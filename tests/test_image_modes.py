@@ -258,3 +258,44 @@ def test_anyres_processor_copies_encoder_settings(clip_dir: Path) -> None:
     proc = anyres_processor(source, layout)
     assert proc.image_mean == source.image_mean and proc.crop_size == source.crop_size
     assert proc.image_grid_pinpoints == [list(p) for p in PINPOINTS]
+
+
+def test_original_llava_next_folder(clip_dir: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """The original repo's LLaVA-NeXT layout (config `image_aspect_ratio: anyres`, `spatial_unpad`,
+    pinpoints as (width, height), `model.image_newline` among the weights) reads as the same model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    native = _bundle(clip_dir, llama_dir, image_mode="anyres", image_grid_pinpoints=[(32, 64), (64, 64)])
+    src = tmp_path / "llava-next-tiny"
+    src.mkdir()
+    model = native.model
+    state = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    state |= {f"model.mm_projector.{k}": v.clone() for k, v in model.projector.state_dict().items()}
+    state["model.image_newline"] = model.image_newline.detach().clone()
+    save_file(state, str(src / "model.safetensors"))
+    config = model.llm.config.to_dict() | {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": str(clip_dir),
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False, "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+        "image_grid_pinpoints": "[(64, 32), (64, 64)]",  # (width, height), as a string as LLaVA's args give it
+        "tokenizer_model_max_length": 1024}
+    (src / "config.json").write_text(json.dumps(config))
+    native.tokenizer.save_pretrained(str(src))
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "vistune", "--format", "chat_template"]) == 0
+    converted = load_checkpoint(tmp_path / "out")
+    assert converted.model.layout.pinpoints == ((32, 64), (64, 64))  # (height, width): a wide 1x2 grid first
+    assert converted.model.layout.grid(20, 40) == (1, 2)
+    image = _image(40, 20, seed=5)
+    ours, theirs = Engine(native), Engine(converted)
+    question = [Message("user", "<image>\nWhat colour is the shape?")]
+    batch = ours._batch([ours.prepare(question, [image])])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.model(**batch).logits, ours.model(**batch).logits, rtol=0, atol=1e-6)
+    config["mm_patch_merge_type"] = "spatial"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'spatial_unpad'"):
+        from vistune.convert.api import load_any
+
+        load_any(src)
