@@ -299,3 +299,30 @@ def test_original_llava_next_folder(clip_dir: Path, llama_dir: Path, tmp_path: P
         from vistune.convert.api import load_any
 
         load_any(src)
+
+
+def test_image_newline_trains_and_is_saved_with_the_projector(clip_dir: Path, llama_dir: Path,
+                                                              tmp_path: Path) -> None:
+    from vistune.config import LoraSettings, PartsConfig
+    from vistune.model.checkpoint import save_checkpoint
+    from vistune.train.parts import apply_parts, describe, param_groups
+
+    bundle = _bundle(clip_dir, llama_dir, image_mode="anyres", image_grid_pinpoints=PINPOINTS)
+    model = bundle.model
+    apply_parts(model, PartsConfig(projector="frozen", llm="frozen"), LoraSettings(), False)
+    assert not model.image_newline.requires_grad
+    apply_parts(model, PartsConfig(projector="full", llm="frozen"), LoraSettings(), False)
+    groups = param_groups(model, 1e-2, None, 0.0)
+    assert any(p is model.image_newline for g in groups for p in g["params"])
+    assert "projector trains         6,336 /" in describe(model)  # 6,272 projector + 64 newline
+    before = model.image_newline.detach().clone()
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    engine = Engine(bundle)
+    batch = engine._batch([engine.prepare([Message("user", "<image>\nWhat colour is the shape?")],
+                                          [_image(40, 20, seed=1)])])
+    model.train()
+    model(**batch, labels=batch["input_ids"].clamp(min=0)).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.image_newline.detach(), before)
+    out = save_checkpoint(tmp_path / "ckpt", bundle, bundle.spec.vision, bundle.spec.llm, "frozen", True)
+    assert torch.equal(load_checkpoint(out).model.image_newline.detach(), model.image_newline.detach())

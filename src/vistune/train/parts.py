@@ -50,6 +50,10 @@ def describe(model: VisionLanguageModel) -> str:
     lines = []
     for name in ("vision", "projector", "llm"):
         trainable, total = count(getattr(model, name))
+        newline = model.image_newline
+        if name == "projector" and newline is not None:  # anyres' row-end embedding counts with the projector
+            total += newline.numel()
+            trainable += newline.numel() if newline.requires_grad else 0
         state = "frozen" if trainable == 0 else "trains"
         lines.append(f"  {name:<9} {state:<6} {trainable:>13,} / {total:>13,} parameters")
     return "\n".join(lines)
