@@ -326,3 +326,18 @@ def test_image_newline_trains_and_is_saved_with_the_projector(clip_dir: Path, ll
     assert not torch.equal(model.image_newline.detach(), before)
     out = save_checkpoint(tmp_path / "ckpt", bundle, bundle.spec.vision, bundle.spec.llm, "frozen", True)
     assert torch.equal(load_checkpoint(out).model.image_newline.detach(), model.image_newline.detach())
+
+
+def test_anyres_batch_of_prompts_equals_each_alone(anyres_pair: tuple) -> None:
+    """Prompts with different image sizes (so different token and tile counts) batched together, left-padded:
+    each row's last-position logits equal that prompt's alone."""
+    bundle = anyres_pair[0]
+    engine = Engine(bundle)
+    prompts = [engine.prepare([Message("user", "<image>\n" * len(sizes) + "What colour is the shape?")],
+                              [_image(w, h, seed=k) for k, (w, h) in enumerate(sizes)])
+               for sizes in ([SIZES[0]], [SIZES[3], SIZES[1]], [SIZES[2]])]
+    assert len({len(p.input_ids) for p in prompts}) == 3
+    with torch.no_grad():
+        together = engine.model(**engine._batch(prompts)).logits[:, -1]  # [3, V]
+        alone = torch.cat([engine.model(**engine._batch([p])).logits[:, -1] for p in prompts])  # [3, V]
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
