@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vistune.datagen.sources import read_coco
-from vistune.demo.world import CATEGORIES, QUESTION_TYPES, build_world, questions, render, sample_scene
+from vistune.demo.world import CATEGORIES, MULTI_IMAGE_TYPES, QUESTION_TYPES, build_world, questions, render, sample_scene
 from vistune.eval.metrics import exact_match, normalize_vqa_answer
 
 
@@ -83,7 +83,7 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     for key in ("accuracy_with_image", "accuracy_blind", "per_type", "wall_seconds", "machine", "peak_memory_gib"):
         assert key in report
-    assert set(report["per_type"]) == set(QUESTION_TYPES)
+    assert set(report["per_type"]) == set(QUESTION_TYPES) | set(MULTI_IMAGE_TYPES)
     assert 0 <= report["accuracy_with_image"] <= 1
     assert report["machine"]["torch"]
     assert (out / "loss_curves.png").stat().st_size > 1000

@@ -31,27 +31,32 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int |
     return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
-def ask(model: Path, question: str, image: Path | None, max_new_tokens: int, temperature: float, top_p: float,
+def ask(model: Path, question: str, image: list[Path] | None, max_new_tokens: int, temperature: float, top_p: float,
         seed: int | None, device: str | None) -> None:
-    """Print only the answer to one question about an image (for scripts)."""
+    """Print only the answer to one question about an image, or several (--image repeated; `<image>` in the
+    question places them, else they go first), for scripts."""
+    from vistune.chat.formats import Message
     from vistune.infer.engine import load
 
     engine = load(model, device)
-    print(engine.ask(image, question, _sampling(max_new_tokens, temperature, top_p, seed)))
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    print(engine.generate([[Message("user", question)]], [list(image or [])], sampling)[0])
 
 
-def chat(model: Path, image: Path | None, max_new_tokens: int, temperature: float, top_p: float,
+def chat(model: Path, image: list[Path] | None, max_new_tokens: int, temperature: float, top_p: float,
          seed: int | None, device: str | None) -> None:
-    """Multi-turn chat about an image, answers streamed. Empty line or Ctrl-D ends it; /reset starts over."""
+    """Multi-turn chat about an image or several (--image repeated), answers streamed. Empty line or Ctrl-D
+    ends it; /reset starts over."""
     from vistune.chat.formats import Message
     from vistune.infer.engine import load
 
     engine = load(model, device)
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
     history: list[Message] = []
-    images = [image] if image else []
+    images = list(image or [])
     print(f"vistune chat: {model} ({engine.bundle.spec.conversation_format} format)"
-          f"{', image ' + str(image) if image else ''}. Empty line or Ctrl-D to quit, /reset to start over.")
+          f"{', images ' + ', '.join(map(str, images)) if images else ''}. Empty line or Ctrl-D to quit, "
+          "/reset to start over.")
     while True:
         try:
             text = input("you> ").strip()
@@ -64,7 +69,7 @@ def chat(model: Path, image: Path | None, max_new_tokens: int, temperature: floa
             history = []
             continue
         if not history and images and "<image>" not in text:
-            text = "<image>\n" + text
+            text = "<image>" * len(images) + "\n" + text
         history.append(Message("user", text))
         print("assistant> ", end="", flush=True)
         pieces = []
@@ -100,6 +105,7 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
         "system_prompt": spec.system_prompt or "(format default)",
         "model_max_length": spec.model_max_length,
         "image_tokens_per_image": spec.num_image_tokens,
+        **_image_mode_row(bundle.model.layout),
         "image_preprocess": spec.vision.image_preprocess,
         "vision": f"{where(spec.vision.path)} (layer {spec.vision.select_layer}, {spec.vision.select_feature}), "
                   f"{count(bundle.model.vision)[1]:,} parameters",
@@ -117,10 +123,22 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
 _DTYPES = {"float32", "bfloat16", "float16"}
 
 
+def _image_mode_row(layout: object) -> dict[str, str]:
+    """`info`'s line for hd/anyres models (per-image tokens then depend on the image's size)."""
+    mode = getattr(layout, "mode", "single")
+    if mode == "hd":
+        return {"image_mode": f"hd, grid {list(layout.hd_grid)} + the whole image: "  # type: ignore[attr-defined]
+                              f"{layout.num_tokens(1, 1)} tokens per image"}  # type: ignore[attr-defined]
+    if mode == "anyres":
+        return {"image_mode": f"anyres, pinpoints {[list(p) for p in layout.pinpoints]} "  # type: ignore[attr-defined]
+                              "(tokens per image depend on its size)"}
+    return {}
+
+
 def convert(src: Path, dst: Path, to: str, vision: Path | None, llm: Path | None, base: Path | None,
             keep_adapter: bool, format: str | None, system_prompt: str | None, dtype: str | None) -> None:
-    """Convert a checkpoint (vistune, llava-hf, original LLaVA full / stage-1 projector / LoRA; detected
-    from its config) to vistune or llava-hf."""
+    """Convert a checkpoint (vistune, llava-hf, llava-next, original LLaVA full / stage-1 projector / LoRA; detected
+    from its config) to vistune, llava-hf or (anyres models) llava-next."""
     import torch
 
     from vistune.convert.api import convert as run_convert
@@ -236,12 +254,12 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help=ask.__doc__, description=ask.__doc__)
     a.add_argument("model", type=Path, help="vistune checkpoint folder")
     a.add_argument("question")
-    a.add_argument("--image", type=Path, default=None)
+    a.add_argument("--image", type=Path, action="append", default=None, help="an image (repeat for several)")
     generation(a)
 
     c = sub.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
     c.add_argument("model", type=Path, help="vistune checkpoint folder")
-    c.add_argument("--image", type=Path, default=None)
+    c.add_argument("--image", type=Path, action="append", default=None, help="an image (repeat for several)")
     generation(c)
 
     def parts(sp: argparse.ArgumentParser) -> None:
@@ -256,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
     cv.add_argument("src", type=Path, help="source folder; its format is read from its files and config")
     cv.add_argument("dst", type=Path, help="new output folder")
-    cv.add_argument("--to", required=True, choices=["vistune", "llava-hf"])
+    cv.add_argument("--to", required=True, choices=["vistune", "llava-hf", "llava-next"])
     parts(cv)
     cv.add_argument("--keep-adapter", action="store_true", help="LoRA sources: keep the adapter (vistune only) "
                     "instead of merging it")

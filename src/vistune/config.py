@@ -49,6 +49,24 @@ class VisionConfig(_Strict):
         description="`pad`: expand to a square filled with the processor's mean colour, then the processor "
         "(LLaVA-1.5); `processor`: the processor's own resize/crop.",
     )
+    image_mode: Literal["single", "hd", "anyres"] = Field(
+        "single", description="`single`: one encoder-sized image (LLaVA-1.5); `hd`: a fixed grid of encoder-sized "
+        "tiles merged into one map plus the downsampled whole image (LLaVA-1.5-HD); `anyres`: the grid chosen per "
+        "image among `image_grid_pinpoints`, unpadded, with a learned row-end embedding (LLaVA-NeXT)."
+    )
+    hd_grid: tuple[int, int] = Field((2, 2), description="`hd`: tiles as [rows, cols].")
+    image_grid_pinpoints: list[tuple[int, int]] | None = Field(
+        None, description="`anyres`: candidate resolutions [height, width] in pixels, multiples of the encoder's "
+        "input size; default LLaVA-NeXT's 1x2, 2x1, 2x2, 3x1, 1x3 tiles."
+    )
+    max_tiles: int | None = Field(None, gt=0, description="`anyres`: drop pinpoints with more tiles than this.")
+
+    @field_validator("hd_grid")
+    @classmethod
+    def _grid(cls, grid: tuple[int, int]) -> tuple[int, int]:
+        if min(grid) < 1:
+            raise ValueError(f"hd_grid {list(grid)} needs at least one row and one column")
+        return grid
 
 
 class LLMConfig(_Strict):

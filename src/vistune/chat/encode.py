@@ -16,12 +16,13 @@ If 2 or 3 fails, a `LabelError` names the sample; nothing is masked quietly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from vistune.chat.formats import IMAGE_PLACEHOLDER, ConversationFormat, Message, Segment
-from vistune.errors import LabelError
+from vistune.errors import DataError, LabelError
 from vistune.model.vlm import IMAGE_TOKEN_ID
 
 IGNORE_INDEX = -100  # the label value transformers' loss skips
@@ -110,8 +111,11 @@ class ChatEncoder:
             prev = ids
         return pieces
 
-    def encode(self, messages: list[Message], sample: str = "?", add_generation_prompt: bool = False) -> Encoded:
-        """Ids and labels for a conversation. With add_generation_prompt, ids end where the reply begins."""
+    def encode(self, messages: list[Message], sample: str = "?", add_generation_prompt: bool = False,
+               image_tokens: Sequence[int] | None = None) -> Encoded:
+        """Ids and labels for a conversation. With add_generation_prompt, ids end where the reply begins.
+        `image_tokens`: each image's token count, in placeholder order (`hd`/`anyres` image modes, where
+        it depends on the image's size); by default every image has `num_image_tokens`."""
         segments = self.format.render(messages, self.tokenizer, add_generation_prompt)
         # Split on image placeholders: text runs are tokenized on their own, as LLaVA does.
         runs: list[list[Segment] | None] = [[]]  # None marks an image
@@ -125,13 +129,25 @@ class ChatEncoder:
                 if part or seg.supervised:
                     runs[-1].append(Segment(part, seg.reply))  # type: ignore[union-attr]
 
+        n_placeholders = sum(1 for run in runs if run is None)
+        counts = [self.num_image_tokens] * n_placeholders if image_tokens is None else list(image_tokens)
+        if len(counts) != n_placeholders:
+            raise DataError(f"sample {sample}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for "
+                            f"{len(counts)} image(s); each image needs exactly one placeholder",
+                            "image/placeholder mismatch")
+        if self.max_length is not None and sum(counts) + len(self.bos) > self.max_length:
+            raise DataError(f"sample {sample}: its {len(counts)} image(s) take {sum(counts)} tokens "
+                            f"({counts}), more than model_max_length={self.max_length}; raise model_max_length, "
+                            "use fewer tiles (vision.max_tiles, hd_grid) or fewer images",
+                            "image tokens over model_max_length")
         input_ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
-        image_starts: list[int] = []
+        image_runs: list[tuple[int, int]] = []  # (start, length) of each image's ids
         for run in runs:
             if run is None:
-                image_starts.append(len(input_ids))
-                input_ids += [IMAGE_TOKEN_ID] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                n = counts[len(image_runs)]
+                image_runs.append((len(input_ids), n))
+                input_ids += [IMAGE_TOKEN_ID] * n
+                labels += [IGNORE_INDEX] * n
                 continue
             for seg, ids in zip(run, self._tokenize_run([s.text for s in run], sample) if run else []):
                 if seg.supervised:
@@ -143,16 +159,16 @@ class ChatEncoder:
                         )
                 input_ids += ids
                 labels += ids if seg.supervised else [IGNORE_INDEX] * len(ids)
-        return self._truncate(input_ids, labels, image_starts)
+        return self._truncate(input_ids, labels, image_runs)
 
-    def _truncate(self, input_ids: list[int], labels: list[int], image_starts: list[int]) -> Encoded:
-        n_images = len(image_starts)
+    def _truncate(self, input_ids: list[int], labels: list[int], image_runs: list[tuple[int, int]]) -> Encoded:
+        n_images = len(image_runs)
         if self.max_length is None or len(input_ids) <= self.max_length:
             return Encoded(input_ids, labels, n_images)
         cut = self.max_length
         # Never cut inside an image's token run: the image would have fewer slots than features.
-        for start in image_starts:
-            if start < cut < start + self.num_image_tokens:
+        for start, n in image_runs:
+            if start < cut < start + n:
                 cut = start
-        kept = sum(1 for s in image_starts if s + self.num_image_tokens <= cut)
+        kept = sum(1 for s, n in image_runs if s + n <= cut)
         return Encoded(input_ids[:cut], labels[:cut], kept, truncated=True)

@@ -13,7 +13,7 @@ from vistune.convert.llava_original import read_llava
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import Bundle, load_checkpoint, save_checkpoint
 
-Target = Literal["vistune", "llava-hf"]
+Target = Literal["vistune", "llava-hf", "llava-next"]
 
 
 def load_any(src: str | Path, vision: Path | None = None, llm: Path | None = None, base: Path | None = None,
@@ -25,7 +25,7 @@ def load_any(src: str | Path, vision: Path | None = None, llm: Path | None = Non
     det = detect(src)
     if det.format == "vistune":
         return load_checkpoint(det.folder, dtype=dtype or torch.float32), det
-    if det.format == "llava-hf":
+    if det.format in ("llava-hf", "llava-next"):
         return read_llava_hf(det.folder, fmt, system_prompt, dtype), det
     return read_llava(det, vision, llm, base, merge, fmt or "vicuna_v1", system_prompt), det
 
@@ -55,17 +55,21 @@ def convert(src: str | Path, dst: str | Path, to: Target, vision: Path | None = 
     """Convert `src` (format detected) to `to` in `dst`. LoRA is merged unless `merge=False` (vistune only)."""
     dst = Path(dst)
     _check_dst(dst)
-    if to == "llava-hf" and not merge:
-        raise CheckpointError("llava-hf has no place for a separate adapter; convert with merging")
+    if to in ("llava-hf", "llava-next") and not merge:
+        raise CheckpointError(f"{to} has no place for a separate adapter; convert with merging")
     bundle, det = load_any(src, vision, llm, base, merge, fmt, system_prompt, dtype)
     if det.format == "vistune" and to == "vistune" and not bundle.spec.llm_adapter:
         raise CheckpointError(f"{src} is already a vistune checkpoint without an adapter; nothing to convert")
     if merge:
         bundle = _merged(bundle)
-    if to == "llava-hf":
+    if to in ("llava-hf", "llava-next"):
+        mode = bundle.model.layout.mode
+        if (to == "llava-next") != (mode == "anyres"):
+            raise CheckpointError(f"{src} has image_mode {mode!r}: llava-next holds `anyres` models only, llava-hf "
+                                  "`single` ones; choose the other --to (`hd` models stay in the vistune format)")
         return write_llava_hf(bundle, dst), det
     if to != "vistune":
-        raise CheckpointError(f"unknown target format {to!r}; valid: vistune, llava-hf")
+        raise CheckpointError(f"unknown target format {to!r}; valid: vistune, llava-hf, llava-next")
     return write_vistune(bundle, dst, {"converted_from": str(Path(src).resolve()), "source_format": det.format}), det
 
 

@@ -18,6 +18,7 @@ from vistune.config import LLMConfig, VisionConfig
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import Bundle, ModelSpec
 from vistune.model.projector import build_projector
+from vistune.model.tiling import ImageLayout
 from vistune.model.vision import VisionTower
 from vistune.model.vlm import VisionLanguageModel
 
@@ -41,12 +42,6 @@ def causal_lm_from_state(config: PretrainedConfig, state: dict[str, torch.Tensor
     return model.eval()
 
 
-def load_projector_state(projector: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    missing, unexpected = projector.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
-
-
 def assemble(encoder: nn.Module, vision: VisionConfig, projector_key: str, projector_state: dict[str, torch.Tensor],
              llm: nn.Module, llm_cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase,
              image_processor: BaseImageProcessor, conversation_format: str, system_prompt: str | None,
@@ -57,8 +52,12 @@ def assemble(encoder: nn.Module, vision: VisionConfig, projector_key: str, proje
     projector = build_projector(projector_key, tower.hidden_size, embed_dim)
     dtype = next(llm.parameters()).dtype
     projector.to(dtype)
-    load_projector_state(projector, projector_state, str(where))
-    model = VisionLanguageModel(tower, projector, llm).eval()
+    layout = ImageLayout.for_model(vision, encoder.config, tower.num_tokens)  # type: ignore[arg-type]
+    model = VisionLanguageModel(tower, projector, llm, layout).eval()
+    if model.image_newline is not None:
+        model.image_newline.data = model.image_newline.data.to(dtype)
+    # The projector's weights, and `image_newline` for anyres (the reader puts it in the same dict).
+    model.load_connector_state(projector_state, str(where))
     spec = ModelSpec(
         vision=vision, llm=llm_cfg, projector=projector_key, vision_hidden_size=tower.hidden_size,
         llm_hidden_size=embed_dim, num_image_tokens=tower.num_tokens, conversation_format=conversation_format,

@@ -2,6 +2,7 @@
 
 - `vistune`: `vistune.json` (model/checkpoint.py).
 - `llava-hf`: transformers' `LlavaForConditionalGeneration` (config `model_type: llava` with a `text_config`).
+- `llava-next`: transformers' `LlavaNextForConditionalGeneration` (`model_type: llava_next`), read as `anyres`.
 - `llava`: the original repository's full model (`LlavaLlamaForCausalLM`, ...: an LLM config with
   `mm_vision_tower` and weights).
 - `llava-projector`: its stage-1 output, `mm_projector.bin` (projector only) beside the LLM's config.
@@ -19,8 +20,8 @@ from vistune.convert.weights import model_weight_files
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import SPEC_FILE
 
-Format = Literal["vistune", "llava-hf", "llava", "llava-projector", "llava-lora"]
-FORMATS: tuple[Format, ...] = ("vistune", "llava-hf", "llava", "llava-projector", "llava-lora")
+Format = Literal["vistune", "llava-hf", "llava-next", "llava", "llava-projector", "llava-lora"]
+FORMATS: tuple[Format, ...] = ("vistune", "llava-hf", "llava-next", "llava", "llava-projector", "llava-lora")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -51,6 +52,8 @@ def detect(folder: str | Path) -> Detected:
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     if config.get("model_type") == "llava" and "text_config" in config:
         return Detected("llava-hf", folder, config)
+    if config.get("model_type") == "llava_next" and "text_config" in config:
+        return Detected("llava-next", folder, config)
     has_mm = "mm_vision_tower" in config or "mm_projector_type" in config
     if (folder / "adapter_config.json").is_file() and (has_mm or (folder / "non_lora_trainables.bin").is_file()):
         if not any((folder / f).is_file() for f in ADAPTER_FILES):

@@ -9,6 +9,10 @@ text vocabulary size before the image row) goes in `vistune_export.json`, which 
 reader uses to restore the model exactly.
 
 HF's projector is always `linear_1 -> act -> linear_2`: only vistune's `mlp2x_gelu` maps onto it.
+
+An `anyres` model is written as `LlavaNextForConditionalGeneration` + `LlavaNextProcessor` (format
+`llava-next`, `image_newline` included, the effective grid pinpoints in config and processor); a
+`single` model as `LlavaForConditionalGeneration`. `hd` has no transformers class.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from transformers import (
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
 )
 
@@ -41,6 +48,7 @@ from vistune.convert.templates import processor_chat_template
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import Bundle
 from vistune.model.llm import load_tokenizer
+from vistune.model.tiling import anyres_processor
 
 EXPORT_FILE = "vistune_export.json"
 HF_PROJECTOR = "mlp2x_gelu"
@@ -65,6 +73,9 @@ def _check_exportable(bundle: Bundle) -> None:
         raise CheckpointError("the projector's linear layers must have biases to be written as llava-hf")
     if hasattr(model.llm, "peft_config"):
         raise CheckpointError("the LLM carries a LoRA adapter; merge it first (vistune merge-lora)")
+    if model.layout.mode == "hd":
+        raise CheckpointError("image_mode 'hd' (LLaVA-1.5-HD) has no transformers model class; keep this model in "
+                              "the vistune format (anyres models convert to llava-next)")
 
 
 def _pad_processor(source: BaseImageProcessor) -> BaseImageProcessor:
@@ -81,9 +92,12 @@ def _pad_processor(source: BaseImageProcessor) -> BaseImageProcessor:
 
 
 def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
-    """Write `bundle` as a llava-hf folder that `LlavaForConditionalGeneration.from_pretrained` and
-    `AutoProcessor.from_pretrained` load unchanged. The folder appears complete or not at all."""
+    """Write `bundle` as a llava-hf folder that `LlavaForConditionalGeneration.from_pretrained` (or, for an
+    `anyres` model, `LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained` load
+    unchanged. The folder appears complete or not at all."""
     _check_exportable(bundle)
+    layout = bundle.model.layout
+    anyres = layout.mode == "anyres"
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; give a new folder")
@@ -104,17 +118,22 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
     text_config = copy.deepcopy(llm.config)
     text_config.vocab_size = rows
     strategy = _select_strategy(spec.vision.select_feature, model.vision.has_cls)
-    config = LlavaConfig(
+    config_class, model_class = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (
+        LlavaConfig, LlavaForConditionalGeneration)
+    extra = {"image_grid_pinpoints": [list(p) for p in layout.pinpoints]} if anyres else {}
+    config = config_class(
         vision_config=copy.deepcopy(encoder.config), text_config=text_config, image_token_index=image_id,
         image_seq_length=spec.num_image_tokens, projector_hidden_act="gelu", vision_feature_select_strategy=strategy,
         vision_feature_layer=spec.vision.select_layer, multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)), **extra,
     )
     dtype = embed.dtype
     config.dtype = dtype
     # Built on the meta device and filled by assignment: no random init of a multi-billion model.
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = model_class(config)
+    if anyres:
+        hf.model.image_newline = nn.Parameter(model.image_newline.detach().to(dtype).clone())
     decoder_state = {k: v for k, v in getattr(llm, llm.base_model_prefix).state_dict().items()}
     decoder_state["embed_tokens.weight"] = embed
     parts: list[tuple[nn.Module, dict[str, torch.Tensor]]] = [
@@ -128,9 +147,13 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
         module.load_state_dict({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, strict=True,
                                assign=True)
 
-    image_processor = (_pad_processor(bundle.image_processor) if spec.vision.image_preprocess == "pad"
-                       else copy.deepcopy(bundle.image_processor))
-    processor = LlavaProcessor(
+    if anyres:
+        image_processor = anyres_processor(bundle.image_processor, layout)
+    elif spec.vision.image_preprocess == "pad":
+        image_processor = _pad_processor(bundle.image_processor)
+    else:
+        image_processor = copy.deepcopy(bundle.image_processor)
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=encoder.config.patch_size,
         vision_feature_select_strategy=strategy,
         chat_template=processor_chat_template(spec.conversation_format, spec.system_prompt, bundle.tokenizer),
@@ -170,7 +193,9 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
     `conversation_format`, else from `vistune_export.json`, else `vicuna_v1` (llava-1.5-hf's)."""
     src = Path(src)
     export: dict[str, Any] = json.loads((src / EXPORT_FILE).read_text()) if (src / EXPORT_FILE).is_file() else {}
-    hf = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=dtype or "auto")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    model_class = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    hf = model_class.from_pretrained(str(src), dtype=dtype or "auto")
     config = hf.config
     if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
         raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
@@ -212,14 +237,19 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
                        "0.bias": hf.model.multi_modal_projector.linear_1.bias,
                        "2.weight": hf.model.multi_modal_projector.linear_2.weight,
                        "2.bias": hf.model.multi_modal_projector.linear_2.bias}
+    anyres = {}
+    if model_type == "llava_next":
+        # LLaVA-NeXT: anyres with the model's pinpoints; its newline travels with the projector weights.
+        anyres = {"image_mode": "anyres", "image_grid_pinpoints": [tuple(p) for p in config.image_grid_pinpoints]}
+        projector_state["image_newline"] = hf.model.image_newline
     vision = VisionConfig(path=str(src), select_layer=config.vision_feature_layer, select_feature=feature,
-                          image_preprocess=preprocess)
+                          image_preprocess=preprocess, **anyres)
     return assemble(
         encoder, vision, HF_PROJECTOR, {k: v.detach() for k, v in projector_state.items()}, llm,
         LLMConfig(path=str(src)), load_tokenizer(src), processor, fmt,
         system_prompt if system_prompt is not None else export.get("system_prompt"),
         int(export.get("model_max_length") or getattr(text_config, "max_position_embeddings", 2048)),
-        {"converted_from": str(src.resolve()), "source_format": "llava-hf"}, src,
+        {"converted_from": str(src.resolve()), "source_format": "llava-next" if anyres else "llava-hf"}, src,
     )
 
 

@@ -8,6 +8,10 @@ was saved or tuned, `model.vision_tower.vision_tower.<CLIP keys>`) to the LLM's 
 - stage 1: `mm_projector.bin` only; the LLM and vision tower are named in config.json;
 - LoRA: a peft adapter on the LLM + `non_lora_trainables.bin` (keys prefixed `base_model.model.`) holding
   the projector; the base LLM is not in the folder.
+LLaVA-NeXT folders (`image_aspect_ratio: anyres`, `mm_patch_merge_type: spatial_unpad`) become `anyres`
+models: their `image_grid_pinpoints` are (width, height) pairs, turned into vistune's (height, width)
+in the same order (so ties between pinpoints resolve as in LLaVA), and `model.image_newline` joins
+the projector's weights.
 The vision tower is named by hub id (`openai/clip-vit-large-patch14-336`); vistune never downloads,
 so a local copy is given with `vision=` unless the config already names a local folder. The
 conversation format is not stored by LLaVA (it picks one from the model's name): the default here
@@ -16,6 +20,7 @@ is LLaVA-1.5's `vicuna_v1`.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from vistune.model.projector import check_projector_key
 from vistune.model.vision import load_image_processor, load_vision_encoder
 
 PROJECTOR_PREFIX = "model.mm_projector."
+NEWLINE = "model.image_newline"  # LLaVA-NeXT's row-end embedding
 VISION_PREFIX = "model.vision_tower.vision_tower."
 LORA_PREFIX = "base_model.model."
 # The LLM architectures LLaVA wraps: its model_type -> the plain transformers model_type.
@@ -54,9 +60,21 @@ def _vision_settings(config: dict[str, Any], folder: Path, vision: Path | None) 
         raise CheckpointError(f"{folder}: mm_use_im_start_end is true (image wrapped in <im_start>/<im_end> tokens, "
                               "LLaVA v0); vistune's models do not use those tokens, so it cannot be converted")
     aspect = config.get("image_aspect_ratio") or "square"
-    if aspect not in ("pad", "square"):
-        raise CheckpointError(f"{folder}: image_aspect_ratio {aspect!r} (LLaVA-NeXT tiling) is not supported; "
-                              "vistune handles 'pad' and 'square'")
+    anyres: dict[str, Any] = {}
+    if aspect == "anyres":
+        merge = config.get("mm_patch_merge_type", "flat")
+        if merge != "spatial_unpad":
+            raise CheckpointError(f"{folder}: anyres with mm_patch_merge_type {merge!r}; vistune's anyres is "
+                                  "LLaVA-NeXT's 'spatial_unpad' (unpadded map with row-end embeddings)")
+        points = config.get("image_grid_pinpoints")
+        points = ast.literal_eval(points) if isinstance(points, str) else points
+        if not isinstance(points, list) or not points:
+            raise CheckpointError(f"{folder}: image_aspect_ratio anyres without image_grid_pinpoints")
+        # LLaVA lists (width, height); vistune (like transformers) (height, width).
+        anyres = {"image_mode": "anyres", "image_grid_pinpoints": [(int(h), int(w)) for w, h in points]}
+    elif aspect not in ("pad", "square"):
+        raise CheckpointError(f"{folder}: image_aspect_ratio {aspect!r} is not supported; vistune handles 'pad', "
+                              "'square' and LLaVA-NeXT's 'anyres'")
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
         raise CheckpointError(f"{folder}: mm_vision_select_feature {feature!r} is not 'patch' or 'cls_patch'")
@@ -67,7 +85,8 @@ def _vision_settings(config: dict[str, Any], folder: Path, vision: Path | None) 
                                   "which is not a local folder; pass --vision with a local copy of it")
         vision = Path(named)
     settings = VisionConfig(path=str(vision), select_layer=int(config.get("mm_vision_select_layer", -1)),
-                            select_feature=feature, image_preprocess="pad" if aspect == "pad" else "processor")
+                            select_feature=feature, image_preprocess="pad" if aspect == "pad" else "processor",
+                            **anyres)
     return vision, settings
 
 
@@ -97,6 +116,12 @@ def _load_tower(vision_path: Path, vision_state: dict[str, torch.Tensor], dtype:
     return encoder
 
 
+def _take_newline(state: dict[str, torch.Tensor], projector_state: dict[str, torch.Tensor]) -> None:
+    """Move LLaVA-NeXT's `model.image_newline` (if any) from `state` to the projector's weights."""
+    if NEWLINE in state:
+        projector_state["image_newline"] = state.pop(NEWLINE)
+
+
 def _finish(det: Detected, encoder: Any, vision: VisionConfig, projector_state: dict[str, torch.Tensor], llm: Any,
             llm_cfg: LLMConfig, tokenizer_dir: Path, fmt: str, system_prompt: str | None) -> Bundle:
     config = det.config
@@ -117,6 +142,7 @@ def read_llava(det: Detected, vision: Path | None = None, llm: Path | None = Non
         state = load_model_weights(folder)
         projector_state, state = _split(state, PROJECTOR_PREFIX)
         vision_state, state = _split(state, VISION_PREFIX)
+        _take_newline(state, projector_state)
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         model = causal_lm_from_state(_llm_config(config, folder), state, str(folder), dtype)
         encoder = _load_tower(vision_path, vision_state, dtype, folder)
@@ -130,7 +156,8 @@ def read_llava(det: Detected, vision: Path | None = None, llm: Path | None = Non
                 raise CheckpointError(f"{folder}: a stage-1 projector (mm_projector.bin) needs its LLM: config.json "
                                       f"names {named!r}; pass --llm with a local copy of it")
             llm = Path(named)
-        projector_state, _ = _split(load_weight_file(folder / "mm_projector.bin"), PROJECTOR_PREFIX)
+        projector_state, rest = _split(load_weight_file(folder / "mm_projector.bin"), PROJECTOR_PREFIX)
+        _take_newline(rest, projector_state)
         model = load_llm(llm, dtype=dtype)
         encoder = _load_tower(vision_path, {}, dtype, folder)
         return _finish(det, encoder, vision_cfg, projector_state, model, LLMConfig(path=str(llm)), llm, fmt,
@@ -158,6 +185,7 @@ def _read_lora(det: Detected, vision_path: Path, vision_cfg: VisionConfig, base:
     extra = load_weight_file(non_lora) if non_lora.is_file() else {}
     extra = {k.removeprefix(LORA_PREFIX): v for k, v in extra.items()}
     projector_state, extra = _split(extra, PROJECTOR_PREFIX)
+    _take_newline(extra, projector_state)
     vision_state, llm_extra = _split(extra, VISION_PREFIX)
     if not projector_state:
         raise CheckpointError(f"{folder}: no projector weights ({PROJECTOR_PREFIX}*) in non_lora_trainables.bin")

@@ -13,7 +13,7 @@ from transformers import BaseImageProcessor
 from vistune.chat.encode import ChatEncoder
 from vistune.data.records import Sample
 from vistune.errors import DataError
-from vistune.model.vision import preprocess_images
+from vistune.model.tiling import ImageLayout, ImagePreprocessor
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,22 @@ class Skipped:
     id: str
     reason: str
     message: str
+
+
+def image_size(path: object, sample: str) -> tuple[int, int]:
+    """(height, width) read from the file's header only (no decoding), for token counts up front."""
+    try:
+        with Image.open(path) as im:  # type: ignore[arg-type]
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"sample {sample}: image {path} cannot be read ({e})", "unreadable image") from None
+
+
+def sample_image_tokens(layout: ImageLayout | None, sample: Sample) -> list[int] | None:
+    """Each image's token count for `hd`/`anyres` (they depend on its size); None in `single`."""
+    if layout is None or layout.mode == "single":
+        return None
+    return [layout.num_tokens(*image_size(p, sample.id)) for p in sample.images]
 
 
 def load_image(path: object, sample: str) -> Image.Image:
@@ -35,17 +51,20 @@ def load_image(path: object, sample: str) -> Image.Image:
 
 
 class SupervisedDataset(Dataset):
-    """Sample -> {"input_ids", "labels", "pixel_values", "id"}, or a `Skipped` when skipping bad samples."""
+    """Sample -> {"input_ids", "labels", "pixel_values", "image_sizes", "id"}, or a `Skipped` when skipping
+    bad samples. `layout`: the model's image mode (default `single`)."""
 
     def __init__(self, samples: list[Sample], encoder: ChatEncoder, processor: BaseImageProcessor,
                  image_preprocess: Literal["pad", "processor"], skip_bad: bool,
-                 lengths: list[int] | None = None) -> None:
+                 lengths: list[int] | None = None, layout: ImageLayout | None = None) -> None:
         self.samples = samples
         self.exact_lengths = lengths
         self.encoder = encoder
         self.processor = processor
         self.image_preprocess = image_preprocess
         self.skip_bad = skip_bad
+        self.layout = layout
+        self.images = ImagePreprocessor(layout, processor, image_preprocess)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,18 +87,20 @@ class SupervisedDataset(Dataset):
             raise
 
     def _load(self, sample: Sample) -> dict[str, object] | Skipped:
-        enc = self.encoder.encode(list(sample.messages), sample.id)
+        enc = self.encoder.encode(list(sample.messages), sample.id,
+                                  image_tokens=sample_image_tokens(self.layout, sample))
         if enc.n_supervised == 0:
             # Always skipped and counted, whatever on_bad_sample says: training on it would teach nothing.
             return Skipped(sample.id, "all reply tokens truncated",
                            f"sample {sample.id}: no reply token fits in model_max_length={self.encoder.max_length}")
         images = [load_image(p, sample.id) for p in sample.images[: enc.n_images]]
-        pixel_values = preprocess_images(images, self.processor, self.image_preprocess) if images else None
+        pixel_values, sizes = self.images(images) if images else (None, None)
         return {
             "id": sample.id,
             "input_ids": torch.tensor(enc.input_ids),
             "labels": torch.tensor(enc.labels),
-            "pixel_values": pixel_values,  # [n_images, 3, H, W] or None
+            "pixel_values": pixel_values,  # [n_tiles, 3, H, W] or None (n_tiles = n_images in `single`)
+            "image_sizes": sizes,  # [n_images, 2] (height, width) or None
         }
 
 
@@ -101,4 +122,6 @@ def collate(items: list[dict[str, object] | Skipped], pad_token_id: int, padding
     pixels = [it["pixel_values"] for it in kept if it["pixel_values"] is not None]
     batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                  pixel_values=torch.cat(pixels) if pixels else None)  # type: ignore[arg-type]
+    sizes = [it["image_sizes"] for it in kept if it.get("image_sizes") is not None]
+    batch["image_sizes"] = torch.cat(sizes) if sizes else None  # type: ignore[arg-type]
     return batch

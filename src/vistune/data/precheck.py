@@ -14,8 +14,10 @@ from concurrent.futures import ProcessPoolExecutor
 from tqdm.auto import tqdm
 
 from vistune.chat.encode import ChatEncoder
+from vistune.data.dataset import sample_image_tokens
 from vistune.data.records import Problems, Sample
 from vistune.errors import DataError
+from vistune.model.tiling import ImageLayout
 
 _CHUNK = 2048
 _POOL_MIN = 4 * _CHUNK  # below this, starting processes costs more than it saves
@@ -23,11 +25,11 @@ _POOL_MIN = 4 * _CHUNK  # below this, starting processes costs more than it save
 Outcome = tuple[int, str | None, str]  # (signed length or 0, skip reason, message)
 
 
-def _check_chunk(encoder: ChatEncoder, samples: list[Sample]) -> list[Outcome]:
+def _check_chunk(encoder: ChatEncoder, samples: list[Sample], layout: ImageLayout | None = None) -> list[Outcome]:
     out: list[Outcome] = []
     for s in samples:
         try:
-            enc = encoder.encode(list(s.messages), s.id)
+            enc = encoder.encode(list(s.messages), s.id, image_tokens=sample_image_tokens(layout, s))
         except DataError as e:
             out.append((0, e.reason, str(e)))
             continue
@@ -40,8 +42,10 @@ def _check_chunk(encoder: ChatEncoder, samples: list[Sample]) -> list[Outcome]:
 
 
 def precheck(samples: list[Sample], encoder: ChatEncoder, skip_bad: bool, problems: Problems,
-             workers: int = 0, pool_min: int = _POOL_MIN) -> tuple[list[Sample], list[int]]:
-    """The samples that encode cleanly and their signed lengths (negative: text-only).
+             workers: int = 0, pool_min: int = _POOL_MIN, layout: ImageLayout | None = None
+             ) -> tuple[list[Sample], list[int]]:
+    """The samples that encode cleanly and their signed lengths (negative: text-only). With an `hd`/`anyres`
+    `layout`, each image's token count comes from its size (read from the file header).
 
     A LabelError stops the run naming the sample, unless skip_bad; fully truncated samples are
     always dropped and counted."""
@@ -52,12 +56,12 @@ def precheck(samples: list[Sample], encoder: ChatEncoder, skip_bad: bool, proble
     if workers > 0 and len(samples) >= pool_min:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for result in pool.map(_check_chunk, [encoder] * len(chunks), chunks):
+            for result in pool.map(_check_chunk, [encoder] * len(chunks), chunks, [layout] * len(chunks)):
                 outcomes += result
                 bar.update(len(result))
     else:
         for chunk in chunks:
-            outcomes += _check_chunk(encoder, chunk)
+            outcomes += _check_chunk(encoder, chunk, layout)
             bar.update(len(chunk))
     bar.close()
 

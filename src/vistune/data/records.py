@@ -1,7 +1,7 @@
 """The LLaVA data format: reading records and checking them before any training starts.
 
-A record is `{"id": ..., "image": "rel/path.jpg" (optional), "conversations": [{"from": "human"|"gpt",
-"value": ...}, ...]}` with an `<image>` placeholder in a human turn when there is an image. A JSON
+A record is `{"id": ..., "image": "rel/path.jpg" or a list of paths (optional), "conversations": [{"from": "human"|"gpt",
+"value": ...}, ...]}` with one `<image>` placeholder in a human turn per image; the i-th placeholder stands for the i-th image. A JSON
 file holds a list of records, a JSONL file one record per line.
 
 The `<image>` placeholder stays where the data puts it (LLaVA-1.5's code moves it to the front of
@@ -120,8 +120,6 @@ def parse_record(record: Any, index: int, image_folder: Path | None) -> Sample:
     if placeholders != len(names):
         raise DataError(f"record {rid}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(names)} image(s); "
                         "each image needs exactly one placeholder", "image/placeholder mismatch")
-    if len(names) > 1:
-        raise DataError(f"record {rid}: several images per sample are not supported yet")
     if names and image_folder is None:
         raise DataError(f"record {rid}: has an image but the stage's data.image_folder is not set")
     images = tuple((image_folder / n) if image_folder else Path(n) for n in names)

@@ -28,9 +28,10 @@ __all__ = ["SHORT_ANSWER_PROMPT", "Question", "ask_all", "blank_like", "describe
 
 
 def load_questions(questions: Path, annotations: Path, image_folder: Path, file_names: dict[int, str],
-                   per_type: int, seed: int) -> list[Question]:
-    """Up to `per_type` questions of each type; existence split evenly between yes and no."""
-    return select_questions(questions, annotations, image_folder, file_names, per_type, seed)
+                   per_type: int, seed: int, compare: Path | None = None) -> list[Question]:
+    """Up to `per_type` questions of each type; existence split evenly between yes and no; `compare`:
+    the two-image questions' file."""
+    return select_questions(questions, annotations, image_folder, file_names, per_type, seed, compare)
 
 
 def ask_all(engine: Engine, questions: list[Question], blind: bool, batch_size: int = BATCH_SIZE,
@@ -65,7 +66,7 @@ def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[st
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         prompts = [tok.apply_chat_template(
-            [{"role": "user", "content": f"{' '.join(captions[q.image.name])}\n{q.question}\n{SHORT_ANSWER_PROMPT}"}],
+            [{"role": "user", "content": f"{_described(q, captions)}\n{q.question}\n{SHORT_ANSWER_PROMPT}"}],
             tokenize=False, add_generation_prompt=True) for q in chunk]
         batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
@@ -73,3 +74,11 @@ def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[st
                               pad_token_id=tok.pad_token_id)
         replies += tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [r.strip() for r in replies]
+
+
+def _described(question: Question, captions: dict[str, list[str]]) -> str:
+    """The captions standing in for the question's image(s); several images are told apart by order."""
+    if len(question.all_images) == 1:
+        return " ".join(captions[question.image.name])
+    names = ("First", "Second", "Third", "Fourth")
+    return " ".join(f"{names[k]} image: {' '.join(captions[p.name])}" for k, p in enumerate(question.all_images))

@@ -45,16 +45,20 @@ class DemoSize:
     finetune_steps: int | None
     eval_per_type: int
     descriptions: int
+    compare_train: int = 0  # two-image "which has more circles?" samples in the finetune mix
+    compare_test: int = 0  # ... and held-out ones in the benchmark (type `compare`)
 
 
 SIZES: dict[str, DemoSize] = {
     "default": DemoSize(train_images=3000, val_images=200, test_images=400, questions_per_type_train=2,
                         clip_steps=150, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
-                        align_steps=None, finetune_steps=None, eval_per_type=100, descriptions=4),
+                        align_steps=None, finetune_steps=None, eval_per_type=100, descriptions=4,
+                        compare_train=300, compare_test=100),
     # The test suite's size: every step runs, nothing is expected to be learned.
     "tiny": DemoSize(train_images=48, val_images=8, test_images=16, questions_per_type_train=1,
                      clip_steps=3, clip_batch=16, lm_steps=3, instruct_images=8, vqa_max_turns=2,
-                     align_steps=3, finetune_steps=3, eval_per_type=4, descriptions=2),
+                     align_steps=3, finetune_steps=3, eval_per_type=4, descriptions=2,
+                     compare_train=8, compare_test=4),
 }
 
 
@@ -99,6 +103,22 @@ def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, t
             texts.append(tok.apply_chat_template(messages, tokenize=False))
     rng.shuffle(texts)
     return texts
+
+
+def _write_compare(compare: Path, captions: Path, out: Path) -> None:
+    """The world's two-image questions as LLaVA records: `image` a list, one `<image>` per image in order."""
+    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
+
+    names = {im["id"]: im["file_name"] for im in json.loads(captions.read_text())["images"]}
+    lines = []
+    for q in json.loads(compare.read_text())["questions"]:
+        human = "<image>\n" * len(q["image_ids"]) + f"{q['question']}\n{SHORT_ANSWER_PROMPT}"
+        lines.append(json.dumps({"id": f"compare_{q['question_id']}", "image": [names[i] for i in q["image_ids"]],
+                                 "conversations": [{"from": "human", "value": human},
+                                                   {"from": "gpt", "value": q["answer"]}]}))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(out)
 
 
 def _texts_for_tokenizer(captions: dict, vqa_questions: Path, vqa_answers: Path) -> list[str]:
@@ -189,7 +209,8 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     done = world / "annotations" / "done.json"
     if not done.is_file():
         counts = build_world(world, {"train": sz.train_images, "val": sz.val_images, "test": sz.test_images}, seed,
-                             {"train": sz.questions_per_type_train})
+                             {"train": sz.questions_per_type_train},
+                             compare={"train": sz.compare_train, "test": sz.compare_test})
         done.write_text(json.dumps(counts))
     facts["world"] = json.loads(done.read_text())
     print(f"   {world}: " + ", ".join(f"{s} {c['images']} images" for s, c in facts["world"].items()))
@@ -198,13 +219,18 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     # 2. Stand-ins for the pretrained parts ----------------------------------------------------------
     t = _step(2, "stand-ins for the pretrained parts: a small CLIP and a small LLM")
     from vistune.demo import standins
+    from vistune.eval.tasks.base import SHORT_ANSWER
 
     parts = out / "parts"
     ann = world / "annotations"
     captions = json.loads((ann / "captions_train.json").read_text())
     if not (parts / "tokenizer" / "tokenizer.json").is_file():
+        compare = ann / "compare_train.json"
+        compare_texts = [f"{q['question']}\n{SHORT_ANSWER}\n{q['answer']}"
+                         for q in (json.loads(compare.read_text())["questions"] if compare.is_file() else [])]
         standins.build_tokenizer(_texts_for_tokenizer(captions, ann / "vqa_questions_train.json",
-                                                      ann / "vqa_annotations_train.json"), parts / "tokenizer")
+                                                      ann / "vqa_annotations_train.json") + compare_texts,
+                                 parts / "tokenizer")
     if not (parts / "clip" / "stats.json").is_file():
         by_image: dict[int, list[str]] = {}
         for a in captions["annotations"]:
@@ -246,8 +272,11 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     summaries["vqa"] = convert_vqa("vqav2", ann / "vqa_questions_train.json", ann / "vqa_annotations_train.json",
                                    data / "vqa.jsonl", image_template="{image_id:012d}.png", seed=seed,
                                    max_turns=sz.vqa_max_turns)
-    summaries["mix"] = run_mix([(data / "instruct.jsonl", 1.0), (data / "vqa.jsonl", 1.0)], data / "finetune.jsonl",
-                               seed=seed)
+    parts_of_mix = [(data / "instruct.jsonl", 1.0), (data / "vqa.jsonl", 1.0)]
+    if (ann / "compare_train.json").is_file():
+        _write_compare(ann / "compare_train.json", ann / "captions_train.json", data / "compare.jsonl")
+        parts_of_mix.append((data / "compare.jsonl", 1.0))
+    summaries["mix"] = run_mix(parts_of_mix, data / "finetune.jsonl", seed=seed)
     for name, s in summaries.items():
         print(f"   {name}: {s.text().splitlines()[0]}")
     facts["data"] = {name: {"written": s.written, "rejected": s.rejected} for name, s in summaries.items()}
@@ -279,7 +308,7 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     test_images = json.loads((ann / "captions_test.json").read_text())["images"]
     names = {im["id"]: im["file_name"] for im in test_images}
     questions = load_questions(ann / "vqa_questions_test.json", ann / "vqa_annotations_test.json", world / "test",
-                               names, sz.eval_per_type, seed)
+                               names, sz.eval_per_type, seed, ann / "compare_test.json")
     with_image = ask_all(engine, questions, blind=False, desc="with image")
     blind = ask_all(engine, questions, blind=True, desc="blind")
     scores = {"with_image": score(questions, with_image), "blind": score(questions, blind)}

@@ -7,7 +7,9 @@ objects partly covering earlier ones. Its ground truth becomes what a real data 
   "circle" (COCO instances; bbox is [x, y, w, h] in pixels);
 - `annotations/vqa_questions_{split}.json` + `vqa_annotations_{split}.json`: short-answer questions
   in the VQAv2 layout (`question_type` holds the demo's type: existence, counting, colour, shape,
-  position), the world's stand-in for an academic VQA set.
+  position), the world's stand-in for an academic VQA set;
+- `annotations/compare_{split}.json`: two-image questions ("Which image has more circles? Answer first
+  or second."), `{"questions": [{question_id, image_ids: [a, b], question, answer, question_type}]}`.
 Every later step reads these files the way it reads the real COCO and VQAv2 files.
 
 Questions follow the evaluation practice of the field: existence questions are balanced yes/no with
@@ -37,6 +39,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 CATEGORIES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)
 QUESTION_TYPES: tuple[str, ...] = ("existence", "counting", "colour", "shape", "position")
+MULTI_IMAGE_TYPES: tuple[str, ...] = ("compare",)  # questions about two images at once
+COMPARE_QUESTION = "Which image has more circles? Answer first or second."
+_COMPARE_ID = 10**9  # compare question ids start here, clear of the VQA ids (scene id * 100 + k)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 BACKGROUNDS = ("plain", "stripes", "gradient", "speckles", "checks")
 #: Box side in pixels of a small / large object on a 64-px canvas.
@@ -235,6 +240,22 @@ def questions(scene: Scene, rng: random.Random, per_type: int = 1,
     return qs
 
 
+def compare_questions(scenes: list[Scene], rng: random.Random, n: int) -> list[dict[str, Any]]:
+    """`n` two-image questions: two scenes with different numbers of circles, the answer ("first" or
+    "second", drawn evenly) naming the one with more."""
+    out: list[dict[str, Any]] = []
+    circles = {s.id: sum(o.shape == "circle" for o in s.objects) for s in scenes}
+    for k in range(n if len(set(circles.values())) > 1 else 0):
+        a, b = rng.sample(scenes, 2)
+        while circles[a.id] == circles[b.id]:
+            a, b = rng.sample(scenes, 2)
+        if (circles[a.id] > circles[b.id]) != (rng.random() < 0.5):
+            a, b = b, a  # the "first" answer half the time
+        out.append({"question_id": _COMPARE_ID + k, "image_ids": [a.id, b.id], "question": COMPARE_QUESTION,
+                    "answer": "first" if circles[a.id] > circles[b.id] else "second", "question_type": "compare"})
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing a split in the COCO layout
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +267,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def write_split(scenes: list[Scene], root: Path, split: str, seed: int, questions_per_type: int = 1,
-                canvas: int = 64) -> dict[str, int]:
+                canvas: int = 64, n_compare: int = 0) -> dict[str, int]:
     """Images under root/split/, annotations under root/annotations/; returns counts."""
     rng = random.Random(f"{seed}-{split}")
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -282,17 +303,26 @@ def write_split(scenes: list[Scene], root: Path, split: str, seed: int, question
                 {"info": info, "data_subtype": split, "questions": vqa_q})
     _write_json(root / "annotations" / f"vqa_annotations_{split}.json",
                 {"info": info, "data_subtype": split, "annotations": vqa_a})
-    return {"images": len(images), "captions": len(caps), "objects": len(anns), "questions": len(vqa_q)}
+    counts = {"images": len(images), "captions": len(caps), "objects": len(anns), "questions": len(vqa_q)}
+    if n_compare:
+        # Its own generator, so adding compare questions leaves every other file of the split unchanged.
+        compare = compare_questions(scenes, random.Random(f"{seed}-{split}-compare"), n_compare)
+        _write_json(root / "annotations" / f"compare_{split}.json", {"info": info, "questions": compare})
+        counts["compare_questions"] = len(compare)
+    return counts
 
 
 def build_world(root: Path, sizes: dict[str, int], seed: int, questions_per_type: dict[str, int] | None = None,
-                canvas: int = 64) -> dict[str, dict[str, int]]:
-    """All splits; scene ids are unique across splits, and the same seed gives the same files."""
+                canvas: int = 64, compare: dict[str, int] | None = None) -> dict[str, dict[str, int]]:
+    """All splits; scene ids are unique across splits, and the same seed gives the same files.
+    `compare`: two-image questions per split (none by default)."""
     questions_per_type = questions_per_type or {}
+    compare = compare or {}
     rng = random.Random(seed)
     counts, next_id = {}, 1
     for split, n in sizes.items():
         scenes = [sample_scene(rng, next_id + i, canvas) for i in range(n)]
         next_id += n
-        counts[split] = write_split(scenes, root, split, seed, questions_per_type.get(split, 1), canvas)
+        counts[split] = write_split(scenes, root, split, seed, questions_per_type.get(split, 1), canvas,
+                                    compare.get(split, 0))
     return counts

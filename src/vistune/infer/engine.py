@@ -25,7 +25,7 @@ from vistune.data.dataset import load_image
 from vistune.errors import DataError
 from vistune.infer.rows import Completion, Row, RowSampler, RowTracker, Sampling
 from vistune.model.checkpoint import Bundle, load_checkpoint
-from vistune.model.vision import preprocess_images
+from vistune.model.tiling import ImagePreprocessor
 
 ImageInput = Image.Image | str | Path
 
@@ -35,7 +35,8 @@ class Prompt:
     """A conversation made ready for the model: token ids (image slots expanded) and its images."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # [N, 3, H, W], or None without images
+    pixel_values: torch.Tensor | None  # [N_tiles, 3, H, W], or None without images
+    image_sizes: torch.Tensor | None = None  # [N, 2] (height, width) of each image
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Engine:
         self.encoder = ChatEncoder(self.tokenizer, get_format(spec.conversation_format, spec.system_prompt),
                                    spec.num_image_tokens)
         self.stop_ids = self.encoder.stop_token_ids()
+        self.images = ImagePreprocessor(self.model.layout, bundle.image_processor, spec.vision.image_preprocess)
         self.device = next(self.model.llm.parameters()).device
 
     @classmethod
@@ -92,13 +94,14 @@ class Engine:
             messages[first] = Message("user", IMAGE_PLACEHOLDER * len(images) + "\n" + messages[first].content)
         elif n_placeholders != len(images):
             raise DataError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
-        enc = self.encoder.encode(messages, "prompt", add_generation_prompt=True)
+        pil = [im if isinstance(im, Image.Image) else load_image(im, "prompt") for im in images]
+        counts = None if self.model.layout.mode == "single" else [self.images.num_tokens(im) for im in pil]
+        enc = self.encoder.encode(messages, "prompt", add_generation_prompt=True, image_tokens=counts)
         if len(enc.input_ids) > self.bundle.spec.model_max_length:
             raise DataError(f"prompt is {len(enc.input_ids)} tokens, over the model's "
                             f"model_max_length {self.bundle.spec.model_max_length}", "prompt too long")
-        pil = [im if isinstance(im, Image.Image) else load_image(im, "prompt") for im in images]
-        pixels = preprocess_images(pil, self.bundle.image_processor, self.bundle.spec.vision.image_preprocess) if pil else None
-        return Prompt(enc.input_ids, pixels)
+        pixels, sizes = self.images(pil) if pil else (None, None)
+        return Prompt(enc.input_ids, pixels, sizes)
 
     def _batch(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor | None]:
         length = max(len(p.input_ids) for p in prompts)
@@ -109,8 +112,10 @@ class Engine:
             input_ids[i, length - len(p.input_ids):] = torch.tensor(p.input_ids)  # left padding
             mask[i, length - len(p.input_ids):] = 1
         pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
-                "pixel_values": torch.cat(pixels).to(self.device) if pixels else None}
+                "pixel_values": torch.cat(pixels).to(self.device) if pixels else None,
+                "image_sizes": torch.cat(sizes) if sizes else None}
 
     def run(self, jobs: Sequence[Job]) -> list[Completion]:
         """Generate the replies of a batch of prepared jobs in one `generate` call, each with its own

@@ -32,6 +32,7 @@ from vistune.config import LLMConfig, VisionConfig, _Strict
 from vistune.errors import CheckpointError
 from vistune.model.llm import load_llm, load_tokenizer
 from vistune.model.projector import build_projector
+from vistune.model.tiling import ImageLayout
 from vistune.model.vision import VisionTower, load_image_processor, load_vision_encoder
 from vistune.model.vlm import VisionLanguageModel
 
@@ -77,7 +78,7 @@ def build_model(vision: VisionConfig, llm: LLMConfig, projector: str, vision_dty
     tower = VisionTower(load_vision_encoder(vision.path, vision_dtype), vision.select_layer, vision.select_feature)
     lm = load_llm(llm.path, llm.gguf_file, llm_dtype, llm.attn_implementation)
     proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
-    return VisionLanguageModel(tower, proj, lm)
+    return VisionLanguageModel(tower, proj, lm, ImageLayout.for_model(vision, tower.encoder.config, tower.num_tokens))
 
 
 def load_projector(model: VisionLanguageModel, folder: str | Path, expected_key: str) -> None:
@@ -86,11 +87,8 @@ def load_projector(model: VisionLanguageModel, folder: str | Path, expected_key:
     spec = read_spec(folder)
     if spec.projector != expected_key:
         raise CheckpointError(f"{folder}: its projector is {spec.projector!r} but this run builds {expected_key!r}")
-    state = load_file(str(folder / PROJECTOR_FILE))
-    missing, unexpected = model.projector.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{folder / PROJECTOR_FILE}: weights do not fit the projector "
-                              f"(missing {missing}, unexpected {unexpected})")
+    model.load_connector_state(load_file(str(folder / PROJECTOR_FILE)), str(folder / PROJECTOR_FILE),
+                               need_newline=False)
 
 
 def read_spec(folder: str | Path) -> ModelSpec:
@@ -124,7 +122,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     if model.num_image_tokens != spec.num_image_tokens:
         raise CheckpointError(f"{folder}: vision tower gives {model.num_image_tokens} tokens, spec says "
                               f"{spec.num_image_tokens}")
-    model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    model.load_connector_state(load_file(str(folder / PROJECTOR_FILE)), str(folder / PROJECTOR_FILE))
     if spec.llm_adapter:
         from peft import PeftModel
 
@@ -181,7 +179,7 @@ def save_checkpoint(out: str | Path, bundle: Bundle, source_vision: VisionConfig
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     spec = bundle.spec
     model = bundle.model
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()},
+    save_file({k: v.contiguous().cpu() for k, v in model.connector_state_dict().items()},
               str(tmp / PROJECTOR_FILE))
     bundle.tokenizer.save_pretrained(str(tmp / spec.tokenizer))
     bundle.image_processor.save_pretrained(str(tmp / spec.image_processor))

@@ -102,9 +102,9 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     lengths = None
     if stage.data.precheck:
         samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
-                                    stage.data.num_workers)
+                                    stage.data.num_workers, layout=model.layout)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
-                                stage.data.on_bad_sample == "skip", lengths)
+                                stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
     sampler = GroupedBatchSampler(dataset.lengths(), stage.micro_batch_size, stage.seed,
                                   stage.data.group_by_modality_length)
     # The loader draws its worker seed from its own generator, not the global one, so that starting
@@ -205,6 +205,7 @@ def _accumulate(model: torch.nn.Module, window: list[dict], accelerator: Acceler
                 input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                 labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1),
+                image_sizes=b.get("image_sizes"),
             )
             # A text-only micro-batch with a frozen LLM (align) reaches no trainable weight: nothing to do.
             if out.loss.requires_grad:

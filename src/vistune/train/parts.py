@@ -17,6 +17,8 @@ def apply_parts(model: VisionLanguageModel, parts: PartsConfig, lora: LoraSettin
     """Set requires_grad per part; wrap the LLM with a peft LoRA adapter when `llm: lora`."""
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(parts.projector == "full")
+    if model.image_newline is not None:  # anyres' row-end embedding belongs to the connector: trains with it
+        model.image_newline.requires_grad_(parts.projector == "full")
     model.llm.requires_grad_(parts.llm == "full")
     if gradient_checkpointing:
         # Non-reentrant checkpointing gives correct gradients even when the LLM's own inputs
@@ -48,6 +50,10 @@ def describe(model: VisionLanguageModel) -> str:
     lines = []
     for name in ("vision", "projector", "llm"):
         trainable, total = count(getattr(model, name))
+        newline = model.image_newline
+        if name == "projector" and newline is not None:  # anyres' row-end embedding counts with the projector
+            total += newline.numel()
+            trainable += newline.numel() if newline.requires_grad else 0
         state = "frozen" if trainable == 0 else "trains"
         lines.append(f"  {name:<9} {state:<6} {trainable:>13,} / {total:>13,} parameters")
     return "\n".join(lines)
@@ -59,7 +65,10 @@ def param_groups(model: VisionLanguageModel, lr: float, projector_lr: float | No
     groups = []
     for part, part_lr in ((model.projector, projector_lr or lr), (model.llm, lr)):
         decay, no_decay = [], []
-        for name, p in part.named_parameters():
+        params = list(part.parameters())
+        if part is model.projector and model.image_newline is not None:
+            params.append(model.image_newline)
+        for p in params:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):

@@ -2,7 +2,8 @@
 
 Layout read: the world folder `vistune demo` writes (`annotations/vqa_questions_{split}.json` and
 `vqa_annotations_{split}.json` in the VQAv2 layout, with the demo's `question_type`;
-`annotations/captions_{split}.json` for file names; images in `{split}/`).
+`annotations/captions_{split}.json` for file names; images in `{split}/`; optionally
+`annotations/compare_{split}.json`, two-image questions of type `compare`).
 
 Questions are balanced per type (existence half yes, half no, as POPE balances them): up to
 `per_type` per type drawn with `seed`, or all with `per_type=None`. Each is asked twice: with its
@@ -38,11 +39,17 @@ class Question:
     type: str
     question: str
     answer: str
+    images: tuple[Path, ...] = ()  # all the question's images, when it has several (`image` is the first)
+
+    @property
+    def all_images(self) -> tuple[Path, ...]:
+        return self.images or (self.image,)
 
 
 def select_questions(questions: Path, annotations: Path, image_folder: Path, file_names: dict[int, str],
-                     per_type: int | None, seed: int) -> list[Question]:
-    """Up to `per_type` questions of each type (all with None); existence split evenly between yes and no."""
+                     per_type: int | None, seed: int, compare: Path | None = None) -> list[Question]:
+    """Up to `per_type` questions of each type (all with None); existence split evenly between yes and no.
+    `compare`: the world's two-image questions, a type of their own (left out when None or absent)."""
     answers = {a["question_id"]: a for a in json.loads(annotations.read_text())["annotations"]}
     pools: dict[str, list[Question]] = defaultdict(list)
     for q in json.loads(questions.read_text())["questions"]:
@@ -50,6 +57,11 @@ def select_questions(questions: Path, annotations: Path, image_folder: Path, fil
         key = a["question_type"] + ("/" + a["multiple_choice_answer"] if a["question_type"] == "existence" else "")
         pools[key].append(Question(q["question_id"], image_folder / file_names[q["image_id"]], a["question_type"],
                                    q["question"], a["multiple_choice_answer"]))
+    if compare is not None and compare.is_file():
+        for q in json.loads(compare.read_text())["questions"]:
+            paths = tuple(image_folder / file_names[i] for i in q["image_ids"])
+            pools[q["question_type"]].append(Question(q["question_id"], paths[0], q["question_type"], q["question"],
+                                                      q["answer"], paths))
     if per_type is None:
         return [q for key in sorted(pools) for q in pools[key]]
     rng = random.Random(seed)
@@ -84,7 +96,7 @@ def score_questions(questions: Sequence[Question], predictions: Sequence[str]) -
 
 def items_for(questions: Sequence[Question], view: str) -> list[Item]:
     """The items asking `questions` with the image (view "with_image") or blind ("blind")."""
-    return [Item(f"{q.id}/{view}", prompt(q), (q.image,), q.answer, {"question": q, "view": view}) for q in questions]
+    return [Item(f"{q.id}/{view}", prompt(q), q.all_images, q.answer, {"question": q, "view": view}) for q in questions]
 
 
 class DemoTask(Task):
@@ -102,7 +114,7 @@ class DemoTask(Task):
         images = json.loads(find(root, [f"annotations/captions_{self.split}.json"], self.name).read_text())["images"]
         names = {im["id"]: im["file_name"] for im in images}
         return select_questions(ann / f"vqa_questions_{self.split}.json", ann / f"vqa_annotations_{self.split}.json",
-                                root / self.split, names, self.per_type, self.seed)
+                                root / self.split, names, self.per_type, self.seed, ann / f"compare_{self.split}.json")
 
     def load(self, root: Path) -> list[Item]:
         # All questions with the image first, then all blind: `batch_group` keeps the two passes in
@@ -114,7 +126,9 @@ class DemoTask(Task):
         return item.meta["view"]
 
     def images(self, item: Item, engine: Engine) -> list:
-        return [blank_like(item.images[0], engine)] if item.meta["view"] == "blind" else list(item.images)
+        if item.meta["view"] == "blind":
+            return [blank_like(p, engine) for p in item.images]  # type: ignore[arg-type]
+        return list(item.images)
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         scores = {}
