@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vistune.model.loss import chunked_lm_loss
 from vistune.model.vision import VisionTower
 
 IMAGE_TOKEN_ID = -200  # the value LLaVA uses for its image placeholder, kept for familiarity
@@ -57,10 +59,16 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any) -> Any:
+                num_items_in_batch: torch.Tensor | int | None = None, loss_chunk_size: int | None = None,
+                **kwargs: Any) -> Any:
         """Causal-LM output; with labels, the loss is summed over supervised tokens and divided by
-        `num_items_in_batch` when given (so gradient accumulation weighs every token equally)."""
+        `num_items_in_batch` when given (so gradient accumulation weighs every token equally).
+        `loss_chunk_size`: loss through `chunked_lm_loss` (no full logits; the output has loss only)."""
         embeds = self.embed(input_ids, pixel_values)
+        if loss_chunk_size is not None and labels is not None:
+            hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)[0]
+            loss = chunked_lm_loss(hidden, self.llm.get_output_embeddings(), labels, loss_chunk_size, num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss)
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
