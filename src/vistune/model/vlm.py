@@ -52,6 +52,13 @@ class VisionLanguageModel(nn.Module):
                 f"batch has {n_slots} image-token positions but {n_images} images x {self.num_image_tokens} tokens"
             )
         if n_images == 0:
+            if self.training and any(p.requires_grad for p in self.projector.parameters()):
+                # A text-only batch still sends one zero feature through the projector (adding 0 x it), so
+                # the projector's weights take part in every backward pass: distributed engines (DDP, FSDP,
+                # ZeRO) expect the same trainable weights to be used on every process.
+                probe = self.projector(embeds.new_zeros(1, 1, self.vision.hidden_size,
+                                                        dtype=next(self.projector.parameters()).dtype))
+                embeds = embeds + 0.0 * probe.sum().to(embeds.dtype)
             return embeds
         feats = self.image_features(pixel_values)  # [N, T, D]
         # Row-major order of the mask is batch order then position: images fill their slots in order.

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
-from accelerate import Accelerator
+import torch
+from accelerate import Accelerator, PartialState
 from torch.utils.data import Sampler
 
 from vistune.errors import ConfigError
@@ -57,22 +58,25 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return len(self.batches(self.epoch)[self.skip:][self.rank:: self.world])
 
 
-def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_size: int,
-                     max_grad_norm: float | None, find_unused_parameters: bool) -> Accelerator:
-    """An Accelerator for `engine`. The engine only applies when several processes were launched;
-    one process always runs plainly (a config written for 8 GPUs also runs on a laptop)."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedDataParallelKwargs
+def process_state() -> PartialState:
+    """The processes of this run (accelerate's). Without CUDA, processes started by torchrun or
+    `accelerate launch` join over gloo on the CPU (accelerate would otherwise run each one alone)."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
+
+def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_size: int,
+                     max_grad_norm: float | None) -> Accelerator:
+    """An Accelerator for `engine`. The engine only applies when several processes were launched;
+    one process always runs plainly (a config written for 8 GPUs also runs on a laptop). DDP needs no
+    `find_unused_parameters` (a graph walk every step): the model uses every trainable weight in every
+    batch (`VisionLanguageModel.embed` sends text-only batches through the projector too)."""
     mixed = "bf16" if precision == "bf16" else "no"
-    if PartialState().num_processes == 1 or engine == "ddp":
-        # find_unused_parameters: a text-only micro-batch leaves the projector out of the graph; plain DDP
-        # would then wait forever for its gradients.
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-        return Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp])
+    cpu = not torch.cuda.is_available()
+    if process_state().num_processes == 1 or engine == "ddp":
+        return Accelerator(mixed_precision=mixed, cpu=cpu)
     if engine == "fsdp":
-        return Accelerator(mixed_precision=mixed, fsdp_plugin=fsdp_plugin())
-    return Accelerator(mixed_precision=mixed,
+        return Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin())
+    return Accelerator(mixed_precision=mixed, cpu=cpu,
                        deepspeed_plugin=deepspeed_plugin(engine, accum, micro_batch_size, max_grad_norm, mixed))
 
 

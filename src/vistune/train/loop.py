@@ -40,12 +40,21 @@ from vistune.model.vlm import VisionLanguageModel
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
-from vistune.train.distributed import ShardedBatchSampler, loss_scale, make_accelerator, wrap_policy_for
+from vistune.train.distributed import (
+    ShardedBatchSampler,
+    loss_scale,
+    make_accelerator,
+    process_state,
+    wrap_policy_for,
+)
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
 from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
 
 def log(msg: str) -> None:
+    """Progress messages, from the first process only (once per run, not once per GPU)."""
+    if PartialState._shared_state and not PartialState().is_main_process:
+        return
     tqdm.write(msg)
 
 
@@ -78,7 +87,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # at stage 2. Each stage starts from a fresh one, as transformers' Trainer does; the PartialState
     # (processes, device) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    world = PartialState().num_processes
+    world = process_state().num_processes
     if stage.global_batch_size % (stage.micro_batch_size * world):
         raise ConfigError(f"global_batch_size {stage.global_batch_size} is not a multiple of micro_batch_size "
                           f"{stage.micro_batch_size} x {world} processes")
@@ -91,14 +100,8 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # Data first: a bad record must stop the run before minutes go into loading weights.
     problems = Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
-    n_text_only = sum(1 for s in samples if not s.images)
-    if world > 1 and n_text_only and stage.parts.llm == "frozen":
-        # Such a micro-batch reaches no trainable weight, so its process would skip the backward pass
-        # that the other processes wait in.
-        raise ConfigError(f"{stage.data.path}: {n_text_only} text-only samples in a stage whose LLM is frozen "
-                          f"cannot train on {world} processes; drop them from this stage's data")
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
-                                   stage.max_grad_norm, find_unused_parameters=n_text_only > 0)
+                                   stage.max_grad_norm)
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -261,7 +264,7 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                 labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1), **extra,
             )
-            # A text-only micro-batch with a frozen LLM (align) reaches no trainable weight: nothing to do.
+            # A stage where nothing trains (every part frozen) has nothing to do here.
             if out.loss.requires_grad:
                 accelerator.backward(out.loss * opts.loss_scale)
         total += out.loss.detach().double()
