@@ -108,3 +108,33 @@ def test_a_two_process_checkpoint_resumes_on_one(runs: dict, dataset_dir: Path, 
     w1, w2 = _weights(runs["root"] / "one"), _weights(out)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_an_engine_accelerate_did_not_set_up_is_an_error() -> None:
+    from accelerate.utils import DistributedType
+
+    from vistune.errors import ConfigError
+    from vistune.train.distributed import check_engine
+
+    check_engine("fsdp", DistributedType.FSDP)
+    check_engine("zero3", DistributedType.DEEPSPEED)
+    check_engine("ddp", DistributedType.MULTI_CPU)
+    with pytest.raises(ConfigError, match="zero2 was asked for, but accelerate set up MULTI_CPU. DeepSpeed runs on CUDA"):
+        check_engine("zero2", DistributedType.MULTI_CPU)
+    with pytest.raises(ConfigError, match="fsdp was asked for"):
+        check_engine("fsdp", DistributedType.MULTI_GPU)
+
+
+@pytest.mark.parametrize("engine,stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_config_is_valid_for_deepspeed(engine: str, stage: int) -> None:
+    """The plugin's config as DeepSpeed itself reads it (DeepSpeed runs only on GPUs, see test_gpu.py)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from vistune.train.distributed import deepspeed_plugin
+
+    plugin = deepspeed_plugin(engine, accum=4, micro_batch_size=2, max_grad_norm=1.0, mixed="bf16")
+    assert plugin.zero_stage == stage
+    parsed = DeepSpeedConfig(dict(plugin.deepspeed_config, train_batch_size=8))  # one process here
+    assert (parsed.zero_optimization_stage, parsed.gradient_accumulation_steps, parsed.gradient_clipping) == (stage, 4, 1.0)
+    assert parsed.zero_config.gather_16bit_weights_on_model_save == (stage == 3)

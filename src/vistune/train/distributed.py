@@ -13,11 +13,13 @@ ours is only the bookkeeping that makes N processes train exactly like one with 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
 from torch.utils.data import Sampler
 
 from vistune.errors import ConfigError
@@ -66,18 +68,35 @@ def process_state() -> PartialState:
 
 def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_size: int,
                      max_grad_norm: float | None) -> Accelerator:
-    """An Accelerator for `engine`. The engine only applies when several processes were launched;
-    one process always runs plainly (a config written for 8 GPUs also runs on a laptop). DDP needs no
-    `find_unused_parameters` (a graph walk every step): the model uses every trainable weight in every
-    batch (`VisionLanguageModel.embed` sends text-only batches through the projector too)."""
+    """An Accelerator for `engine`. The engine applies when the run was started by a launcher (torchrun,
+    `accelerate launch`; one process or many); a plain `vistune train` runs one process without one, so a
+    config written for 8 GPUs also runs on a laptop. DDP needs no `find_unused_parameters` (a graph walk
+    every step): the model uses every trainable weight in every batch (`VisionLanguageModel.embed` sends
+    text-only batches through the projector too)."""
     mixed = "bf16" if precision == "bf16" else "no"
     cpu = not torch.cuda.is_available()
-    if process_state().num_processes == 1 or engine == "ddp":
-        return Accelerator(mixed_precision=mixed, cpu=cpu)
-    if engine == "fsdp":
-        return Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin())
-    return Accelerator(mixed_precision=mixed, cpu=cpu,
-                       deepspeed_plugin=deepspeed_plugin(engine, accum, micro_batch_size, max_grad_norm, mixed))
+    launched = "WORLD_SIZE" in os.environ or process_state().num_processes > 1
+    if not launched or engine == "ddp":
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+    elif engine == "fsdp":
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin())
+    else:
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, deepspeed_plugin=deepspeed_plugin(
+            engine, accum, micro_batch_size, max_grad_norm, mixed))
+    if launched:
+        check_engine(engine, accelerator.distributed_type)
+    return accelerator
+
+
+def check_engine(engine: Engine, distributed_type: DistributedType) -> None:
+    """Fail rather than train quietly on another engine than the config names (accelerate, for one,
+    runs DeepSpeed only on GPUs and would fall back to plain data parallelism on CPU)."""
+    expected = {"fsdp": {DistributedType.FSDP}, "zero2": {DistributedType.DEEPSPEED},
+                "zero3": {DistributedType.DEEPSPEED}}.get(engine)
+    if expected is not None and distributed_type not in expected:
+        hint = " DeepSpeed runs on CUDA GPUs only;" if engine.startswith("zero") else ""
+        raise ConfigError(f"distributed: {engine} was asked for, but accelerate set up {distributed_type.value}.{hint} "
+                          "use distributed: ddp or fsdp here, or launch on GPUs")
 
 
 def fsdp_plugin() -> object:
@@ -92,8 +111,6 @@ def fsdp_plugin() -> object:
 
 def wrap_policy_for(accelerator: Accelerator, llm: object) -> None:
     """Point FSDP's auto-wrap at the LLM's decoder layers (transformers lists them in `_no_split_modules`)."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     plugin = accelerator.state.fsdp_plugin
@@ -131,9 +148,24 @@ def loss_scale(accelerator: Accelerator, accum: int) -> float:
     """Factor on each micro-batch's loss (already divided by the global token count) so that the engine's
     own averaging leaves gradients equal to one process's: DDP/FSDP divide by the process count,
     DeepSpeed also by its accumulation steps."""
-    from accelerate.utils import DistributedType
-
     scale = float(accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         scale *= accum
     return scale
+
+
+def set_window_end(accelerator: Accelerator, last: bool) -> None:
+    """Tell DeepSpeed whether this micro-batch ends the accumulation window, so it steps exactly at our
+    window ends (the last window of an epoch may be short). accelerate reads this flag in `backward`;
+    other engines use `no_sync` instead."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.gradient_state._set_sync_gradients(last)  # accelerate's own setter (used by `accumulate`)
+
+
+def is_sharded(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether this process holds only a shard of the weights (FSDP, ZeRO-3)."""
+    from torch.distributed.tensor import DTensor
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return any(isinstance(p, DTensor) for p in model.parameters())

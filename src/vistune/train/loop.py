@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -44,7 +44,9 @@ from vistune.train.distributed import (
     ShardedBatchSampler,
     loss_scale,
     make_accelerator,
+    is_sharded,
     process_state,
+    set_window_end,
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
@@ -150,6 +152,12 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     run_opts = _RunOptions(accelerator, loss_scale(accelerator, accum), stage.loss_chunk_size,
                            flatten=stage.data.packing and model_cfg.llm.attn_implementation == "flash_attention_2")
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
+        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
+        # checkpoints (state.py) cannot read yet.
+        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
+                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
+                          "of processes) or drop save_every")
     progress = Progress()
     checkpoints = list_checkpoints(out) if stage.resume else []
     if checkpoints:
@@ -208,9 +216,12 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
 
     unwrapped = accelerator.unwrap_model(model)
     spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
-    if any(isinstance(p, DTensor) for p in unwrapped.parameters()):
-        # FSDP: the folder is written from the gathered full weights, on the main process.
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_sharded(accelerator, unwrapped):
+        # FSDP / ZeRO-3: the folder is written from the gathered full weights, on the main process.
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            full = accelerator.get_state_dict(model)  # ZeRO-3's 16-bit gather (rank 0)
+        else:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return out
@@ -251,6 +262,7 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
             b = flatten_rows(b)
         # Only the last micro-batch of a window needs to synchronise gradients across processes.
         sync = nullcontext() if i == len(live) - 1 else accelerator.no_sync(model)
+        set_window_end(accelerator, i == len(live) - 1)
         with sync, accelerator.autocast():
             # No KV cache in training; transformers also only reads packed position ids without one.
             extra = {"use_cache": False}
