@@ -66,6 +66,20 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def reset_engine() -> None:
+    """Forget the previous stage's engine before a stage builds its own Accelerator. accelerate keeps
+    one process-wide state and writes the engine it set up (FSDP, DeepSpeed) into it, and a later
+    Accelerator would then build on that engine (and miss its plugin). Transformers' Trainer resets the
+    same state between runs; the processes themselves (PartialState) are kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    state = process_state()
+    if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        base = DistributedType.MULTI_GPU if state.device.type == "cuda" else DistributedType.MULTI_CPU
+        PartialState._shared_state["distributed_type"] = base if state.num_processes > 1 else DistributedType.NO
+
+
 def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_size: int,
                      max_grad_norm: float | None) -> Accelerator:
     """An Accelerator for `engine`. The engine applies when the run was started by a launcher (torchrun,
@@ -76,6 +90,10 @@ def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_siz
     mixed = "bf16" if precision == "bf16" else "no"
     cpu = not torch.cuda.is_available()
     launched = "WORLD_SIZE" in os.environ or process_state().num_processes > 1
+    # accelerate marks its engine in the environment (from `accelerate launch --use_fsdp`, or from the plugin
+    # of an earlier Accelerator in this process, i.e. an earlier stage); the stage's own choice must win.
+    for flag in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        os.environ.pop(flag, None)
     if not launched or engine == "ddp":
         accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
     elif engine == "fsdp":
@@ -91,10 +109,11 @@ def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_siz
 def check_engine(engine: Engine, distributed_type: DistributedType) -> None:
     """Fail rather than train quietly on another engine than the config names (accelerate, for one,
     runs DeepSpeed only on GPUs and would fall back to plain data parallelism on CPU)."""
-    expected = {"fsdp": {DistributedType.FSDP}, "zero2": {DistributedType.DEEPSPEED},
-                "zero3": {DistributedType.DEEPSPEED}}.get(engine)
-    if expected is not None and distributed_type not in expected:
-        hint = " DeepSpeed runs on CUDA GPUs only;" if engine.startswith("zero") else ""
+    expected = {"ddp": {DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO},
+                "fsdp": {DistributedType.FSDP}, "zero2": {DistributedType.DEEPSPEED},
+                "zero3": {DistributedType.DEEPSPEED}}[engine]
+    if distributed_type not in expected:
+        hint = " accelerate runs DeepSpeed and FSDP on GPUs only;" if engine != "ddp" else ""
         raise ConfigError(f"distributed: {engine} was asked for, but accelerate set up {distributed_type.value}.{hint} "
                           "use distributed: ddp or fsdp here, or launch on GPUs")
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
@@ -46,6 +45,7 @@ from vistune.train.distributed import (
     make_accelerator,
     is_sharded,
     process_state,
+    reset_engine,
     set_window_end,
     wrap_policy_for,
 )
@@ -88,7 +88,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # mixed_precision, so a run whose stages differ in precision (align fp32, finetune bf16) would fail
     # at stage 2. Each stage starts from a fresh one, as transformers' Trainer does; the PartialState
     # (processes, device) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    reset_engine()
     world = process_state().num_processes
     if stage.global_batch_size % (stage.micro_batch_size * world):
         raise ConfigError(f"global_batch_size {stage.global_batch_size} is not a multiple of micro_batch_size "
