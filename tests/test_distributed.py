@@ -141,3 +141,12 @@ def test_deepspeed_config_is_valid_for_deepspeed(engine: str, stage: int) -> Non
     parsed = DeepSpeedConfig(dict(plugin.deepspeed_config, train_batch_size=8))  # one process here
     assert (parsed.zero_optimization_stage, parsed.gradient_accumulation_steps, parsed.gradient_clipping) == (stage, 4, 1.0)
     assert parsed.zero_config.gather_16bit_weights_on_model_save == (stage == 3)
+
+
+@pytest.mark.parametrize("name,machines,processes", [("1node-8gpu", 1, 8), ("multinode-2x8gpu", 2, 16)])
+def test_accelerate_presets_read_as_accelerate_reads_them(name: str, machines: int, processes: int) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (cfg.distributed_type.value, cfg.num_machines, cfg.num_processes) == ("MULTI_GPU", machines, processes)
+    assert cfg.mixed_precision.value == "no"  # the stage's precision decides
