@@ -179,7 +179,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             window = [b for _, b in zip(range(accum), batches)]
             if not window:
                 break
-            loss, tokens = _accumulate(model, window, run_opts, problems)
+            loss, tokens, n_samples = _accumulate(model, window, run_opts, problems)
             grad_norm = None
             if stage.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
@@ -190,7 +190,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             progress.batches_in_epoch += len(window) * world  # every process ran as many
             progress.tokens += tokens
             progress.skipped = dict(problems.counts)
-            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm)
+            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm, n_samples)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
@@ -243,16 +243,16 @@ class _RunOptions:
 
 
 def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
-                problems: Problems) -> tuple[float, int]:
+                problems: Problems) -> tuple[float, int, int]:
     """Forward/backward over one accumulation window (this process's part of it); returns the global
-    batch's mean loss per supervised token and the tokens attended (text + image, no padding) over all
-    processes."""
+    batch's mean loss per supervised token, and the tokens attended (text + image, no padding) and the
+    samples trained on, over all processes."""
     accelerator = opts.accelerator
     device = accelerator.device
     live = [b for b in window if "input_ids" in b]
     counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in live),
-                           sum(_attended(b) for b in live)], device=device)
-    n_tokens, attended = (int(x) for x in accelerator.reduce(counts, "sum"))  # the same on every process
+                           sum(_attended(b) for b in live), sum(len(b["ids"]) for b in live)], device=device)
+    n_tokens, attended, n_samples = (int(x) for x in accelerator.reduce(counts, "sum"))  # same on every process
     total = torch.zeros((), dtype=torch.float64, device=device)
     for b in window:
         for s in b["skipped"]:
@@ -280,7 +280,7 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
             if out.loss.requires_grad:
                 accelerator.backward(out.loss * opts.loss_scale)
         total += out.loss.detach().double()
-    return float(accelerator.reduce(total, "sum")), attended
+    return float(accelerator.reduce(total, "sum")), attended, n_samples
 
 
 def _attended(batch: dict) -> int:
@@ -321,11 +321,13 @@ class _Metrics:
                 self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         self.t_last, self.tokens_last = time.perf_counter(), progress.tokens
 
-    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None) -> dict:
+    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None, samples: int) -> dict:
         now = time.perf_counter()
-        tok_s = (progress.tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+        step_s = max(now - self.t_last, 1e-9)
+        tok_s = (progress.tokens - self.tokens_last) / step_s
         self.t_last, self.tokens_last = now, progress.tokens
-        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm}
+        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
+               "samples": samples, "step_s": step_s}
         if self.main and progress.step % self.every == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
