@@ -121,3 +121,23 @@ def test_packing_with_flash_attention_varlen(tmp_path: Path, clip_dir: Path, lla
         train_stage(cfg.model, cfg.stages["s"], "s")
         curves.append([json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert curves[1] == pytest.approx(curves[0], rel=2e-2)  # bf16
+
+
+@pytest.mark.gpu
+def test_compile_and_chunked_loss_on_cuda(tmp_path: Path, clip_dir: Path, llama_dir: Path, dataset_dir: Path) -> None:
+    """`compile: true` and `loss_chunk_size` train like the plain stage (bf16 tolerance)."""
+    import json
+
+    def stage(out: Path, **kw) -> dict:
+        return {"parts": {"projector": "full", "llm": "full"}, "format": "chat_template",
+                "data": {"path": str(dataset_dir / "train.json"), "image_folder": str(dataset_dir / "images")},
+                "output_dir": str(out), "max_steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
+                "precision": "bf16", "warmup_ratio": 0.0, "tensorboard": False, "save_frozen": False, **kw}
+
+    curves = []
+    for name, kw in (("plain", {}), ("fast", {"compile": True, "loss_chunk_size": 16})):
+        cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+                                "stages": {"s": stage(tmp_path / name, **kw)}})
+        train_stage(cfg.model, cfg.stages["s"], "s")
+        curves.append([json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert curves[1] == pytest.approx(curves[0], rel=2e-2)
