@@ -225,9 +225,13 @@ def steady(rows: list[dict]) -> dict:
 
 
 def run_vistune(args: argparse.Namespace, parts: dict, data: Path, work: Path) -> dict:
+    import shutil
+
     from vistune.config import load_config
     from vistune.train.loop import train_stage
 
+    # A fresh output folder every run: train_stage skips (and would report) a finished one.
+    shutil.rmtree(work / "vistune_out", ignore_errors=True)
     stage = {
         "parts": {"projector": "full", "llm": args.llm_mode}, "format": "chat_template",
         "data": {"path": str(data), "image_folder": str(data.parent / "images"), "packing": not args.no_packing,
@@ -262,6 +266,9 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
     from vistune.model.llm import load_tokenizer
     from vistune.model.vlm import IMAGE_TOKEN_ID
 
+    import shutil
+
+    shutil.rmtree(work / "baseline_out", ignore_errors=True)
     tok = load_tokenizer(parts["llm"])
     text_cfg = AutoConfig.from_pretrained(parts["llm"])
     image_token = text_cfg.vocab_size - 1  # an id the tokenizer never produces (LLM vocab > tokenizer's)
