@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from serve_load import build_tiny
     from train_tiny import environment
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
     from vistune.chat.formats import Message
     from vistune.convert.llava_hf import write_llava_hf
     from vistune.infer.engine import Engine, Job
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, args.batch):
             row = {}
             for name, call in (("transformers", hf_call), ("vistune", vistune_call)):
-                secs = timed(lambda: call(b), args.repeats)
+                secs = timed(lambda call=call, b=b: call(b), args.repeats)
                 row[name] = {"seconds_per_call": secs, "tokens_per_s": b * n / secs}
             row["ratio_vistune_over_transformers"] = row["vistune"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
             results[f"batch_{b}"] = row

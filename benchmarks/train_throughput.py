@@ -84,7 +84,13 @@ def build_parts(root: Path, shape: str, device: str) -> dict:
     """Random-weight CLIP vision tower + LLaMA LLM (with the test BPE tokenizer) saved as HF folders."""
     import torch
     from fixtures import build_bpe_tokenizer
-    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     try:
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -255,9 +261,18 @@ def run_vistune(args: argparse.Namespace, parts: dict, data: Path, work: Path) -
 
 
 def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) -> dict:
+    import shutil
+
     import torch
-    from transformers import (AutoConfig, AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from vistune.chat.encode import ChatEncoder
     from vistune.chat.formats import get_format
@@ -265,8 +280,6 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
     from vistune.data.records import Problems, load_samples
     from vistune.model.llm import load_tokenizer
     from vistune.model.vlm import IMAGE_TOKEN_ID
-
-    import shutil
 
     shutil.rmtree(work / "baseline_out", ignore_errors=True)
     tok = load_tokenizer(parts["llm"])
@@ -439,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--only", system, "--workdir", str(work), "--rows", str(args.rows)]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
             t = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])

@@ -72,7 +72,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, llama_dir: Pa
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "vistune.cli", "train", str(root / "run.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     one = load_config(data={"model": model, "stages": {"one": _stage(dataset_dir, root / "one")}})
     train_stage(one.model, one.stages["one"], "one")

@@ -20,7 +20,12 @@ from vistune.model.llm import load_tokenizer
 from vistune.model.loss import chunked_lm_loss
 from vistune.model.vision import load_image_processor
 from vistune.model.vlm import IMAGE_TOKEN_ID
-from vistune.train.packing import PackedBatchSampler, collate_packed, first_fit, flatten_rows
+from vistune.train.packing import (
+    PackedBatchSampler,
+    collate_packed,
+    first_fit,
+    flatten_rows,
+)
 from vistune.train.parts import apply_parts
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -41,9 +41,9 @@ from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
+    is_sharded,
     loss_scale,
     make_accelerator,
-    is_sharded,
     process_state,
     reset_engine,
     set_window_end,
@@ -104,6 +104,12 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
                                    stage.max_grad_norm)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
+        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
+        # checkpoints (state.py) cannot read yet.
+        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
+                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
+                          "of processes) or drop save_every")
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -152,12 +158,6 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     run_opts = _RunOptions(accelerator, loss_scale(accelerator, accum), stage.loss_chunk_size,
                            flatten=stage.data.packing and model_cfg.llm.attn_implementation == "flash_attention_2")
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
-        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
-        # checkpoints (state.py) cannot read yet.
-        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
-                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
-                          "of processes) or drop save_every")
     progress = Progress()
     checkpoints = list_checkpoints(out) if stage.resume else []
     if checkpoints:

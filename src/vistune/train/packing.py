@@ -132,7 +132,7 @@ class PackedBatchSampler(Sampler[list[int]]):
             chunk = order[start:end]
             rows += [[chunk[i] for i in b] for b in first_fit([self.lengths[i] for i in chunk], self.pack_length)]
             start = end
-        return [sum(rows[i: i + self.rows], []) for i in range(0, len(rows), self.rows)]
+        return [[i for row in rows[b: b + self.rows] for i in row] for b in range(0, len(rows), self.rows)]
 
     def __iter__(self):
         yield from self.batches(self.epoch)[self.skip:]
