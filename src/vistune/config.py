@@ -127,6 +127,13 @@ class DataConfig(_Strict):
         True, description="Tokenize every sample before training: labels checked and exact lengths, so a bad "
         "sample stops the run at its start, not hours in (about 1-2 ms per sample per process)."
     )
+    packing: bool = Field(
+        False, description="Pack several samples into each row (images with their text); attention never crosses "
+        "a sample and the loss per token is unchanged. Batch sizes then count packed rows, not samples."
+    )
+    pack_length: int | None = Field(
+        None, gt=0, description="Tokens per packed row (image tokens included); defaults to model_max_length."
+    )
 
 
 class StageConfig(_Strict):
@@ -155,6 +162,16 @@ class StageConfig(_Strict):
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    distributed: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        "ddp", description="Engine when launched on several processes (accelerate launch / torchrun): torch DDP, "
+        "FSDP (accelerate's FullyShardedDataParallelPlugin), or DeepSpeed ZeRO-2/3 (DeepSpeedPlugin; LLaVA used "
+        "ZeRO-2 to align and ZeRO-3 to finetune). Ignored on one process."
+    )
+    loss_chunk_size: int | None = Field(
+        None, gt=0, description="Compute the LM head and cross-entropy this many tokens at a time, never holding "
+        "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
+    )
+    compile: bool = Field(False, description="torch.compile the LLM (pays off on long CUDA runs).")
 
     seed: int = 42
     log_every: int = Field(1, gt=0)
@@ -184,6 +201,11 @@ class StageConfig(_Strict):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                 f"{self.micro_batch_size}"
+            )
+        if self.data.packing and self.data.pack_length is not None and self.data.pack_length < self.model_max_length:
+            raise ValueError(
+                f"data.pack_length {self.data.pack_length} is shorter than model_max_length {self.model_max_length}: "
+                "a full-length sample would not fit in a row; raise pack_length or leave it unset"
             )
         return self
 

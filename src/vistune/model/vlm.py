@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vistune.errors import CheckpointError
+from vistune.model.loss import chunked_lm_loss
 from vistune.model.tiling import ImageLayout
 from vistune.model.vision import VisionTower
 
@@ -64,6 +66,15 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"batch has {n_slots} image-token positions but no images")
+            if self.training and any(p.requires_grad for p in self.projector.parameters()):
+                # A text-only batch still sends one zero feature through the projector (adding 0 x it), so
+                # the projector's weights (and anyres' row-end embedding) take part in every backward pass:
+                # distributed engines (DDP, FSDP, ZeRO) expect the same trainable weights on every process.
+                probe = self.projector(embeds.new_zeros(1, 1, self.vision.hidden_size,
+                                                        dtype=next(self.projector.parameters()).dtype)).sum()
+                if self.image_newline is not None:
+                    probe = probe + self.image_newline.sum()
+                embeds = embeds + 0.0 * probe.to(embeds.dtype)
             return embeds
         if self.layout.mode != "single" and image_sizes is None:
             raise ValueError(f"image_mode {self.layout.mode!r} needs image_sizes to lay out the tile features")
@@ -79,10 +90,15 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 num_items_in_batch: torch.Tensor | int | None = None, image_sizes: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
+                loss_chunk_size: int | None = None, **kwargs: Any) -> Any:
         """Causal-LM output; with labels, the loss is summed over supervised tokens and divided by
-        `num_items_in_batch` when given (so gradient accumulation weighs every token equally)."""
+        `num_items_in_batch` when given (so gradient accumulation weighs every token equally).
+        `loss_chunk_size`: loss through `chunked_lm_loss` (no full logits; the output has loss only)."""
         embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if loss_chunk_size is not None and labels is not None:
+            hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)[0]
+            loss = chunked_lm_loss(hidden, self.llm.get_output_embeddings(), labels, loss_chunk_size, num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss)
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)

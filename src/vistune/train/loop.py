@@ -13,12 +13,14 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -37,10 +39,24 @@ from vistune.model.vlm import VisionLanguageModel
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
-from vistune.train.state import Progress, list_checkpoints, load_resume, save_resume
+from vistune.train.distributed import (
+    ShardedBatchSampler,
+    is_sharded,
+    loss_scale,
+    make_accelerator,
+    process_state,
+    reset_engine,
+    set_window_end,
+    wrap_policy_for,
+)
+from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
+from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
 
 def log(msg: str) -> None:
+    """Progress messages, from the first process only (once per run, not once per GPU)."""
+    if PartialState._shared_state and not PartialState().is_main_process:
+        return
     tqdm.write(msg)
 
 
@@ -72,13 +88,12 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # mixed_precision, so a run whose stages differ in precision (align fp32, finetune bf16) would fail
     # at stage 2. Each stage starts from a fresh one, as transformers' Trainer does; the PartialState
     # (processes, device) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="bf16" if stage.precision == "bf16" else "no")
-    if accelerator.num_processes > 1:
-        # Sharding the batches and reducing the token count across processes is not wired in yet;
-        # running anyway would silently train every process on the same batches.
-        raise ConfigError(f"{accelerator.num_processes} processes were launched, but this version of vistune "
-                          "trains on one process (one GPU); launch it without torchrun/accelerate")
+    reset_engine()
+    world = process_state().num_processes
+    if stage.global_batch_size % (stage.micro_batch_size * world):
+        raise ConfigError(f"global_batch_size {stage.global_batch_size} is not a multiple of micro_batch_size "
+                          f"{stage.micro_batch_size} x {world} processes")
+    accum = stage.global_batch_size // (stage.micro_batch_size * world)
     # Trained weights stay float32 (autocast computes in bf16); a frozen LLM is held in bf16 to halve
     # its memory. The vision tower stays float32: it is small next to the LLM, autocast runs it in
     # bf16 anyway, and a copy saved from it equals its source.
@@ -87,6 +102,14 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # Data first: a bad record must stop the run before minutes go into loading weights.
     problems = Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
+    accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
+                                   stage.max_grad_norm)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
+        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
+        # checkpoints (state.py) cannot read yet.
+        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
+                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
+                          "of processes) or drop save_every")
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -95,6 +118,8 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         load_projector(model, stage.projector_from, model_cfg.projector)
         log(f"[{name}] projector loaded from {stage.projector_from}")
     apply_parts(model, stage.parts, stage.lora, stage.gradient_checkpointing)
+    if stage.compile:
+        model.llm.get_decoder().compile()  # in place: parameter names (and checkpoints) stay as they are
     log(f"[{name}] what trains:\n{describe(model)}")
 
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
@@ -105,31 +130,42 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
                                     stage.data.num_workers, layout=model.layout)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
-    sampler = GroupedBatchSampler(dataset.lengths(), stage.micro_batch_size, stage.seed,
-                                  stage.data.group_by_modality_length)
+    if stage.data.packing:
+        pack_length = stage.data.pack_length or stage.model_max_length
+        epoch_batches = PackedBatchSampler(dataset.lengths(), pack_length, stage.micro_batch_size, stage.seed)
+        collate_fn = partial(collate_packed, pad_token_id=tokenizer.pad_token_id, pack_length=pack_length)
+    else:
+        epoch_batches = GroupedBatchSampler(dataset.lengths(), stage.micro_batch_size, stage.seed,
+                                            stage.data.group_by_modality_length)
+        collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    sampler = ShardedBatchSampler(epoch_batches, accelerator.process_index, world)
     # The loader draws its worker seed from its own generator, not the global one, so that starting
     # a new epoch iterator (as a resumed run does mid-epoch) leaves the global RNG stream untouched.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=stage.data.num_workers,
-                        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
-                        generator=torch.Generator().manual_seed(stage.seed))
+    # Persistent workers keep their start-up cost to the first epoch; pinned memory speeds host->GPU copies.
+    workers = stage.data.num_workers
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                        generator=torch.Generator().manual_seed(stage.seed), persistent_workers=workers > 0,
+                        pin_memory=accelerator.device.type == "cuda")
 
-    accum = stage.global_batch_size // (stage.micro_batch_size * accelerator.num_processes)
-    batches_per_epoch = len(sampler.batches(0))
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    batches_per_epoch = len(sampler.batches(0))  # over all processes
+    steps_per_epoch = math.ceil(batches_per_epoch / (accum * world))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay),
                                   lr=stage.lr, betas=(0.9, 0.999))
     scheduler = get_scheduler(stage.lr_schedule, optimizer, math.ceil(stage.warmup_ratio * total_steps), total_steps)
+    wrap_policy_for(accelerator, model.llm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    run_opts = _RunOptions(accelerator, loss_scale(accelerator, accum), stage.loss_chunk_size,
+                           flatten=stage.data.packing and model_cfg.llm.attn_implementation == "flash_attention_2")
 
     progress = Progress()
     checkpoints = list_checkpoints(out) if stage.resume else []
     if checkpoints:
-        progress = load_resume(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        progress = load_resume(checkpoints[-1], model, optimizer, scheduler)
         log(f"[{name}] resumed from {checkpoints[-1]} (step {progress.step}/{total_steps})")
     problems.counts.update(progress.skipped)
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
-        f"{accum} per step, {total_steps} steps")
+        f"{accum} per step on each of {world} processes, {total_steps} steps")
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
@@ -143,7 +179,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             window = [b for _, b in zip(range(accum), batches)]
             if not window:
                 break
-            loss = _accumulate(model, window, accelerator, problems)
+            loss, tokens, n_samples = _accumulate(model, window, run_opts, problems)
             grad_norm = None
             if stage.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
@@ -151,18 +187,18 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
-            progress.batches_in_epoch += len(window)
-            progress.tokens += sum(int(b["attention_mask"].sum()) for b in window if "attention_mask" in b)
+            progress.batches_in_epoch += len(window) * world  # every process ran as many
+            progress.tokens += tokens
             progress.skipped = dict(problems.counts)
-            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm)
+            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm, n_samples)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
-            if accelerator.is_main_process and (
-                (stage.save_every and progress.step % stage.save_every == 0) or at_stop
-            ) and progress.step < total_steps:
-                save_resume(out, accelerator.unwrap_model(model), optimizer, scheduler, progress,
-                            stage.keep_checkpoints)
+            if ((stage.save_every and progress.step % stage.save_every == 0) or at_stop) and progress.step < total_steps:
+                state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
+                if accelerator.is_main_process:
+                    save_resume(out, state, scheduler, progress, stage.keep_checkpoints)
+                accelerator.wait_for_everyone()
             if at_stop and progress.step < total_steps:
                 stopped_early = True
                 break
@@ -180,6 +216,16 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
 
     unwrapped = accelerator.unwrap_model(model)
     spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
+    if is_sharded(accelerator, unwrapped):
+        # FSDP / ZeRO-3: the folder is written from the gathered full weights, on the main process.
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            full = accelerator.get_state_dict(model)  # ZeRO-3's 16-bit gather (rank 0)
+        else:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return out
+        unwrapped = _unsharded_copy(model_cfg, stage, unwrapped, full)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
         save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
@@ -188,30 +234,73 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     return out
 
 
-def _accumulate(model: torch.nn.Module, window: list[dict], accelerator: Accelerator, problems: Problems) -> float:
-    """Forward/backward over one accumulation window; returns the window's mean loss per token."""
+@dataclass(frozen=True)
+class _RunOptions:
+    accelerator: Accelerator
+    loss_scale: float  # undoes the engine's averaging of gradients (distributed.loss_scale)
+    loss_chunk_size: int | None
+    flatten: bool  # packed rows as one row (flash-attn varlen)
+
+
+def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
+                problems: Problems) -> tuple[float, int, int]:
+    """Forward/backward over one accumulation window (this process's part of it); returns the global
+    batch's mean loss per supervised token, and the tokens attended (text + image, no padding) and the
+    samples trained on, over all processes."""
+    accelerator = opts.accelerator
     device = accelerator.device
-    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window if "labels" in b)
-    total = 0.0
     live = [b for b in window if "input_ids" in b]
+    counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in live),
+                           sum(_attended(b) for b in live), sum(len(b["ids"]) for b in live)], device=device)
+    n_tokens, attended, n_samples = (int(x) for x in accelerator.reduce(counts, "sum"))  # same on every process
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for b in window:
         for s in b["skipped"]:
             problems.add(s.reason, s.message)
     for i, b in enumerate(live):
+        if opts.flatten:
+            b = flatten_rows(b)
         # Only the last micro-batch of a window needs to synchronise gradients across processes.
         sync = nullcontext() if i == len(live) - 1 else accelerator.no_sync(model)
+        set_window_end(accelerator, i == len(live) - 1)
         with sync, accelerator.autocast():
+            # No KV cache in training; transformers also only reads packed position ids without one.
+            extra = {"use_cache": False}
+            if b.get("position_ids") is not None:
+                extra["position_ids"] = b["position_ids"].to(device)
+            if opts.loss_chunk_size is not None:
+                extra["loss_chunk_size"] = opts.loss_chunk_size
             out = model(
-                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                input_ids=b["input_ids"].to(device),
+                attention_mask=None if b["attention_mask"] is None else b["attention_mask"].to(device),
                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                 labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1),
-                image_sizes=b.get("image_sizes"),
+                image_sizes=b.get("image_sizes"), **extra,
             )
-            # A text-only micro-batch with a frozen LLM (align) reaches no trainable weight: nothing to do.
+            # A stage where nothing trains (every part frozen) has nothing to do here.
             if out.loss.requires_grad:
-                accelerator.backward(out.loss)
-        total += float(out.loss.detach())
-    return total
+                accelerator.backward(out.loss * opts.loss_scale)
+        total += out.loss.detach().double()
+    return float(accelerator.reduce(total, "sum")), attended, n_samples
+
+
+def _attended(batch: dict) -> int:
+    if batch.get("num_tokens") is not None:  # packed
+        return int(batch["num_tokens"])
+    return int(batch["attention_mask"].sum())
+
+
+def _unsharded_copy(model_cfg: ModelConfig, stage: StageConfig, sharded: VisionLanguageModel,
+                    full: dict[str, torch.Tensor]) -> VisionLanguageModel:
+    """A plain model holding FSDP's gathered weights, for `save_checkpoint` (main process)."""
+    llm_dtype = next(p.dtype for p in sharded.llm.parameters())
+    model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
+    apply_parts(model, stage.parts, stage.lora, False)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("vision.")]:
+        raise RuntimeError(f"gathered FSDP weights do not match the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return model
 
 
 class _Metrics:
@@ -233,11 +322,13 @@ class _Metrics:
                 self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         self.t_last, self.tokens_last = time.perf_counter(), progress.tokens
 
-    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None) -> dict:
+    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None, samples: int) -> dict:
         now = time.perf_counter()
-        tok_s = (progress.tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+        step_s = max(now - self.t_last, 1e-9)
+        tok_s = (progress.tokens - self.tokens_last) / step_s
         self.t_last, self.tokens_last = now, progress.tokens
-        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm}
+        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
+               "samples": samples, "step_s": step_s}
         if self.main and progress.step % self.every == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -8,7 +8,9 @@
       progress.json           step, epoch, batches done in the epoch, python RNG, skip counts
 
 accelerate's `save_state` would write the whole model, frozen parts included, hence this small
-module. A checkpoint is written into a temporary folder and renamed into place, so a crash while
+module. Weights and optimizer state are saved unsharded and keyed by parameter name (torch's
+`torch.distributed.checkpoint.state_dict` API, which also gathers FSDP shards), so a checkpoint written by
+N processes resumes on M. A checkpoint is written into a temporary folder and renamed into place, so a crash while
 saving leaves the previous checkpoint intact; a folder without progress.json is never resumed from.
 """
 
@@ -25,6 +27,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from vistune.errors import CheckpointError
 
@@ -38,18 +48,36 @@ class Progress:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _trainable_names(model: nn.Module) -> set[str]:
+    """Trainable parameter names as the state-dict API spells them (no DDP/FSDP/compile wrapper prefixes)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n.replace("_orig_mod.", "").removeprefix("module.") for n in names}
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Unsharded trainable weights and optimizer state, on CPU. Every process must call this (FSDP gathers)."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        wanted = _trainable_names(model)
+        weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=_FULL).items() if n in wanted}
+    else:  # no gathering needed, and no copy of a frozen 7B LLM every save
+        weights = {n.replace("_orig_mod.", "").removeprefix("module."): p.detach().contiguous().cpu()
+                   for n, p in model.named_parameters() if p.requires_grad}
+    return weights, get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
                 scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int) -> Path:
+    """Write a checkpoint from `gather_state`'s result (main process only)."""
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    save_file(_trainable(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    weights, optim_state = state
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optim_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -76,16 +104,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def load_resume(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+    """Load a checkpoint into the (possibly DDP/FSDP-wrapped) model and its optimizer, on every process."""
     weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
+    wanted = _trainable_names(model)
     if set(weights) != wanted:
         raise CheckpointError(f"{ckpt}: its trainable parameters differ from this stage's "
                               f"({len(set(weights) ^ wanted)} names differ); was the stage config changed?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    # Unsharded models take the full dicts as they are; FSDP shards them on the way in.
+    options = StateDictOptions(full_state_dict=sharded, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=options)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -1,0 +1,144 @@
+"""Sequence packing with images: several samples per row, attention never crossing a sample boundary.
+
+A packed row is the samples' token ids laid end to end (each sample's IMAGE_TOKEN_ID run stays inside
+it, and its images are concatenated in row order, so `VisionLanguageModel.embed`'s masked_scatter puts
+every image's features into its own sample). Position ids restart at 0 for every sample, and the
+batch is given to the LLM with `attention_mask=None`: transformers (5.x, `masking_utils`) then reads the
+sample boundaries from the position ids, building a block-diagonal causal mask for SDPA/eager
+(`find_packed_sequence_indices`) and calling flash-attn's varlen kernel with cu_seqlens for
+`flash_attention_2` (`_is_packed_sequence`, one row only, hence `flatten_rows`). This is the route of
+transformers' own `DataCollatorWithFlattening`; it needs no attention code of our own.
+
+The loss per token equals unpacked training: the first label of each sample is ignored (unpacked, no
+token predicts a sequence's first token; packed, the previous sample's last token would), RoPE sees the
+same positions, and the loop divides the summed loss by the number of supervised tokens as before.
+The tail of a row is padding: labels ignored, positions restarting at 0, so it is its own "sample"
+that nothing attends to.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import Sampler
+
+from vistune.chat.encode import IGNORE_INDEX
+from vistune.data.dataset import Skipped
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Pack item positions into bins of at most `capacity` tokens, first-fit decreasing (longest first,
+    each into the first bin it fits). Bins keep the input order of their items. An item longer than
+    `capacity` gets a bin of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for b, room in enumerate(free):
+            if lengths[i] <= room:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def collate_packed(batch_items: list[dict | Skipped], pad_token_id: int, pack_length: int) -> dict:
+    """Items from SupervisedDataset -> packed batch: input_ids, labels, position_ids [R, L]; pixel_values
+    [N, 3, H, W] in row order; attention_mask None. L is the longest row (at most `pack_length` unless one
+    sample alone is longer). `Skipped` items are passed on under "skipped" for counting, as `collate` does."""
+    skipped = [it for it in batch_items if isinstance(it, Skipped)]
+    items = [it for it in batch_items if not isinstance(it, Skipped)]
+    batch: dict = {"skipped": skipped, "ids": [it["id"] for it in items]}
+    if not items:
+        return batch
+    rows = first_fit([len(it["input_ids"]) for it in items], pack_length)
+    length = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    pixels, sizes = [], []
+    n_tokens = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            it = items[i]
+            n = len(it["input_ids"])
+            ids[r, at: at + n] = it["input_ids"]
+            labels[r, at: at + n] = it["labels"]
+            labels[r, at] = IGNORE_INDEX  # the previous sample's last token must not predict this one
+            positions[r, at: at + n] = torch.arange(n)
+            if it["pixel_values"] is not None:
+                pixels.append(it["pixel_values"])
+            if it.get("image_sizes") is not None:  # hd / anyres: each image's size, in the same order
+                sizes.append(it["image_sizes"])
+            at += n
+        positions[r, at:] = torch.arange(length - at)  # the padded tail: a separate, unsupervised span
+        n_tokens += at
+    batch.update(input_ids=ids, labels=labels, position_ids=positions, attention_mask=None,
+                 pixel_values=torch.cat(pixels) if pixels else None, num_tokens=n_tokens,
+                 image_sizes=torch.cat(sizes) if sizes else None)
+    return batch
+
+
+def flatten_rows(batch: dict) -> dict:
+    """[R, L] -> [1, R*L] for flash-attn varlen, which transformers only detects on a single row
+    (boundaries are already marked by the position ids, padding included)."""
+    out = dict(batch)
+    for key in ("input_ids", "labels", "position_ids"):
+        out[key] = batch[key].reshape(1, -1)
+    return out
+
+
+class PackedBatchSampler(Sampler[list[int]]):
+    """Micro-batches of `rows` packed rows of at most `pack_length` tokens each.
+
+    Each epoch the samples are shuffled (a pure function of seed and epoch, so resume skips exactly the
+    micro-batches done), cut into windows of `rows * window_factor` rows' worth of samples, packed
+    first-fit decreasing within the window, and the packed rows grouped `rows` at a time. The collator
+    packs the micro-batch again from the exact token counts, so estimated lengths cost only fill rate.
+    """
+
+    def __init__(self, lengths: list[int], pack_length: int, rows: int, seed: int, window_factor: int = 16) -> None:
+        self.lengths = [abs(n) for n in lengths]
+        self.pack_length = pack_length
+        self.rows = rows
+        self.seed = seed
+        self.window = rows * window_factor
+        self.epoch = 0
+        self.skip = 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._make(epoch))
+        return self._cached[1]
+
+    def _make(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        rows: list[list[int]] = []
+        start = 0
+        while start < len(order):
+            # Take samples until they fill about `window` rows, then pack them.
+            budget, end = self.window * self.pack_length, start
+            while end < len(order) and budget > 0:
+                budget -= self.lengths[order[end]]
+                end += 1
+            chunk = order[start:end]
+            rows += [[chunk[i] for i in b] for b in first_fit([self.lengths[i] for i in chunk], self.pack_length)]
+            start = end
+        return [[i for row in rows[b: b + self.rows] for i in row] for b in range(0, len(rows), self.rows)]
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.skip:]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch)) - self.skip

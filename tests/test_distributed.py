@@ -1,0 +1,152 @@
+"""Several processes on CPU (gloo): a 2-process DDP run of `vistune train` gives one process's loss curve for
+the same global batch, and its resume checkpoint continues on 1 process exactly. (accelerate sets up FSDP and
+DeepSpeed on GPUs only: those engines are tested in test_gpu.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vistune.config import load_config
+from vistune.train.distributed import ShardedBatchSampler
+from vistune.train.loop import train_stage
+
+
+class _Fixed:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return [[epoch, i] for i in range(self.n)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_split_each_epoch_evenly(world: int) -> None:
+    shards = [ShardedBatchSampler(_Fixed(10), rank, world) for rank in range(world)]
+    kept = 10 - 10 % world
+    got = [b for s in shards for b in s]
+    assert sorted(got) == _Fixed(10).batches(0)[:kept]
+    assert len({len(s) for s in shards}) == 1  # every process runs as many micro-batches
+    for s in shards:
+        s.set_epoch(1, skip_batches=world * 2)  # two global windows of one micro-batch each done
+    assert sorted(b for s in shards for b in s) == _Fixed(10).batches(1)[world * 2: kept]
+
+
+def _stage(dataset_dir: Path, out: Path, **kw) -> dict:
+    base = {"parts": {"projector": "full", "llm": "full"}, "format": "chat_template",
+            "data": {"path": str(dataset_dir / "train.json"), "image_folder": str(dataset_dir / "images")},
+            "output_dir": str(out), "max_steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3,
+            "precision": "fp32", "warmup_ratio": 0.0, "tensorboard": False, "save_frozen": False, "save_every": 2}
+    return {**base, **kw}
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    w = dict(load_file(str(out / "projector.safetensors")))
+    w.update({f"llm.{k}": v for k, v in load_file(str(out / "llm" / "model.safetensors")).items()})
+    return w
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, llama_dir: Path, dataset_dir: Path) -> dict:
+    """`torchrun --nproc_per_node 2 vistune train` (DDP), and the same stage on one process. The data has
+    12 image and 4 text-only samples, so micro-batches of both kinds meet."""
+    root = tmp_path_factory.mktemp("dist")
+    model = {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}}
+    cfg = {"model": model, "stages": {"ddp": _stage(dataset_dir, root / "ddp")}}
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vistune.cli", "train", str(root / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    one = load_config(data={"model": model, "stages": {"one": _stage(dataset_dir, root / "one")}})
+    train_stage(one.model, one.stages["one"], "one")
+    return {"root": root, "model": model, "log": proc.stdout + proc.stderr}
+
+
+@pytest.mark.parametrize("engine", ["ddp"])
+def test_two_processes_follow_one_process(runs: dict, engine: str) -> None:
+    one, two = _rows(runs["root"] / "one"), _rows(runs["root"] / engine)
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # written once, by the main process
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (one, two)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert one[-1]["loss"] < one[0]["loss"] - 0.2  # it trains: the comparison is over a moving curve
+    # the final checkpoint holds the same weights
+    w1, w2 = _weights(runs["root"] / "one"), _weights(runs["root"] / engine)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert "on each of 2 processes" in runs["log"]
+
+
+@pytest.mark.parametrize("engine", ["ddp"])
+def test_a_two_process_checkpoint_resumes_on_one(runs: dict, dataset_dir: Path, tmp_path: Path, engine: str) -> None:
+    """The step-2 checkpoint of the 2-process run, continued by 1 process, ends where 1 process ends."""
+    src = runs["root"] / engine
+    out = tmp_path / "resumed"
+    shutil.copytree(src / "checkpoints", out / "checkpoints")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    cfg = load_config(data={"model": runs["model"], "stages": {"r": _stage(dataset_dir, out)}})
+    assert train_stage(cfg.model, cfg.stages["r"], "r") == out
+    assert [r["step"] for r in _rows(out)] == [3, 4]
+    w1, w2 = _weights(runs["root"] / "one"), _weights(out)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_an_engine_accelerate_did_not_set_up_is_an_error() -> None:
+    from accelerate.utils import DistributedType
+
+    from vistune.errors import ConfigError
+    from vistune.train.distributed import check_engine
+
+    check_engine("fsdp", DistributedType.FSDP)
+    check_engine("zero3", DistributedType.DEEPSPEED)
+    check_engine("ddp", DistributedType.MULTI_CPU)
+    with pytest.raises(ConfigError, match="zero2 was asked for, but accelerate set up MULTI_CPU. accelerate runs "
+                                          "DeepSpeed and FSDP on GPUs only"):
+        check_engine("zero2", DistributedType.MULTI_CPU)
+    with pytest.raises(ConfigError, match="fsdp was asked for"):
+        check_engine("fsdp", DistributedType.MULTI_GPU)
+    with pytest.raises(ConfigError, match="ddp was asked for, but accelerate set up FSDP"):
+        check_engine("ddp", DistributedType.FSDP)
+
+
+@pytest.mark.parametrize("engine,stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_config_is_valid_for_deepspeed(engine: str, stage: int) -> None:
+    """The plugin's config as DeepSpeed itself reads it (DeepSpeed runs only on GPUs, see test_gpu.py)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from vistune.train.distributed import deepspeed_plugin
+
+    plugin = deepspeed_plugin(engine, accum=4, micro_batch_size=2, max_grad_norm=1.0, mixed="bf16")
+    assert plugin.zero_stage == stage
+    parsed = DeepSpeedConfig(dict(plugin.deepspeed_config, train_batch_size=8))  # one process here
+    assert (parsed.zero_optimization_stage, parsed.gradient_accumulation_steps, parsed.gradient_clipping) == (stage, 4, 1.0)
+    assert parsed.zero_config.gather_16bit_weights_on_model_save == (stage == 3)
+
+
+@pytest.mark.parametrize("name,machines,processes", [("1node-8gpu", 1, 8), ("multinode-2x8gpu", 2, 16)])
+def test_accelerate_presets_read_as_accelerate_reads_them(name: str, machines: int, processes: int) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (str(cfg.distributed_type).split(".")[-1], cfg.num_machines, cfg.num_processes) == ("MULTI_GPU", machines, processes)
+    assert str(cfg.mixed_precision).split(".")[-1].lower() == "no"  # the stage's precision decides
