@@ -224,3 +224,55 @@ def test_pack_length_shorter_than_a_sample_is_refused(dataset_dir: Path) -> None
         load_config(data={"model": {"vision": {"path": "v"}, "llm": {"path": "l"}}, "stages": {"s": {
             "data": {"path": "d.json", "packing": True, "pack_length": 64}, "model_max_length": 128,
             "output_dir": "o", "global_batch_size": 1, "micro_batch_size": 1, "lr": 1.0}}})
+
+
+def test_packed_equals_unpacked_with_anyres_and_two_image_samples(clip_dir: Path, llama_dir: Path, dataset_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """anyres gives each image its own token count (from its size); packing must carry the images' sizes
+    in the same row order as their pixels, or the tiles land in the wrong slots."""
+    from PIL import Image
+
+    sizes = [(40, 20), (20, 40), (30, 30), (90, 50), (32, 32), (50, 20)]
+    records = []
+    for k, size in enumerate(sizes):
+        Image.open(dataset_dir / "images" / f"img_{k}.png").convert("RGB").resize(size).save(tmp_path / f"s{k}.png")
+    for k in range(len(sizes)):
+        images = [f"s{k}.png", f"s{(k + 1) % len(sizes)}.png"] if k % 2 else [f"s{k}.png"]
+        records.append({"id": f"r{k}", "image": images, "conversations": [
+            {"from": "human", "value": "<image>\n" * len(images) + "What is there?"},
+            {"from": "gpt", "value": f"Shape number {k}."}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hello?"},
+                                                    {"from": "gpt", "value": "Hello there."}]})
+    (tmp_path / "d.json").write_text(json.dumps(records))
+
+    torch.manual_seed(0)
+    model = build_model(VisionConfig(path=str(clip_dir), image_mode="anyres"), LLMConfig(path=str(llama_dir)),
+                        "mlp2x_gelu")
+    apply_parts(model, PartsConfig(projector="full", llm="full"), LoraSettings(), False)
+    model.train()
+    enc = ChatEncoder(load_tokenizer(str(llama_dir)), get_format("chat_template"), model.num_image_tokens, 2048)
+    samples = load_samples(str(tmp_path / "d.json"), str(tmp_path), False, Problems())
+    ds = SupervisedDataset(samples, enc, load_image_processor(str(clip_dir)), "pad", False, layout=model.layout)
+    chosen = [ds[i] for i in range(len(ds))]
+    counts = {int((it["input_ids"] == IMAGE_TOKEN_ID).sum()) for it in chosen if it["pixel_values"] is not None}
+    assert len(counts) > 2  # the images really take different numbers of tokens
+    n_items = sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in chosen)
+
+    def run(batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+        return _loss_and_grads(model, [batch], n_items, image_sizes=batch["image_sizes"])
+
+    loss_ref, grads_ref = run(collate(chosen, pad_token_id=0))
+    longest = max(len(it["input_ids"]) for it in chosen)
+    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest)
+    assert packed["input_ids"].shape[0] < len(chosen)
+    assert packed["image_sizes"].shape[0] == sum(len(s.images) for s in samples)  # one (h, w) per image
+    loss_packed, grads_packed = run(packed)
+    assert loss_packed == pytest.approx(loss_ref, rel=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_packed[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Not vacuous: the same sizes in another order lay the tiles out differently (the token totals still
+    # match, being a permutation), and the projector's gradient moves well beyond the tolerance above.
+    _, grads_shuffled = run(dict(packed, image_sizes=packed["image_sizes"].roll(1, 0)))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grads_shuffled["projector.0.weight"], grads_ref["projector.0.weight"],
+                                   rtol=1e-4, atol=1e-6)
