@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from torch.utils.data import Sampler
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 mega_batch_factor: int = 50) -> None:
-        self.lengths = lengths
-        self.batch_size = batch_size
+class EpochBatchSampler(Sampler[list[int]]):
+    """An epoch's batches as a pure function of (seed, epoch), computed once per epoch; iteration starts
+    after the `skip` batches a resumed run already trained. Subclasses say how batches are made."""
+
+    def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.group_by_length = group_by_length
-        self.mega = batch_size * mega_batch_factor
         self.epoch = 0
         self.skip = 0
         self._cached: tuple[int, list[list[int]]] | None = None
@@ -33,11 +31,29 @@ class GroupedBatchSampler(Sampler[list[int]]):
     def batches(self, epoch: int) -> list[list[int]]:
         """All batches of `epoch`, in order (computed once per epoch)."""
         if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, self._make(epoch))
+            self._cached = (epoch, self._make(random.Random(self.seed * 100_003 + epoch)))
         return self._cached[1]
 
-    def _make(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 100_003 + epoch)
+    def _make(self, rng: random.Random) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.skip:]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch)) - self.skip
+
+
+class GroupedBatchSampler(EpochBatchSampler):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
+                 mega_batch_factor: int = 50) -> None:
+        super().__init__(seed)
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.group_by_length = group_by_length
+        self.mega = batch_size * mega_batch_factor
+
+    def _make(self, rng: random.Random) -> list[list[int]]:
         if not self.group_by_length:
             order = list(range(len(self.lengths)))
             rng.shuffle(order)
@@ -55,9 +71,3 @@ class GroupedBatchSampler(Sampler[list[int]]):
         rng.shuffle(full)
         tail = [remainders[i: i + self.batch_size] for i in range(0, len(remainders), self.batch_size)]
         return full + tail
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)[self.skip:]
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch)) - self.skip

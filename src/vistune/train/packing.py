@@ -21,10 +21,10 @@ from __future__ import annotations
 import random
 
 import torch
-from torch.utils.data import Sampler
 
 from vistune.chat.encode import IGNORE_INDEX
 from vistune.data.dataset import Skipped
+from vistune.data.sampler import EpochBatchSampler
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -93,7 +93,7 @@ def flatten_rows(batch: dict) -> dict:
     return out
 
 
-class PackedBatchSampler(Sampler[list[int]]):
+class PackedBatchSampler(EpochBatchSampler):
     """Micro-batches of `rows` packed rows of at most `pack_length` tokens each.
 
     Each epoch the samples are shuffled (a pure function of seed and epoch, so resume skips exactly the
@@ -103,25 +103,13 @@ class PackedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: list[int], pack_length: int, rows: int, seed: int, window_factor: int = 16) -> None:
+        super().__init__(seed)
         self.lengths = [abs(n) for n in lengths]
         self.pack_length = pack_length
         self.rows = rows
-        self.seed = seed
         self.window = rows * window_factor
-        self.epoch = 0
-        self.skip = 0
-        self._cached: tuple[int, list[list[int]]] | None = None
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, self._make(epoch))
-        return self._cached[1]
-
-    def _make(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 100_003 + epoch)
+    def _make(self, rng: random.Random) -> list[list[int]]:
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         rows: list[list[int]] = []
@@ -136,9 +124,3 @@ class PackedBatchSampler(Sampler[list[int]]):
             rows += [[chunk[i] for i in b] for b in first_fit([self.lengths[i] for i in chunk], self.pack_length)]
             start = end
         return [[i for row in rows[b: b + self.rows] for i in row] for b in range(0, len(rows), self.rows)]
-
-    def __iter__(self):
-        yield from self.batches(self.epoch)[self.skip:]
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch)) - self.skip
