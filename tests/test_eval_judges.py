@@ -11,7 +11,7 @@ import pytest
 from test_eval import FakeJudge, _write_preds
 
 from vistune.eval.judge import get_judge
-from vistune.eval.metrics import mmbench_judge_letter, mmbench_matcher_prompt
+from vistune.eval.mmbench_judge import mmbench_judge_letter, mmbench_matcher_prompt
 from vistune.eval.run import run_eval
 from vistune.eval.tasks import get_task
 from vistune.eval.tasks.judged import grade_mmvet

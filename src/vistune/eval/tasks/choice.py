@@ -35,12 +35,11 @@ from vistune.errors import DataError
 from vistune.eval.metrics import (
     OPTION_LETTERS,
     circular_accuracy,
-    mmbench_judge_letter,
-    mmbench_matcher_prompt,
     mmbench_parse,
     scienceqa_parse,
     seed_match,
 )
+from vistune.eval.mmbench_judge import mmbench_judge_letter, mmbench_matcher_prompt
 from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import (
     LETTER_ANSWER,
