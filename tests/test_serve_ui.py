@@ -54,6 +54,33 @@ def _wait_until_stable(page, timeout_s: float = 180.0) -> list[str]:
     raise AssertionError(f"no stable answer in {timeout_s}s; saw {page.evaluate('() => window.__bot')}")
 
 
+class GradioCalls:
+    """The page's Gradio event calls still in flight (the heartbeat, which never ends, left out)."""
+
+    def __init__(self, page) -> None:  # noqa: ANN001
+        self.pending: set = set()
+        self.page = page
+        page.on("request", self._start)
+        page.on("requestfinished", lambda request: self.pending.discard(request))
+        page.on("requestfailed", lambda request: self.pending.discard(request))
+
+    def _start(self, request) -> None:  # noqa: ANN001
+        if "/gradio_api/" in request.url and "/heartbeat/" not in request.url and "/file=" not in request.url:
+            self.pending.add(request)
+
+    def wait_quiet(self, quiet_s: float = 1.5, timeout_s: float = 120.0) -> None:
+        """Until no call has been in flight for `quiet_s`: ChatInterface follows a reply with a chain of
+        calls, the last of which resets the textbox; an upload made before it lands is wiped."""
+        deadline, since = time.monotonic() + timeout_s, time.monotonic()
+        while time.monotonic() < deadline:
+            self.page.wait_for_timeout(100)  # lets Playwright deliver the request events
+            if self.pending:
+                since = time.monotonic()
+            elif time.monotonic() - since > quiet_s:
+                return
+        raise AssertionError(f"Gradio calls still in flight after {timeout_s}s: {[r.url for r in self.pending]}")
+
+
 def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dataset_dir: Path,
                                                       tmp_path: Path) -> None:
     engine = vistune.load(str(tiny_checkpoint), device="cpu")
@@ -64,6 +91,7 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 760})
+            calls = GradioCalls(page)
             page.goto(f"{base}/ui/")
             box = page.locator("textarea[data-testid=textbox]").first
             box.wait_for(timeout=120_000)
@@ -75,6 +103,8 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
             assert "Authorization: Bearer" in page.get_by_test_id("bot").last.inner_text()
 
             # With the key (the Settings panel is open when a key is needed), an image and a question.
+            # The error reply's follow-up calls must land first (CI lost this race twice).
+            calls.wait_quiet()
             page.get_by_test_id("password").fill(KEY)
             page.evaluate(RECORD)
             # Submit only after the upload request has completed and its thumbnail is in the box:
@@ -83,6 +113,8 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
             with page.expect_response(lambda r: "/gradio_api/upload" in r.url and r.ok, timeout=120_000):
                 page.locator("input[type=file]").first.set_input_files(str(image))
             page.locator("img.thumbnail-image").first.wait_for(state="attached", timeout=120_000)
+            calls.wait_quiet()
+            assert page.locator("img.thumbnail-image").count() == 1  # still in the box
             box.fill("What colour is the shape?")
             box.press("Enter")
             states = _wait_until_stable(page)
