@@ -108,3 +108,24 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert ev["accuracy_with_image"] == report["accuracy_with_image"]
     assert ev["accuracy_blind"] == report["accuracy_blind"]
     assert ev["per_type"] == report["per_type"]
+
+
+def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
+    """The CLIP stand-in's region-text pairs: a box's patches are those whose centres it covers (row-major),
+    a box covering no patch centre gets the patch at its centre, and the caption is the category name."""
+    from vistune.demo.pipeline import _regions
+
+    instances = {"images": [{"id": 7, "file_name": "a.png", "width": 64, "height": 64},
+                            {"id": 8, "file_name": "b.png", "width": 128, "height": 128}],
+                 "categories": [{"id": 1, "name": "red circle", "supercategory": "circle"},
+                                {"id": 2, "name": "orange square", "supercategory": "square"}],
+                 "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [27, 3, 24, 24]},
+                                 {"id": 2, "image_id": 7, "category_id": 2, "bbox": [5, 57, 2, 2]},
+                                 {"id": 3, "image_id": 8, "category_id": 1, "bbox": [0, 0, 32, 32]}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(instances))
+    images = instances["images"] + [{"id": 9, "file_name": "c.png", "width": 64, "height": 64}]
+    got = _regions(path, images, image_size=64, patch_size=8)
+    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle."), ([56], "An orange square.")]
+    assert got[1] == [([0, 1, 8, 9], "A red circle.")]  # a 128 px image's box, scaled to the encoder's 64 px
+    assert got[2] == []

