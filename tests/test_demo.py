@@ -3,6 +3,7 @@ pipeline (it checks that every step runs and writes its outputs, not the accurac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from collections import Counter
@@ -108,6 +109,14 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert ev["accuracy_with_image"] == report["accuracy_with_image"]
     assert ev["accuracy_blind"] == report["accuracy_blind"]
     assert ev["per_type"] == report["per_type"]
+    # benchmarks/demo_probe.py reads one token per object of the world's instances files.
+    spec = importlib.util.spec_from_file_location("demo_probe", Path(__file__).parents[1] / "benchmarks" / "demo_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)  # type: ignore[union-attr]
+    feats, shapes, colours = probe.object_features(out / "parts" / "clip", out / "world", "train", 1000, -2)
+    objects = json.loads((out / "world" / "annotations" / "instances_train.json").read_text())["annotations"]
+    assert feats.shape == (len(objects), 128) and len(shapes) == len(colours) == len(objects)
+    assert 0.0 <= probe.probe(feats, shapes, feats, shapes) <= 1.0
 
 
 def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:

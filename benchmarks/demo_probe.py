@@ -1,0 +1,85 @@
+"""What the demo's CLIP stand-in tells the LLM about each object: linear probes on its patch tokens.
+
+For every box of the world's instances files, the patch token under the box's centre (at the layer
+LLaVA reads, `--layer`, default the penultimate) is taken as that object's feature; a linear
+classifier trained on the train split's objects predicts the object's shape and, separately, its
+colour on the test split's objects. Every demo question type but colour needs shape, so the shape
+accuracy bounds what the VLM can read from the image (chance is 1/3 for shape, 1/5 for colour).
+
+    python benchmarks/demo_probe.py --clip runs/demo/parts/clip --world runs/demo/world
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionModel
+
+from vistune.demo.pipeline import _pixels
+
+
+def object_features(clip: Path, world: Path, split: str, limit: int, layer: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The centre patch's token of each object in the first `limit` images: ([N, D], shapes, colours)."""
+    inst = json.loads((world / "annotations" / f"instances_{split}.json").read_text())
+    images = inst["images"][:limit]
+    model = CLIPVisionModel.from_pretrained(clip).eval()
+    size, patch = model.config.image_size, model.config.patch_size
+    grid = size // patch
+    with torch.no_grad():
+        tokens = model(pixel_values=_pixels(world / split, [im["file_name"] for im in images], size),
+                       output_hidden_states=True).hidden_states[layer][:, 1:]  # [N_images, grid*grid, D]
+    row = {im["id"]: k for k, im in enumerate(images)}
+    scale = {im["id"]: (size / im["width"], size / im["height"]) for im in images}
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    feats, shapes, colours = [], [], []
+    for a in inst["annotations"]:
+        if a["image_id"] not in row:
+            continue
+        x, y, w, h = a["bbox"]
+        sx, sy = scale[a["image_id"]]
+        r, c = min(grid - 1, int((y + h / 2) * sy // patch)), min(grid - 1, int((x + w / 2) * sx // patch))
+        feats.append(tokens[row[a["image_id"]], r * grid + c])
+        colour, shape = names[a["category_id"]].split()
+        shapes.append(shape)
+        colours.append(colour)
+    return torch.stack(feats), shapes, colours
+
+
+def probe(x_train: torch.Tensor, y_train: list[str], x_test: torch.Tensor, y_test: list[str], seed: int = 0) -> float:
+    """Test accuracy of a linear classifier (standardised features, Adam, 300 full-batch steps)."""
+    torch.manual_seed(seed)
+    labels = {label: i for i, label in enumerate(sorted(set(y_train)))}
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    linear = torch.nn.Linear(x_train.shape[1], len(labels))
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
+    target = torch.tensor([labels[y] for y in y_train])
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(linear((x_train - mean) / std), target).backward()
+        opt.step()
+    with torch.no_grad():
+        predicted = linear((x_test - mean) / std).argmax(-1)
+    return (predicted == torch.tensor([labels.get(y, -1) for y in y_test])).float().mean().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clip", type=Path, default=Path("runs/demo/parts/clip"))
+    p.add_argument("--world", type=Path, default=Path("runs/demo/world"))
+    p.add_argument("--layer", type=int, default=-2)
+    p.add_argument("--train-images", type=int, default=2000)
+    p.add_argument("--test-images", type=int, default=400)
+    args = p.parse_args()
+    x_tr, s_tr, c_tr = object_features(args.clip, args.world, "train", args.train_images, args.layer)
+    x_te, s_te, c_te = object_features(args.clip, args.world, "test", args.test_images, args.layer)
+    result = {"clip": str(args.clip), "layer": args.layer, "train_objects": len(s_tr), "test_objects": len(s_te),
+              "shape_accuracy": round(probe(x_tr, s_tr, x_te, s_te), 3),
+              "colour_accuracy": round(probe(x_tr, c_tr, x_te, c_te), 3)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
