@@ -1,10 +1,11 @@
 """What the demo's CLIP stand-in tells the LLM about each object: linear probes on its patch tokens.
 
-For every box of the world's instances files, the patch token under the box's centre (at the layer
-LLaVA reads, `--layer`, default the penultimate) is taken as that object's feature; a linear
-classifier trained on the train split's objects predicts the object's shape and, separately, its
-colour on the test split's objects. Every demo question type but colour needs shape, so the shape
-accuracy bounds what the VLM can read from the image (chance is 1/3 for shape, 1/5 for colour).
+For every box of the world's instances files, an object's feature is taken at the layer LLaVA reads
+(`--layer`, default the penultimate) two ways: the patch token under the box's centre, and the mean of
+the tokens of the patches the box covers (what the LLM gets if it attends to the object's patches
+evenly). A linear classifier trained on the train split's objects predicts the object's shape and,
+separately, its colour on the test split's objects. Every demo question type but colour needs shape
+(chance is 1/3 for shape, 1/5 for colour).
 
     python benchmarks/demo_probe.py --clip runs/demo/parts/clip --world runs/demo/world
 """
@@ -18,33 +19,33 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionModel
 
-from vistune.demo.pipeline import _pixels
+from vistune.demo.pipeline import _pixels, _regions
 
 
-def object_features(clip: Path, world: Path, split: str, limit: int, layer: int) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The centre patch's token of each object in the first `limit` images: ([N, D], shapes, colours)."""
-    inst = json.loads((world / "annotations" / f"instances_{split}.json").read_text())
-    images = inst["images"][:limit]
+def object_features(clip: Path, world: Path, split: str, limit: int, layer: int,
+                    pool: str = "centre") -> tuple[torch.Tensor, list[str], list[str]]:
+    """One feature per object in the first `limit` images, `pool` "centre" (the token of the patch
+    under the box's centre) or "box" (the mean over the patches the box covers): ([N, D], shapes, colours)."""
+    instances = world / "annotations" / f"instances_{split}.json"
+    images = json.loads(instances.read_text())["images"][:limit]
     model = CLIPVisionModel.from_pretrained(clip).eval()
     size, patch = model.config.image_size, model.config.patch_size
     grid = size // patch
     with torch.no_grad():
         tokens = model(pixel_values=_pixels(world / split, [im["file_name"] for im in images], size),
                        output_hidden_states=True).hidden_states[layer][:, 1:]  # [N_images, grid*grid, D]
-    row = {im["id"]: k for k, im in enumerate(images)}
-    scale = {im["id"]: (size / im["width"], size / im["height"]) for im in images}
-    names = {c["id"]: c["name"] for c in inst["categories"]}
     feats, shapes, colours = [], [], []
-    for a in inst["annotations"]:
-        if a["image_id"] not in row:
-            continue
-        x, y, w, h = a["bbox"]
-        sx, sy = scale[a["image_id"]]
-        r, c = min(grid - 1, int((y + h / 2) * sy // patch)), min(grid - 1, int((x + w / 2) * sx // patch))
-        feats.append(tokens[row[a["image_id"]], r * grid + c])
-        colour, shape = names[a["category_id"]].split()
-        shapes.append(shape)
-        colours.append(colour)
+    for k, boxes in enumerate(_regions(instances, images, size, patch)):
+        for patches, caption in boxes:  # caption: "A red circle."
+            if pool == "box":
+                feats.append(tokens[k, patches].mean(0))
+            else:
+                rows, cols = [p // grid for p in patches], [p % grid for p in patches]
+                centre = (min(rows) + max(rows)) // 2 * grid + (min(cols) + max(cols)) // 2
+                feats.append(tokens[k, centre])
+            colour, shape = caption.rstrip(".").split()[-2:]
+            colours.append(colour)
+            shapes.append(shape)
     return torch.stack(feats), shapes, colours
 
 
@@ -73,11 +74,13 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--test-images", type=int, default=400)
     args = p.parse_args()
-    x_tr, s_tr, c_tr = object_features(args.clip, args.world, "train", args.train_images, args.layer)
-    x_te, s_te, c_te = object_features(args.clip, args.world, "test", args.test_images, args.layer)
-    result = {"clip": str(args.clip), "layer": args.layer, "train_objects": len(s_tr), "test_objects": len(s_te),
-              "shape_accuracy": round(probe(x_tr, s_tr, x_te, s_te), 3),
-              "colour_accuracy": round(probe(x_tr, c_tr, x_te, c_te), 3)}
+    result: dict = {"clip": str(args.clip), "layer": args.layer}
+    for pool in ("centre", "box"):
+        x_tr, s_tr, c_tr = object_features(args.clip, args.world, "train", args.train_images, args.layer, pool)
+        x_te, s_te, c_te = object_features(args.clip, args.world, "test", args.test_images, args.layer, pool)
+        result.update({"train_objects": len(s_tr), "test_objects": len(s_te),
+                       f"shape_{pool}": round(probe(x_tr, s_tr, x_te, s_te), 3),
+                       f"colour_{pool}": round(probe(x_tr, c_tr, x_te, c_te), 3)})
     print(json.dumps(result))
 
 
