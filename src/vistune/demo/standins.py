@@ -139,6 +139,8 @@ def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: P
                              region_attention=region_text["attention_mask"])
             yield batch
 
+    # CLIPModel's symmetric loss, written out because CLIPModel only scores its own pooled outputs and
+    # the region pairs need the same loss.
     def contrastive(m: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
         logits = m.logit_scale.exp() * img @ txt.T  # [n, n]
