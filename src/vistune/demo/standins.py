@@ -93,6 +93,7 @@ def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: P
     object has (a linear probe on an object's patch reads its colour, not its shape); a real CLIP's
     patch tokens carry what each object is."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -139,27 +140,18 @@ def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: P
                              region_attention=region_text["attention_mask"])
             yield batch
 
-    # CLIPModel's symmetric loss, written out because CLIPModel only scores its own pooled outputs and
-    # the region pairs need the same loss.
-    def contrastive(m: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-        logits = m.logit_scale.exp() * img @ txt.T  # [n, n]
-        target = torch.arange(len(img))
-        return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
-
-    def loss_of(m: torch.nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                region_masks: torch.Tensor | None = None, region_ids: torch.Tensor | None = None,
-                region_attention: torch.Tensor | None = None) -> torch.Tensor:
+    def loss_of(m: torch.nn.Module, region_masks: torch.Tensor | None = None, region_ids: torch.Tensor | None = None,
+                region_attention: torch.Tensor | None = None, **batch: torch.Tensor) -> torch.Tensor:
+        out = m(**batch, return_loss=True, output_hidden_states=region_masks is not None)
         if region_masks is None:
-            return m(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_loss=True).loss
-        vis = m.vision_model(pixel_values=pixel_values, output_hidden_states=True)
-        text = m.text_projection(m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
-        loss = contrastive(m, m.visual_projection(vis.pooler_output), text)
-        tokens = vis.hidden_states[region_layer][:, 1:]  # [B, P, D], the class token left out
+            return out.loss
+        tokens = out.vision_model_output.hidden_states[region_layer][:, 1:]  # [B, P, D], the class token left out
         pooled = torch.einsum("kbp,bpd->kd", region_masks, tokens)  # [K, D]
         region = m.visual_projection(m.vision_model.post_layernorm(pooled))
-        region_text = m.text_projection(m.text_model(input_ids=region_ids, attention_mask=region_attention).pooler_output)
-        return loss + contrastive(m, region, region_text)
+        region_text = m.get_text_features(input_ids=region_ids, attention_mask=region_attention).pooler_output
+        region, region_text = region / region.norm(dim=-1, keepdim=True), region_text / region_text.norm(dim=-1, keepdim=True)
+        # CLIP's own symmetric loss (transformers'), on the region pairs' similarities [K texts, K boxes].
+        return out.loss + image_text_contrastive_loss(m.logit_scale.exp() * region_text @ region.T)
 
     losses = _fit(model, batches(), loss_of, steps, lr, "clip")
     # Held-out image -> caption retrieval among the validation images: how well the tower sees.
