@@ -103,7 +103,7 @@ def test_browser_upload_ask_and_see_a_streamed_answer(tiny_checkpoint: Path, dat
             assert "Authorization: Bearer" in page.get_by_test_id("bot").last.inner_text()
 
             # With the key (the Settings panel is open when a key is needed), an image and a question.
-            # The error reply's follow-up calls must land first (CI lost this race twice).
+            # The error reply's follow-up calls must land first (CI lost this race).
             calls.wait_quiet()
             page.get_by_test_id("password").fill(KEY)
             page.evaluate(RECORD)
