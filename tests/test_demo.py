@@ -10,9 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from vistune.datagen.sources import read_coco
-from vistune.demo.world import CATEGORIES, MULTI_IMAGE_TYPES, QUESTION_TYPES, build_world, questions, render, sample_scene
+from vistune.demo.world import CATEGORIES, COLOURS, MULTI_IMAGE_TYPES, QUESTION_TYPES, SHAPES, build_world, questions, render, sample_scene
 from vistune.eval.metrics import exact_match, normalize_vqa_answer
 
 
@@ -110,13 +111,46 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert ev["accuracy_blind"] == report["accuracy_blind"]
     assert ev["per_type"] == report["per_type"]
     # benchmarks/demo_probe.py reads one token per object of the world's instances files.
-    spec = importlib.util.spec_from_file_location("demo_probe", Path(__file__).parents[1] / "benchmarks" / "demo_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)  # type: ignore[union-attr]
+    probe = _benchmark("demo_probe")
     feats, shapes, colours = probe.object_features(out / "parts" / "clip", out / "world", "train", 1000, -2)
     objects = json.loads((out / "world" / "annotations" / "instances_train.json").read_text())["annotations"]
     assert feats.shape == (len(objects), 128) and len(shapes) == len(colours) == len(objects)
     assert 0.0 <= probe.probe(feats, shapes, feats, shapes) <= 1.0
+    # benchmarks/demo_oracle.py trains the demo's LLM on ground-truth tokens of the same world.
+    oracle = _benchmark("demo_oracle")
+    oracle.main(["--world", str(out / "world"), "--lm", str(out / "parts" / "lm"), "--task", "counting", "--steps", "2",
+                 "--batch-size", "4", "--eval-every", "1", "--eval-questions", "8", "--output", str(tmp_path / "oracle.json")])
+    curve = json.loads((tmp_path / "oracle.json").read_text())["curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2] and all(0.0 <= c["accuracy"] <= 1.0 for c in curve)
+
+
+def _benchmark(name: str):  # noqa: ANN202
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_oracle_tokens_count_each_object_in_the_cell_of_its_box_centre(tmp_path: Path) -> None:
+    """demo_oracle's ground-truth image tokens: per cell, the colours and shapes whose box centres fall
+    there; the `total` question's answer is the scene's number of objects."""
+    oracle = _benchmark("demo_oracle")
+    build_world(tmp_path, {"train": 6, "test": 2}, seed=0)
+    inst = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
+    tokens = oracle.oracle_tokens(tmp_path / "annotations" / "instances_train.json", grid=4)
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    expected = {i: torch.zeros(16, 8) for i in tokens}
+    for a in inst["annotations"]:
+        x, y, w, h = a["bbox"]
+        cell = int((y + h / 2) // 16) * 4 + int((x + w / 2) // 16)  # 64-px images, 16-px cells
+        colour, shape = names[a["category_id"]].split()
+        expected[a["image_id"]][cell, list(COLOURS).index(colour)] += 1
+        expected[a["image_id"]][cell, 5 + SHAPES.index(shape)] += 1
+    assert all(torch.equal(tokens[i], expected[i]) for i in tokens)
+    total = oracle.questions(tmp_path / "annotations", "train", "total", tokens)
+    per_image = Counter(a["image_id"] for a in inst["annotations"])
+    assert sorted((i, int(answer)) for i, _, answer in total) == sorted((i, per_image[i]) for i in tokens)
 
 
 def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
