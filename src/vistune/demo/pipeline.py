@@ -47,10 +47,10 @@ class DemoSize:
     descriptions: int
     compare_train: int = 0  # two-image "which has more circles?" samples in the finetune mix
     compare_test: int = 0  # ... and held-out ones in the benchmark (type `compare`)
-    # The CLIP stand-in's patch side on the 64-px images: (64 / clip_patch)^2 image tokens. 16 tokens
-    # answer as well as 64 did (0.503 vs 0.502 with the image, benchmarks/README.md) in two thirds of
-    # the time: a smaller vision sequence for CLIP's training, a shorter one for both stages.
-    clip_patch: int = 16
+    # The CLIP stand-in's patch side on the 64-px images: (64 / clip_patch)^2 image tokens. 16 px
+    # (16 tokens) answered as well in two thirds of the time, but its tokens carry much less of each
+    # object's shape (probe 0.55 vs 0.80, benchmarks/README.md): 8 keeps what a better LLM would need.
+    clip_patch: int = 8
 
 
 SIZES: dict[str, DemoSize] = {
