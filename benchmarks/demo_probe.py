@@ -22,20 +22,26 @@ from transformers import CLIPVisionModel
 from vistune.demo.pipeline import _pixels, _regions
 
 
-def object_features(clip: Path, world: Path, split: str, limit: int, layer: int,
-                    pool: str = "centre") -> tuple[torch.Tensor, list[str], list[str]]:
-    """One feature per object in the first `limit` images, `pool` "centre" (the token of the patch
-    under the box's centre) or "box" (the mean over the patches the box covers): ([N, D], shapes, colours)."""
+def object_tokens(clip: Path, world: Path, split: str, limit: int,
+                  layer: int) -> tuple[torch.Tensor, list[list[tuple[list[int], str]]], int]:
+    """The patch tokens at `layer` of the first `limit` images of `split` ([N_images, grid*grid, D]),
+    their boxes as `_regions` gives them, and the grid side."""
     instances = world / "annotations" / f"instances_{split}.json"
     images = json.loads(instances.read_text())["images"][:limit]
     model = CLIPVisionModel.from_pretrained(clip).eval()
     size, patch = model.config.image_size, model.config.patch_size
-    grid = size // patch
     with torch.no_grad():
         tokens = model(pixel_values=_pixels(world / split, [im["file_name"] for im in images], size),
-                       output_hidden_states=True).hidden_states[layer][:, 1:]  # [N_images, grid*grid, D]
+                       output_hidden_states=True).hidden_states[layer][:, 1:]
+    return tokens, _regions(instances, images, size, patch), size // patch
+
+
+def pool_objects(tokens: torch.Tensor, regions: list[list[tuple[list[int], str]]], grid: int,
+                 pool: str = "centre") -> tuple[torch.Tensor, list[str], list[str]]:
+    """One feature per object, `pool` "centre" (the token of the patch under the box's centre) or
+    "box" (the mean over the patches the box covers): ([N, D], shapes, colours)."""
     feats, shapes, colours = [], [], []
-    for k, boxes in enumerate(_regions(instances, images, size, patch)):
+    for k, boxes in enumerate(regions):
         for patches, caption in boxes:  # caption: "A red circle."
             if pool == "box":
                 feats.append(tokens[k, patches].mean(0))
@@ -47,6 +53,12 @@ def object_features(clip: Path, world: Path, split: str, limit: int, layer: int,
             colours.append(colour)
             shapes.append(shape)
     return torch.stack(feats), shapes, colours
+
+
+def object_features(clip: Path, world: Path, split: str, limit: int, layer: int,
+                    pool: str = "centre") -> tuple[torch.Tensor, list[str], list[str]]:
+    """`pool_objects` of `object_tokens`: one feature per object in the first `limit` images."""
+    return pool_objects(*object_tokens(clip, world, split, limit, layer), pool)
 
 
 def probe(x_train: torch.Tensor, y_train: list[str], x_test: torch.Tensor, y_test: list[str], seed: int = 0) -> float:
@@ -75,9 +87,11 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=400)
     args = p.parse_args()
     result: dict = {"clip": str(args.clip), "layer": args.layer}
+    train = object_tokens(args.clip, args.world, "train", args.train_images, args.layer)  # the tower runs once
+    test = object_tokens(args.clip, args.world, "test", args.test_images, args.layer)  # per split
     for pool in ("centre", "box"):
-        x_tr, s_tr, c_tr = object_features(args.clip, args.world, "train", args.train_images, args.layer, pool)
-        x_te, s_te, c_te = object_features(args.clip, args.world, "test", args.test_images, args.layer, pool)
+        x_tr, s_tr, c_tr = pool_objects(*train, pool)
+        x_te, s_te, c_te = pool_objects(*test, pool)
         result.update({"train_objects": len(s_tr), "test_objects": len(s_te),
                        f"shape_{pool}": round(probe(x_tr, s_tr, x_te, s_te), 3),
                        f"colour_{pool}": round(probe(x_tr, c_tr, x_te, c_te), 3)})
