@@ -13,6 +13,9 @@ short-answer questions, the loss on the answer only, as stage 2 does. Two kinds 
 - a demo type (`counting`, `existence`, `colour`, `shape`, `position`): the answer depends on the
   question and the image together ("How many circles ...?").
 
+`--image-after-question` puts the question before the image tokens (the demo puts it after, as
+LLaVA-1.5 does), so that in a causal LLM each image token can see what is asked.
+
 It prints held-out first-token accuracy every `--eval-every` steps. The loop here is deliberately
 minimal, like the demo's stand-in pretraining: features are precomputed tensors, not images, so
 `vistune train` (which runs a vision tower) cannot take them.
@@ -36,6 +39,7 @@ from vistune.eval.tasks.base import SHORT_ANSWER
 from vistune.model.projector import build_projector
 
 TOTAL_QUESTION = "How many shapes are there in the image?"
+Item = tuple[int, tuple[list[int], list[int]], list[int]]  # image id, (ids before, ids after the image), answer
 
 
 def oracle_tokens(instances: Path, grid: int) -> dict[int, torch.Tensor]:
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-questions", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-after-question", action="store_true",
+                   help="put the image tokens after the question, so a causal LLM's image tokens see it")
     p.add_argument("--output", type=Path, default=None, help="write the accuracy curve here as JSON")
     args = p.parse_args(argv)
 
@@ -106,26 +112,26 @@ def main(argv: list[str] | None = None) -> None:
     embed = lm.get_input_embeddings()
 
     # The demo's prompt, split at the image: [before] <image tokens> [after] answer <eos>
-    prompt = tok.apply_chat_template([{"role": "user", "content": f"<image>\n@Q@\n{SHORT_ANSWER}"}],
-                                     tokenize=False, add_generation_prompt=True)
+    content = f"@Q@\n<image>\n{SHORT_ANSWER}" if args.image_after_question else f"<image>\n@Q@\n{SHORT_ANSWER}"
+    prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     before, after = prompt.split("<image>")
-    before_ids = torch.tensor(tok(before, add_special_tokens=False)["input_ids"])
 
-    def encode(items: list[tuple[int, str, str]]) -> list[tuple[int, list[int], list[int]]]:
-        """(image id, question, answer) -> (image id, ids after the image, answer ids + EOS), once."""
-        return [(i, tok(after.replace("@Q@", q), add_special_tokens=False)["input_ids"],
+    def encode(items: list[tuple[int, str, str]]) -> list[Item]:
+        """(image id, question, answer) -> (image id, (ids before, ids after the image), answer ids + EOS), once."""
+        return [(i, (tok(before.replace("@Q@", q), add_special_tokens=False)["input_ids"],
+                     tok(after.replace("@Q@", q), add_special_tokens=False)["input_ids"]),
                  tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for i, q, a in items]
 
     train, test = encode(train), encode(test)
 
-    def batch(items: list[tuple[int, list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> inputs_embeds [B, T, D], labels [B, T], attention_mask [B, T] (right-padded)."""
         image = projector(torch.stack([tokens[i] for i, _, _ in items]))  # [B, grid*grid, D]
         rows, labels = [], []
-        for k, (_, text, answer) in enumerate(items):
+        for k, (_, (before_ids, text), answer) in enumerate(items):
             # Looked up per row, not once for the batch: one lookup only reorders its gradient's float
             # sums, yet that moved the recorded `total` curve (0.985, not 0.795, at step 200).
-            rows.append(torch.cat([embed(before_ids), image[k], embed(torch.tensor(text + answer))]))
+            rows.append(torch.cat([embed(torch.tensor(before_ids)), image[k], embed(torch.tensor(text + answer))]))
             labels.append([-100] * (len(before_ids) + image.shape[1] + len(text)) + answer)
         n = max(r.shape[0] for r in rows)
         mask = torch.tensor([[1] * r.shape[0] + [0] * (n - r.shape[0]) for r in rows])

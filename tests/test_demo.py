@@ -122,6 +122,18 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
                  "--batch-size", "4", "--eval-every", "1", "--eval-questions", "8", "--output", str(tmp_path / "oracle.json")])
     curve = json.loads((tmp_path / "oracle.json").read_text())["curve"]
     assert [c["step"] for c in curve] == [0, 1, 2] and all(0.0 <= c["accuracy"] <= 1.0 for c in curve)
+    oracle.main(["--world", str(out / "world"), "--lm", str(out / "parts" / "lm"), "--task", "existence", "--steps", "1",
+                 "--batch-size", "4", "--eval-questions", "8", "--image-after-question",
+                 "--output", str(tmp_path / "oracle_after.json")])
+    assert len(json.loads((tmp_path / "oracle_after.json").read_text())["curve"]) == 2
+    # benchmarks/demo_reading.py trains a fresh LLM on text descriptions, with the demo's tokenizer.
+    _benchmark("demo_reading").main(["--tokenizer", str(out / "parts" / "tokenizer"), "--steps", "2", "--batch-size", "4",
+                                     "--hidden", "32", "--layers", "1", "--eval-every", "1",
+                                     "--output", str(tmp_path / "reading.json"), "--save", str(tmp_path / "reader")])
+    reading = json.loads((tmp_path / "reading.json").read_text())["curve"]
+    assert [c["step"] for c in reading] == [1, 2]
+    assert set(reading[0]["per_type"]) <= set(QUESTION_TYPES) and 0.0 <= reading[-1]["accuracy"] <= 1.0
+    assert (tmp_path / "reader" / "config.json").is_file() and (tmp_path / "reader" / "tokenizer.json").is_file()
 
 
 def _benchmark(name: str):  # noqa: ANN202
