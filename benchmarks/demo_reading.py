@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from vistune.demo import world
-from vistune.demo.standins import _cosine
-from vistune.eval.tasks.base import SHORT_ANSWER
+from vistune.demo.evaluate import reading_request
+from vistune.demo.standins import _cosine, lm_config
 
 Example = tuple[list[int], list[int], int]  # (input ids, labels, prompt length)
 
@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save", type=Path, default=None, help="save the trained LLM here (an HF folder, tokenizer too)")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
 
     def encode(caption: str, question: str, answer: str) -> Example:
-        prompt = tok.apply_chat_template([{"role": "user", "content": f"{caption}\n{question}\n{SHORT_ANSWER}"}],
+        prompt = tok.apply_chat_template([{"role": "user", "content": reading_request(caption, question)}],
                                          tokenize=False, add_generation_prompt=True)
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
@@ -82,11 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         caption, qs = scene_questions(rng, scene_id)
         held_out += [(encode(caption, q, a), t) for t, q, a in qs]
 
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(lm_config(tok, args.hidden, args.layers, args.heads))  # the stand-in's architecture
 
     def pad(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> input ids, labels, attention mask, each [B, T] (right-padded)."""

@@ -24,7 +24,8 @@ from vistune.infer.engine import Engine, Sampling
 SHORT_ANSWER_PROMPT = SHORT_ANSWER
 BATCH_SIZE = 32
 
-__all__ = ["SHORT_ANSWER_PROMPT", "Question", "ask_all", "blank_like", "describe", "load_questions", "score"]
+__all__ = ["SHORT_ANSWER_PROMPT", "Question", "ask_all", "blank_like", "describe", "load_questions", "reading_request",
+           "score"]
 
 
 def load_questions(questions: Path, annotations: Path, image_folder: Path, file_names: dict[int, str],
@@ -52,6 +53,12 @@ def describe(engine: Engine, images: list[Path], instruction: str, max_new_token
     return engine.generate(convs, [[p] for p in images], Sampling(max_new_tokens=max_new_tokens))
 
 
+def reading_request(description: str, question: str) -> str:
+    """The user turn asking a short-answer question about a description given as text: the shape of the
+    stand-in LLM's reading examples (pretraining), of its reading check, and of benchmarks/demo_reading.py."""
+    return f"{description}\n{question}\n{SHORT_ANSWER_PROMPT}"
+
+
 def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[str, list[str]],
                       batch_size: int = BATCH_SIZE) -> list[str]:
     """The stand-in LLM alone answers each question from its image's captions given as text, in the
@@ -66,7 +73,7 @@ def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[st
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         prompts = [tok.apply_chat_template(
-            [{"role": "user", "content": f"{_described(q, captions)}\n{q.question}\n{SHORT_ANSWER_PROMPT}"}],
+            [{"role": "user", "content": reading_request(_described(q, captions), q.question)}],
             tokenize=False, add_generation_prompt=True) for q in chunk]
         batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():

@@ -86,7 +86,7 @@ def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, t
 
     from transformers import AutoTokenizer
 
-    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
+    from vistune.demo.evaluate import reading_request
 
     rng = random.Random(seed)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -102,7 +102,7 @@ def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, t
     for image_id, captions in by_image.items():
         texts.append(" ".join(captions))
         for q, a in rng.sample(questions.get(image_id, []), min(4, len(questions.get(image_id, [])))):
-            messages = [{"role": "user", "content": f"{' '.join(captions)}\n{q}\n{SHORT_ANSWER_PROMPT}"},
+            messages = [{"role": "user", "content": reading_request(" ".join(captions), q)},
                         {"role": "assistant", "content": a}]
             texts.append(tok.apply_chat_template(messages, tokenize=False))
     rng.shuffle(texts)

@@ -16,12 +16,16 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 
 from vistune.chat.formats import chatml_template
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 SYSTEM_PROMPT = "You are a helpful assistant that can see images."
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -173,10 +177,21 @@ def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: P
 # The language model
 # --------------------------------------------------------------------------------------------------
 
+def lm_config(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int = 4) -> LlamaConfig:
+    """The stand-in LLM's architecture: a small Llama over `tokenizer`'s vocabulary, embeddings tied."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=1024, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
 def train_lm(texts: list[str], tokenizer_dir: Path, out: Path, *, hidden: int = 256, layers: int = 4,
              steps: int = 300, batch_size: int = 32, seq_len: int = 128, lr: float = 2e-3, seed: int = 0) -> dict:
     """Next-token pretraining of a small Llama on the world's text, packed into fixed-length rows."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -186,12 +201,7 @@ def train_lm(texts: list[str], tokenizer_dir: Path, out: Path, *, hidden: int = 
         ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
     stream = torch.tensor(ids)
     rows = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)  # [R, L]
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(lm_config(tokenizer, hidden, layers))
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:
