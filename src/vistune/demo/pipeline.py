@@ -53,8 +53,8 @@ class DemoSize:
     compare_train: int = 0  # two-image "which has more circles?" samples in the finetune mix
     compare_test: int = 0  # ... and held-out ones in the benchmark (type `compare`)
     # The CLIP stand-in's patch side on the 64-px images: (64 / clip_patch)^2 image tokens. 16 px
-    # (16 tokens) answered as well in two thirds of the time, but its tokens carry much less of each
-    # object's shape (probe 0.55 vs 0.80, benchmarks/README.md): 8 keeps what a better LLM would need.
+    # (16 tokens) carries much less of each object's shape (probe 0.55 vs 0.80), and on the two-tier
+    # world it read less (readout 0.36 vs 0.53 in a reduced run; benchmarks/README.md).
     clip_patch: int = 8
 
 
@@ -76,43 +76,6 @@ def check_choice(key: str, value: str, valid: tuple[str, ...] | list[str]) -> No
         raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
 
 
-def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, tokenizer_dir: Path,
-                  seed: int, replies: list[str] = ()) -> list[str]:  # type: ignore[assignment]
-    """The stand-in LLM's pretraining text: each image's captions as one document (several
-    descriptions of one scene, as web pages repeat what a picture shows), chat-formatted questions
-    answered from a description given in the prompt (the reading-comprehension skill any instruct LLM
-    brings to LLaVA), and `replies`, the teacher's instruction replies as plain text: the English a
-    real LLM knows before LLaVA starts. Without them the replies' words ("In total the scene holds")
-    were never seen, the tokenizer split them into letters and descriptions came out as "Thehehe is".
-    No image is ever in this text, so the blind evaluation stays blind."""
-    import random
-
-    from transformers import AutoTokenizer
-
-    from vistune.demo.evaluate import reading_request
-
-    rng = random.Random(seed)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    caps = json.loads(captions_file.read_text())
-    by_image: dict[int, list[str]] = {}
-    for a in caps["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a["caption"])
-    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
-    questions: dict[int, list[tuple[str, str]]] = {}
-    for q in json.loads(vqa_questions.read_text())["questions"]:
-        questions.setdefault(q["image_id"], []).append((q["question"], answers[q["question_id"]]))
-    texts = []
-    for image_id, captions in by_image.items():
-        texts.append(" ".join(captions))
-        for q, a in rng.sample(questions.get(image_id, []), min(4, len(questions.get(image_id, [])))):
-            messages = [{"role": "user", "content": reading_request(" ".join(captions), q)},
-                        {"role": "assistant", "content": a}]
-            texts.append(tok.apply_chat_template(messages, tokenize=False))
-    texts += replies
-    rng.shuffle(texts)
-    return texts
-
-
 def _write_compare(compare: Path, captions: Path, out: Path) -> None:
     """The world's two-image questions as LLaVA records: `image` a list, one `<image>` per image in order."""
     from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
@@ -127,65 +90,6 @@ def _write_compare(compare: Path, captions: Path, out: Path) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(out)
-
-
-def _texts_for_tokenizer(captions: dict, vqa_questions: Path, vqa_answers: Path, replies: list[str]) -> list[str]:
-    """The world's text the tokenizer learns its merges from: captions, each question with its short
-    answer on a line of its own, where replies start, and the teacher's replies. Trained on captions
-    alone, BPE only ever saw answer words after a space and split a reply like "yes" into single
-    letters; without the replies it split "The" at a reply's start into "T" + "he"."""
-    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
-
-    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
-    return [a["caption"] for a in captions["annotations"]] + [
-        f"{q['question']}\n{SHORT_ANSWER_PROMPT}\n{answers[q['question_id']]}"
-        for q in json.loads(vqa_questions.read_text())["questions"]] + replies
-
-
-def _replies(instruct: Path) -> list[str]:
-    """Every teacher reply of the instruction data, one text each, in file order."""
-    return [t["value"] for line in instruct.read_text().splitlines() if line
-            for t in json.loads(line)["conversations"] if t["from"] == "gpt"]
-
-
-def _pixels(image_folder: Path, file_names: list[str], image_size: int):  # noqa: ANN202
-    """All images of a split as one normalised tensor [N, 3, H, W], CLIP's published mean/std."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    out = []
-    for name in file_names:
-        with Image.open(image_folder / name) as im:
-            arr = np.asarray(im.convert("RGB").resize((image_size, image_size)), dtype=np.float32) / 255.0
-        out.append((torch.from_numpy(arr).permute(2, 0, 1) - mean) / std)
-    return torch.stack(out)
-
-
-def _regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> list[list[tuple[list[int], str]]]:
-    """Per image (in the order of `images`, COCO image records), each box of a COCO instances file as
-    (the row-major indices of the patches whose centres it covers, or the patch at its centre, and
-    the caption "A <category name>."), for the CLIP stand-in's region-text loss."""
-    inst = json.loads(instances_file.read_text())
-    categories = {c["id"]: c["name"] for c in inst["categories"]}
-    size = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
-    grid = image_size // patch_size
-    by_image: dict[int, list[tuple[list[int], str]]] = {}
-    for a in inst["annotations"]:
-        w, h = size[a["image_id"]]
-        x, y, bw, bh = a["bbox"]
-        sx, sy = image_size / w, image_size / h  # the box in the encoder's input pixels
-        x0, y0, x1, y1 = x * sx, y * sy, (x + bw) * sx, (y + bh) * sy
-        centres = [(r, c) for r in range(grid) for c in range(grid)
-                   if x0 <= (c + 0.5) * patch_size < x1 and y0 <= (r + 0.5) * patch_size < y1]
-        if not centres:
-            centres = [(min(grid - 1, int((y0 + y1) / 2 // patch_size)), min(grid - 1, int((x0 + x1) / 2 // patch_size)))]
-        name = categories[a["category_id"]]
-        by_image.setdefault(a["image_id"], []).append(
-            ([r * grid + c for r, c in centres], f"{'An' if name[0] in 'aeiou' else 'A'} {name}."))
-    return [by_image.get(im["id"], []) for im in images]
 
 
 def smollm2_gguf() -> Path:
@@ -298,24 +202,24 @@ def step_data(run: Run) -> None:
 
 def step_parts(run: Run) -> None:
     """Stand-ins for the pretrained parts: a tokenizer, a small CLIP and (unless --llm smollm2) a small LLM."""
-    from vistune.demo import standins
+    from vistune.demo import standins, texts
 
     parts, ann, sz = run.parts, run.ann, run.sz
     captions = json.loads((ann / "captions_train.json").read_text())
-    replies = _replies(run.data / "instruct.jsonl")
+    replies = texts.replies(run.data / "instruct.jsonl")
     if not (parts / "tokenizer" / "tokenizer.json").is_file():
         compare = ann / "compare_train.json"
         compare_texts = [f"{q['question']}\n{SHORT_ANSWER}\n{q['answer']}"
                          for q in (json.loads(compare.read_text())["questions"] if compare.is_file() else [])]
-        standins.build_tokenizer(_texts_for_tokenizer(captions, ann / "vqa_questions_train.json",
+        standins.build_tokenizer(texts.texts_for_tokenizer(captions, ann / "vqa_questions_train.json",
                                                       ann / "vqa_annotations_train.json", replies) + compare_texts,
                                  parts / "tokenizer")
     if not (parts / "clip" / "stats.json").is_file():
         by_image: dict[int, list[str]] = {}
         for a in captions["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a["caption"])
-        pixels = _pixels(run.world / "train", [im["file_name"] for im in captions["images"]], 64)
-        regions = _regions(ann / "instances_train.json", captions["images"], 64, sz.clip_patch)
+        pixels = standins.load_pixels(run.world / "train", [im["file_name"] for im in captions["images"]], 64)
+        regions = standins.box_regions(ann / "instances_train.json", captions["images"], 64, sz.clip_patch)
         stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
                                     parts / "clip", image_size=64, patch_size=sz.clip_patch, steps=sz.clip_steps,
                                     batch_size=sz.clip_batch, lr=1e-3, seed=run.seed, regions=regions)
@@ -325,7 +229,7 @@ def step_parts(run: Run) -> None:
           f"among {run.facts['clip']['val_images']} images")
     if run.llm == "standin":
         if not (parts / "lm" / "stats.json").is_file():
-            lm_texts = _texts_for_lm(ann / "captions_train.json", ann / "vqa_questions_train.json",
+            lm_texts = texts.texts_for_lm(ann / "captions_train.json", ann / "vqa_questions_train.json",
                                      ann / "vqa_annotations_train.json", parts / "tokenizer", run.seed, replies)
             stats = standins.train_lm(lm_texts, parts / "tokenizer", parts / "lm", hidden=192, layers=3,
                                       steps=sz.lm_steps, seed=run.seed)
@@ -353,24 +257,14 @@ def step_train(run: Run) -> None:
 
 def step_eval(run: Run) -> None:
     """Held-out questions (readout and binding tiers) and brief descriptions, with the image and blind."""
+    from vistune.demo import texts
     from vistune.demo.evaluate import evaluate
 
     run.results.update(evaluate(run.results["model"], run.world, run.sz.eval_per_type, run.sz.descriptions, run.seed,
                                 reading_lm=run.parts / "lm" if run.llm == "standin" else None,
-                                vocabulary=_vocabulary(run)))
+                                vocabulary=texts.vocabulary(run.ann, run.data / "instruct.jsonl")))
     if "answers_from_captions" in run.results:
         run.facts["lm"]["answers_from_captions"] = run.results.pop("answers_from_captions")
-
-
-def _vocabulary(run: Run) -> set[str]:
-    """Every word of the world's training text (captions, questions, teacher replies): the words a
-    description may use; anything else it writes is a non-word."""
-    import re
-
-    texts = [a["caption"] for a in json.loads((run.ann / "captions_train.json").read_text())["annotations"]]
-    texts += _replies(run.data / "instruct.jsonl")
-    texts += [q["question"] for q in json.loads((run.ann / "vqa_questions_train.json").read_text())["questions"]]
-    return {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
 
 
 def step_report(run: Run) -> None:

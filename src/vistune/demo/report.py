@@ -68,23 +68,28 @@ def examples(results: dict, n: int = GRID) -> list[dict]:
 
 
 def plot_examples(rows: list[dict], out: Path) -> None:
-    """The grid: each test image (4x, nearest neighbour) over its description and answers."""
+    """The grid: each test image over a panel of its description and answers (long text cut short)."""
     plt = _pyplot()
-    cols = 4
-    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(4.2 * cols, 6.2 * -(-len(rows) // cols)),
-                             squeeze=False)
+    cols, nrows = 4, max(1, -(-len(rows) // 4))
+    fig, axes = plt.subplots(2 * nrows, cols, figsize=(4.2 * cols, 6.6 * nrows), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.0, 0.6] * nrows})
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, rows):
+    for k, row in enumerate(rows):
+        image_ax, text_ax = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
         with Image.open(row["image"]) as im:
-            ax.imshow(im.convert("RGB"), interpolation="nearest")
-        lines = [f"truth: {', '.join(row['truth'])}", f"described: {row['description']}",
-                 f"blind: {row['description_blind']}"]
-        lines += [f"Q: {q.question}  [{q.answer}]  image: {a} / blind: {b}" for q, a, b in row["qa"]]
-        text = "\n".join(textwrap.fill(line, 46) for line in lines)
-        ax.text(0, -0.04, text, transform=ax.transAxes, va="top", ha="left", fontsize=7.5, family="monospace")
+            image_ax.imshow(im.convert("RGB"), interpolation="nearest")
+        lines = [f"truth: {', '.join(row['truth'])}", f"described: {_cut(row['description'], 140)}",
+                 f"blind: {_cut(row['description_blind'], 90)}"]
+        lines += [f"Q: {q.question} [{q.answer}] image: {_cut(a, 12)} / blind: {_cut(b, 12)}" for q, a, b in row["qa"]]
+        text = "\n".join(textwrap.fill(line, 48) for line in lines)
+        text_ax.text(0, 1, text, transform=text_ax.transAxes, va="top", ha="left", fontsize=8, family="monospace")
     fig.tight_layout()
     _save(fig, out)
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _write(path: Path, text: str) -> None:

@@ -274,8 +274,12 @@ def _binding(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 
 def questions(scene: Scene, rng: random.Random, canvas: int = 64) -> list[tuple[str, str, str]]:
     """(type, question, answer) triples true of `scene`: each type the scene allows, once (existence as
-    a yes/no pair, so its answers stay balanced)."""
-    return _readout(scene, rng, canvas) + _binding(scene, rng)
+    a yes/no pair, so its answers stay balanced), in random order. In a fixed order, LLaVA-1.5's packing
+    of an image's questions into one conversation made the turn tell the type ("turn 1 is the colour"),
+    and a model that learnt that answered "right" to a size question asked first."""
+    qs = _readout(scene, rng, canvas) + _binding(scene, rng)
+    rng.shuffle(qs)
+    return qs
 
 
 def compare_questions(scenes: list[Scene], rng: random.Random, n: int) -> list[dict[str, Any]]:
