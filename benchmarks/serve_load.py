@@ -137,8 +137,8 @@ def serve_and_load(model: Path, batch: int, args: argparse.Namespace) -> dict:
             time.sleep(0.3)
         result = asyncio.run(run_load(f"http://127.0.0.1:{port}", "bench", args.image, args.requests,
                                       args.concurrency, args.max_tokens))
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
-        return {"max_batch_size": batch, **result.summary(), "server": health}
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
+        return {"max_batch_size": batch, **result.summary(), "server": stats}
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -82,10 +82,11 @@ def image_message(url: str, text: str = "What colour is the shape?") -> list[dic
                                          {"type": "text", "text": text}]}]
 
 
-def test_models_and_health(client: openai.OpenAI, base: str) -> None:
+def test_models_health_and_stats(client: openai.OpenAI, base: str) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
-    health = httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert health["status"] == "ok" and health["model"] == MODEL
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}  # open, and nothing beyond the status
+    stats = httpx.get(f"{base}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert stats["status"] == "ok" and stats["model"] == MODEL and "completed" in stats
 
 
 def test_plain_equals_engine(client: openai.OpenAI, engine: Engine, dataset_dir: Path) -> None:
@@ -136,7 +137,7 @@ def test_concurrent_requests_are_batched(client: openai.OpenAI, base: str) -> No
     with ThreadPoolExecutor(len(questions)) as pool:
         together = list(pool.map(ask, questions))
     assert together == [ask(q) for q in questions]  # batched replies equal one-at-a-time replies
-    assert httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {KEY}"}).json()["largest_batch"] > 1
+    assert httpx.get(f"{base}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()["largest_batch"] > 1
 
 
 def test_wrong_or_missing_key_is_401(base: str) -> None:
@@ -146,9 +147,9 @@ def test_wrong_or_missing_key_is_401(base: str) -> None:
     assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    # No key at all (the openai client refuses to send none), and every route, /health included.
+    # No key at all (the openai client refuses to send none), and every route but /health.
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEY}):
-        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/health"),
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/stats"),
                              ("GET", "/docs")):
             r = httpx.request(method, f"{base}{path}", headers=headers, json={})
             assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}, path
@@ -244,8 +245,8 @@ def test_server_fault_is_500_and_the_server_keeps_serving(client: openai.OpenAI,
     with pytest.raises(openai.APIError, match="server failed"):  # mid-stream: an error event, the client raises
         list(client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, seed=666, stream=True))
     assert client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4).choices[0].message is not None
-    health = httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert health["failed"] >= 2 and health["running"] == 0
+    stats = httpx.get(f"{base}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert stats["failed"] >= 2 and stats["running"] == 0
 
 
 def test_a_disconnected_stream_frees_its_slot(tiny_checkpoint: Path) -> None:
@@ -268,5 +269,5 @@ def test_a_disconnected_stream_frees_its_slot(tiny_checkpoint: Path) -> None:
         r = httpx.post(f"{base}/v1/chat/completions", timeout=30,
                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200 and time.monotonic() - start < 10
-        health = httpx.get(f"{base}/health").json()
-        assert health["cancelled"] == 1 and health["running"] == 0 and health["completed"] == 1
+        stats = httpx.get(f"{base}/stats").json()
+        assert stats["cancelled"] == 1 and stats["running"] == 0 and stats["completed"] == 1
