@@ -349,3 +349,66 @@ def test_half_sent_requests_are_cut_off(engine: Engine) -> None:
                                     b"Content-Type: application/json\r\n\r\n{\"model\": ", 5)
         assert time.monotonic() - start < 8
         assert httpx.post(f"{base}/v1/chat/completions", json=ask()).status_code == 200  # whole requests still go
+
+
+def test_the_decode_budget_is_shared_and_answers_503_with_retry_after(engine: Engine) -> None:
+    """Item 4: decoding is bounded across requests. While the budget is taken, an image request waits
+    `decode_wait_s` and gets a 503 with Retry-After; text-only requests and, once freed, image
+    requests are served. A request larger than the whole budget still runs when alone."""
+    limits = Limits(max_image_pixels=64 * 64, max_decode_pixels=48 * 48, decode_wait_s=0.3)
+    app = create_app(engine, MODEL, limits=limits)
+    body = {**ask(), "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_uri(png_bytes(64, 64))}}, {"type": "text", "text": "what?"}]}]}
+    with serving(lambda _: app) as base:
+        assert post(base, body).status_code == 200  # 4,096 pixels over a 2,304 budget: alone, it runs
+        budget = app.state.budget
+        budget.in_use = budget.total  # as if other requests were decoding
+        try:
+            busy = post(base, body)
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy", busy.text
+            assert int(busy.headers["Retry-After"]) >= 1
+            assert post(base, ask()).status_code == 200  # no image, no decoding
+        finally:
+            budget.in_use = 0
+        assert post(base, body).status_code == 200
+        assert budget.in_use == 0  # every reservation was given back
+
+
+def test_the_decode_budget_admits_up_to_its_total_at_once() -> None:
+    """Item 4, the budget alone: reservations add up to at most the total; the next waits its turn."""
+    import asyncio
+
+    from vistune.serve.budget import PixelBudget
+    from vistune.serve.limits import RequestError
+
+    async def scenario() -> list[str]:
+        budget, log = PixelBudget(100, wait_s=5.0), []
+
+        async def job(name: str, pixels: int, hold_s: float) -> None:
+            async with budget.reserve(pixels):
+                log.append(f"{name}+{budget.in_use}")
+                await asyncio.sleep(hold_s)
+            log.append(f"{name}-")
+
+        await asyncio.gather(job("a", 60, 0.2), job("b", 60, 0.0))
+        short = PixelBudget(10, wait_s=0.05)
+        async with short.reserve(10):
+            try:
+                async with short.reserve(1):
+                    log.append("never")
+            except RequestError as e:
+                log.append(f"{e.status}:{e.retry_after_s}")
+        return log
+
+    assert asyncio.run(scenario()) == ["a+60", "a-", "b+60", "b-", "503:1"]
+
+
+def test_prompts_encode_as_training_does_without_the_label_check(engine: Engine) -> None:
+    """Item 11: skipping the label check changes no token of an ordinary prompt."""
+    from vistune.chat.formats import Message
+
+    conv = [Message("system", "Be brief."), Message("user", "<image>\nWhat colour?"), Message("assistant", "Red."),
+            Message("user", "And the sky?")]
+    checked = engine.encoder.encode(conv, "s", add_generation_prompt=True)
+    unchecked = engine.encoder.encode(conv, "s", add_generation_prompt=True, check_labels=False)
+    assert unchecked.input_ids == checked.input_ids and unchecked.n_supervised == 0

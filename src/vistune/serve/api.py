@@ -140,7 +140,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         batcher.stop()
 
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.budget = batcher, budget
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, e: RequestError) -> JSONResponse:
