@@ -412,3 +412,26 @@ def test_prompts_encode_as_training_does_without_the_label_check(engine: Engine)
     checked = engine.encoder.encode(conv, "s", add_generation_prompt=True)
     unchecked = engine.encoder.encode(conv, "s", add_generation_prompt=True, check_labels=False)
     assert unchecked.input_ids == checked.input_ids and unchecked.n_supervised == 0
+
+
+def test_serve_takes_vllms_flags(engine: Engine, tmp_path: Path) -> None:
+    """Issue 21 item 12: --dtype, --chat-template (a file or the Jinja itself), --max-model-len."""
+    from vistune.cli import _parser
+    from vistune.errors import VistuneError
+    from vistune.serve.template import use_chat_template
+
+    args = vars(_parser().parse_args(["serve", "m", "--dtype", "bfloat16", "--chat-template", "t.jinja",
+                                      "--max-model-len", "2048"]))
+    assert (args["dtype"], args["chat_template"], args["max_model_len"]) == ("bfloat16", "t.jinja", 2048)
+    template = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (template, str(tmp_path / "t.jinja")):
+        served = use_chat_template(engine, given)
+        prompt = served.prepare([{"role": "user", "content": "Hello there"}])
+        assert served.tokenizer.decode(prompt.input_ids).endswith("USER: Hello there\nASSISTANT:")
+    assert engine.tokenizer.chat_template != template  # the engine it was given is untouched
+    with pytest.raises(VistuneError, match="chat-template"):
+        use_chat_template(engine, "{% for %}")
+    with pytest.raises(VistuneError, match="no such file"):
+        use_chat_template(engine, str(tmp_path / "missing.jinja"))

@@ -7,6 +7,7 @@ instead of the format recorded in the checkpoint. The checkpoint on disk is not 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def read_chat_template(value: str) -> str:
 
 def use_chat_template(engine: Engine, template: str) -> Engine:
     """An engine over the same model whose prompts are rendered with `template` (file or Jinja)."""
-    text = read_chat_template(template)
-    engine.tokenizer.chat_template = text  # the tokenizer was loaded for this engine alone
+    tokenizer = copy.deepcopy(engine.tokenizer)  # the given engine keeps its own template
+    tokenizer.chat_template = read_chat_template(template)
     spec = engine.bundle.spec.model_copy(update={"conversation_format": "chat_template"})
-    return Engine(dataclasses.replace(engine.bundle, spec=spec))
+    return Engine(dataclasses.replace(engine.bundle, tokenizer=tokenizer, spec=spec))
