@@ -188,6 +188,18 @@ def test_ui_uploads_are_images_under_the_cap(ui_base: str) -> None:
         assert big.status_code == 413
 
 
+def test_ui_uploads_are_deleted_when_the_server_stops(engine: Engine) -> None:
+    """Item 1: uploads do not pile up (an hour's age limit while running, all of them at shutdown)."""
+    with serving(lambda base: create_app(engine, MODEL, api_key=KEY, ui_path="/ui", ui_api_base=f"{base}/v1")) as base:
+        with httpx.Client(timeout=30) as client:
+            client.post(f"{base}/login", data={"key": KEY})
+            colour = tuple(int(b) for b in uuid.uuid4().bytes[:3])  # content no other test uploads
+            up = client.post(f"{base}/ui/gradio_api/upload", files={"files": ("c.png", png_bytes(9, 9, colour))})
+            stored = Path(up.json()[0])
+            assert stored.is_file()
+    assert not stored.exists()
+
+
 def test_ui_with_the_key_answers_about_an_upload(ui_base: str) -> None:
     """Item 1, the other side: the locked page still works for its user. Upload an image, then run the
     page's `respond` event (what the page's submit runs) on it: a streamed answer, no error."""
