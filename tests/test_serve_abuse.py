@@ -186,6 +186,9 @@ def test_ui_uploads_are_images_under_the_cap(ui_base: str) -> None:
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_upload", (name, r.text)
         big = client.post(f"{ui_base}/ui/gradio_api/upload", files={"files": ("a.png", b"\x89PNG" + b"\0" * 300_000)})
         assert big.status_code == 413
+        for spelling in ("/ui/gradio_api/upload/", "/ui//gradio_api/upload", "/ui/gradio_api//upload", "/ui/upload"):
+            r = client.post(f"{ui_base}{spelling}", files={"files": ("x.html", b"<script>alert(1)</script>")})
+            assert r.status_code != 200, (spelling, r.text)
 
 
 def test_ui_uploads_are_deleted_when_the_server_stops(engine: Engine) -> None:

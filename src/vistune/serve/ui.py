@@ -157,11 +157,16 @@ class ImageUploadsOnly:
     HTML); anything else is a 400 and is never stored. Gradio checks file types only when an event
     runs, by which time its upload route has already stored the file."""
 
-    def __init__(self, app: Callable, upload_path: str) -> None:
-        self.app, self.upload_path = app, upload_path
+    def __init__(self, app: Callable, ui_prefix: str) -> None:
+        self.app, self.ui_prefix = app, ui_prefix
+
+    def _is_upload(self, path: str) -> bool:
+        # Any spelling that could reach the upload route (a doubled or trailing slash, ...).
+        segments = [s for s in path.split("/") if s]
+        return path.startswith(self.ui_prefix + "/") and bool(segments) and segments[-1] == "upload"
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("path") != self.upload_path:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not self._is_upload(scope.get("path", "")):
             return await self.app(scope, receive, send)
         body, more = bytearray(), True  # already capped by the Guard in front of this
         while more:
@@ -195,19 +200,20 @@ async def _upload_problem(request: Request) -> str | None:
         form = await request.form(max_files=16, max_fields=16)
     except (HTTPException, ValueError):  # Starlette answers a malformed form with HTTPException(400)
         return "the upload is not a valid multipart form"
-    files = [v for v in form.values() if not isinstance(v, str)]
-    if not files:
-        return "the upload has no file"
-    for f in files:
-        name = f.filename or ""
-        if not name.lower().endswith(IMAGE_SUFFIXES):
-            return f"only images can be uploaded ({', '.join(IMAGE_SUFFIXES)})"
-        try:
-            Image.open(io.BytesIO(await f.read()), formats=IMAGE_FORMATS).verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return f"an uploaded file is not a readable image ({', '.join(IMAGE_FORMATS)})"
-    await form.close()
-    return None
+    try:
+        files = [v for v in form.values() if not isinstance(v, str)]
+        if not files:
+            return "the upload has no file"
+        for f in files:
+            if not (f.filename or "").lower().endswith(IMAGE_SUFFIXES):
+                return f"only images can be uploaded ({', '.join(IMAGE_SUFFIXES)})"
+            try:
+                Image.open(io.BytesIO(await f.read()), formats=IMAGE_FORMATS).verify()
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                return f"an uploaded file is not a readable image ({', '.join(IMAGE_FORMATS)})"
+        return None
+    finally:
+        await form.close()
 
 
 def mount_ui(app: FastAPI, path: str, api_base: str, model: str, api_key: str | None, max_file_bytes: int) -> None:
@@ -224,4 +230,4 @@ def mount_ui(app: FastAPI, path: str, api_base: str, model: str, api_key: str | 
     # client could have Gradio copy /etc/passwd into its cache and serve it (issue 17). Setting the
     # flag Gradio's own launch sets turns that check on.
     blocks.has_launched = True
-    app.add_middleware(ImageUploadsOnly, upload_path=f"{path}/gradio_api/upload")
+    app.add_middleware(ImageUploadsOnly, ui_prefix=path)
