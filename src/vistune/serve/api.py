@@ -38,12 +38,14 @@ from vistune.serve.schema import ChatCompletionRequest, ImagePart
 
 log = logging.getLogger("vistune.serve")
 
+
 @dataclass
 class Parsed:
     """A request's conversation with its images peeked (header read, limits checked, not decoded)."""
 
     messages: list[Message]
     images: list[Image.Image]
+    wheres: list[str]  # each image's part, e.g. messages[0].content[1], for errors
 
     @property
     def pixels(self) -> int:
@@ -74,7 +76,7 @@ def _parse(req: ChatCompletionRequest, limits: Limits) -> Parsed:
     limits.check_image_count(len(image_parts))
     roles = ["system" if m.role == "developer" else m.role for m in req.messages]
     _check_role_order(roles)
-    messages, images = [], []
+    messages, images, wheres = [], [], []
     for i, (m, role) in enumerate(zip(req.messages, roles)):
         parts = [m.content or ""] if not isinstance(m.content, list) else m.content
         texts = []
@@ -84,6 +86,7 @@ def _parse(req: ChatCompletionRequest, limits: Limits) -> Parsed:
                 if role != "user":
                     raise RequestError(400, f"{where}: images can only be in user messages", "invalid_image", where)
                 images.append(limits.peek_image(limits.image_bytes_from_url(part.image_url.url, where), where))
+                wheres.append(where)
                 texts.append(IMAGE_PLACEHOLDER)
                 continue
             text = part if isinstance(part, str) else part.text
@@ -92,12 +95,12 @@ def _parse(req: ChatCompletionRequest, limits: Limits) -> Parsed:
                                         "for images; send images as image_url parts", "invalid_content", where)
             texts.append(text)
         messages.append(Message(role, "\n".join(texts)))
-    return Parsed(messages, images)
+    return Parsed(messages, images, wheres)
 
 
 def _prepare(engine: Engine, parsed: Parsed) -> Prompt:
     """Decode the images and make the model's inputs (worker thread, inside the pixel budget)."""
-    images = [Limits.decode(im, f"image {k}") for k, im in enumerate(parsed.images)]
+    images = [Limits.decode(im, where) for im, where in zip(parsed.images, parsed.wheres)]
     try:
         return engine.prepare(parsed.messages, images)
     except DataError as e:

@@ -15,10 +15,10 @@ import hashlib
 import hmac
 import html
 from collections.abc import Awaitable, Callable
-from http.cookies import SimpleCookie
 from urllib.parse import parse_qs
 
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.requests import cookie_parser
 
 LOGIN_PATH = "/login"
 COOKIE = "vistune_session"
@@ -69,18 +69,22 @@ class Guard:
         if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             return True, ""
         if self._in_ui(path):
-            cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE)
-            if cookie is not None and hmac.compare_digest(cookie.value.encode(), session_token(self.api_key).encode()):
+            cookie = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE, "")
+            if hmac.compare_digest(cookie.encode(), session_token(self.api_key).encode()):
                 return True, ""
             return False, f"the chat page needs the API key: sign in at {LOGIN_PATH}"
         return False, ("no API key was given" if not given else "the API key is not valid") + \
             "; send it as 'Authorization: Bearer KEY'"
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path: str = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
+        if scope["type"] == "websocket":  # none is served today; any that a library adds needs the key too
+            if self.api_key is not None and not self._authorized(path, headers)[0]:
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, receive, send)
         login = self.api_key is not None and self.ui_prefix is not None and path == LOGIN_PATH
         if self.api_key is not None and not login and path not in OPEN_PATHS:
             allowed, why = self._authorized(path, headers)
