@@ -3,6 +3,13 @@ plain HTTP against a real uvicorn server on loopback. Each case names the issue 
 
 The chat page (/ui) is probed through every event its own /config declares, without the key and
 with it, with a chatbot history that points at a server file (/etc/passwd and the model's weights).
+
+Issue 17 item -> tests: 1 test_ui_* (without the key, with it, uploads, cleanup, the page still
+answering); 2 test_out_of_range_sampling_*, test_edge_sampling_*, test_one_bad_request_fails_alone_*;
+4 test_the_decode_budget_*; 9 test_half_sent_requests_are_cut_off; 10 test_a_lone_surrogate_is_400;
+11 test_history_is_not_label_checked_*, test_prompts_encode_as_training_does_*; 15
+test_errors_show_no_reprs_or_server_paths; 16 test_health_is_open_and_bare_*. Issue 21 item 12:
+test_legacy_completions_*, test_serve_takes_vllms_flags. The rest held before issue 17.
 """
 
 from __future__ import annotations
