@@ -376,3 +376,40 @@ def test_cli_datagen_convert_mix_align_instruct(tmp_path: Path, capsys: pytest.C
     assert len(json.loads((tmp_path / "m.json").read_text())) == 3
     assert main(["datagen", "instruct", "--jsonl", str(src), "--teacher", "gpt4", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "valid: template, openai:MODEL, hf:PATH" in capsys.readouterr().err
+
+# -- malformed COCO entries are named, not tracebacks (issue 17 item 13) -------------------------
+
+COCO_IMAGE = {"id": 1, "file_name": "000000000001.jpg", "width": 640, "height": 480}
+COCO_CAPTION = {"id": 7, "image_id": 1, "caption": "A dog."}
+
+
+@pytest.mark.parametrize("image,caption,in_instances,message", [
+    ({"id": 1, "width": 640, "height": 480}, COCO_CAPTION, False,
+     r"captions.json: images\[0\] \(id 1\) needs .* `file_name`"),
+    ({**COCO_IMAGE, "width": 0}, COCO_CAPTION, False, "captions.json: image 1: width 0 and height 480 must be"),
+    ({**COCO_IMAGE, "width": 0}, COCO_CAPTION, True, "instances.json: image 1: width 0 and height 480 must be"),
+    ({"id": 1, "file_name": "1.jpg", "height": 480}, COCO_CAPTION, True,
+     "instances.json: image 1: width null and height 480"),
+    (COCO_IMAGE, {**COCO_CAPTION, "caption": None}, False,
+     r"captions.json: annotations\[0\] \(id 7, image 1\) has caption null, not a non-empty string"),
+    (COCO_IMAGE, {"id": 7, "image_id": 1}, False, r"annotations\[0\] \(id 7, image 1\) has caption null"),
+])
+def test_read_coco_names_the_bad_entry(tmp_path: Path, image: dict, caption: dict, in_instances: bool,
+                                       message: str) -> None:
+    captions = _write(tmp_path / "captions.json", {"images": [image], "annotations": [caption]})
+    instances = _write(tmp_path / "instances.json", {
+        "images": [image], "categories": [{"id": 1, "name": "dog"}],
+        "annotations": [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]}) if in_instances else None
+    with pytest.raises(DataError, match=message):
+        read_coco(captions, instances)
+
+
+def test_read_coco_without_sizes_in_the_captions_file_and_jsonl_zero_width(tmp_path: Path) -> None:
+    captions = _write(tmp_path / "captions.json", {"images": [{"id": 1, "file_name": "1.jpg"}],
+                                                   "annotations": [COCO_CAPTION]})
+    assert [(r.id, r.image, r.captions) for r in read_coco(captions)] == [("1", "1.jpg", ("A dog.",))]
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(json.dumps({"image": "a.jpg", "width": 0, "height": 3,
+                                 "boxes": [{"category": "dog", "bbox": [1, 1, 2, 2]}]}) + "\n")
+    with pytest.raises(DataError, match="r.jsonl:1: width 0 and height 3 must be positive"):
+        read_jsonl(lines)
