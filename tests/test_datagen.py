@@ -413,3 +413,47 @@ def test_read_coco_without_sizes_in_the_captions_file_and_jsonl_zero_width(tmp_p
                                  "boxes": [{"category": "dog", "bbox": [1, 1, 2, 2]}]}) + "\n")
     with pytest.raises(DataError, match="r.jsonl:1: width 0 and height 3 must be positive"):
         read_jsonl(lines)
+
+# -- RefCOCO's pickle runs no code (issue 17 item 5) ---------------------------------------------
+
+# refs(unc).p as the refer API's Python 2 cPickle wrote it (protocol 0: `S` byte strings, `I`/`L` numbers).
+PY2_REFS = (b"(lp0\n(dp1\nS'ref_id'\np2\nI0\nsS'ann_id'\np3\nL11L\nsS'image_id'\np4\nI581857\nsS'split'\np5\n"
+            b"S'train'\np6\nsS'sent_ids'\np7\n(lp8\nI0\nasS'sentences'\np9\n(lp10\n(dp11\nS'sent'\np12\n"
+            b"S'man in red'\np13\nsS'tokens'\np14\n(lp15\nS'man'\np16\naS'in'\np17\naS'red'\np18\nasS'sent_id'\np19\n"
+            b"I0\nsasa.")
+REFCOCO_INSTANCES = {"images": [{"id": 581857, "width": 200, "height": 100}],
+                     "annotations": [{"id": 11, "image_id": 581857, "bbox": [20, 10, 80, 40], "category_id": 1}]}
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_refcoco_pickle_loads_plain_data_only(tmp_path: Path) -> None:
+    import pickle
+
+    inst = _write(tmp_path / "instances.json", REFCOCO_INSTANCES)
+    refs = [{"ref_id": 0, "ann_id": 11, "image_id": 581857, "split": "train", "sent_ids": [0],
+             "sentences": [{"sent": "man in red", "tokens": ["man", "in", "red"], "sent_id": 0}]}]
+    assert pickle.loads(PY2_REFS) == refs
+    outputs = []
+    for i, data in enumerate([PY2_REFS, pickle.dumps(refs, protocol=2), pickle.dumps(refs)]):
+        (tmp_path / f"refs{i}.p").write_bytes(data)
+        convert_vqa("refcoco", tmp_path / f"refs{i}.p", inst, tmp_path / f"o{i}.jsonl", seed=0)
+        outputs.append((tmp_path / f"o{i}.jsonl").read_text())
+    assert outputs[0] == outputs[1] == outputs[2] and "man in red" in outputs[0]
+
+    marker = tmp_path / "PWNED"
+    for payload in ([_Payload(marker)], refs + [{"sentences": _Payload(marker)}]):
+        (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(payload, protocol=2))
+        with pytest.raises(DataError) as refused:
+            convert_vqa("refcoco", tmp_path / "refs(unc).p", inst, tmp_path / "evil.jsonl")
+        assert not marker.exists(), "the pickle ran code"
+        assert re.search(r"refs\(unc\).p: not loaded as a plain-data pickle .*system", str(refused.value))
+        assert not (tmp_path / "evil.jsonl").exists()
