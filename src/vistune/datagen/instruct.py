@@ -3,6 +3,7 @@
 Sample ids are `{record id}-{kind}`. Every sample ends in exactly one of the output file (valid) or
 the rejects file beside it (with a reason); both are append-only (see `jsonl`), and a rerun of the
 same command skips the ids found in either, so a killed run completes without loss or duplicates.
+Only a file this command wrote (known by its sidecar, see `outputs`) is ever resumed into.
 Delete the rejects file to try its samples again. Randomness (instruction drawn, image before or
 after the question) comes from `(seed, sample id)`, so the result does not depend on the order in
 which concurrent replies arrive, nor on where a run was interrupted.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.datagen.jsonl import JsonlAppender, rejects_path
+from vistune.datagen.outputs import claim_output
 from vistune.datagen.parse import KINDS, Rejected, parse_reply
 from vistune.datagen.prompts import WITH_BOXES, load_instructions, load_kind, place_image
 from vistune.datagen.sources import ImageRecord
@@ -59,6 +61,10 @@ def run_instruct(records: list[ImageRecord], kinds: list[str], teacher: Teacher,
     prompts = {k: load_kind(k, prompts_dir) for k in kinds}
     detail_instructions = load_instructions("detail", prompts_dir)
     out = Path(out)
+    if out.suffix == ".json":
+        raise DataError(f"--out {out}: instruct appends JSONL (one record a line) and training reads a .json file as "
+                        "one JSON list; give a .jsonl name")
+    claim_output(out, "instruct", (rejects_path(out),))
     summary = Summary()
     with JsonlAppender(out) as good, JsonlAppender(rejects_path(out)) as bad:
         done = good.ids | bad.ids

@@ -38,7 +38,7 @@ from typing import Any
 
 from vistune.chat.formats import IMAGE_PLACEHOLDER
 from vistune.data.records import read_records
-from vistune.datagen.jsonl import write_jsonl_atomic
+from vistune.datagen.outputs import write_records
 from vistune.datagen.summary import Summary
 from vistune.errors import DataError, RegistryKeyError
 
@@ -249,18 +249,8 @@ def convert_vqa(layout: str, questions: Path, annotations: Path | None, out: Pat
             records.append({"id": rid, "image": image, "conversations": conv})
     summary = Summary()
     summary.wrote(layout, len(records))
-    _write(Path(out), records)
+    write_records(Path(out), records, "convert")
     return summary
-
-
-def _write(out: Path, records: list[dict[str, Any]]) -> None:
-    if out.suffix == ".json":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-        tmp.replace(out)
-    else:
-        write_jsonl_atomic(out, records)
 
 
 def run_mix(inputs: list[tuple[Path, float]], out: Path, *, seed: int = 0) -> Summary:
@@ -292,5 +282,5 @@ def run_mix(inputs: list[tuple[Path, float]], out: Path, *, seed: int = 0) -> Su
         if len(records) > k:
             summary.reject(f"{Path(path).name}: left out by ratio {ratio}", len(records) - k)
     rng.shuffle(merged)
-    _write(Path(out), merged)
+    write_records(Path(out), merged, "mix")
     return summary
