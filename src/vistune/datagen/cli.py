@@ -31,6 +31,11 @@ def datagen_instruct(out: Path, teacher: str, kinds: str, captions: Path | None,
                            out, seed=seed, concurrency=concurrency, progress=not no_progress, prompts_dir=prompts,
                            reask=reask)
     print(summary.text())
+    if summary.unfinished:
+        from vistune.errors import VistuneError
+
+        raise VistuneError(f"{summary.unfinished} samples got no reply from the teacher and were not recorded; "
+                           "run the same command again to retry them")
 
 
 def datagen_align(out: Path, captions: Path | None, jsonl: Path | None, limit: int | None, seed: int,

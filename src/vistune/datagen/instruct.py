@@ -94,6 +94,10 @@ async def _run(todo: list[tuple[ImageRecord, str]], prompts: dict, detail_instru
             try:
                 reply = await teacher.complete(request)
             except TeacherError as e:
+                if e.unanswered:  # no reply at all: not done, a rerun asks again
+                    summary.unfinished += 1
+                    bar.update()
+                    return
                 reason = e.reason
                 break
             summary.prompt_tokens += reply.prompt_tokens
@@ -119,7 +123,11 @@ async def _run(todo: list[tuple[ImageRecord, str]], prompts: dict, detail_instru
         for record, kind in pending:
             await one(record, kind)
 
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*tasks)  # the first TeacherUnusable ends up here...
     finally:
+        for task in tasks:  # ...and stops the other requests at once, before they record anything
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()
