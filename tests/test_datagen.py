@@ -549,3 +549,13 @@ def test_scienceqa_never_replaces_llavas_own_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not written by `vistune datagen scienceqa`"):
         convert_scienceqa(tmp_path, "train")
     assert theirs.read_text() == '[{"id": "theirs"}]'
+
+
+def test_instruct_resumes_an_output_written_before_sidecars(tmp_path: Path) -> None:
+    out = tmp_path / "old.jsonl"
+    run_instruct([NO_BOXES, COCO_LIKE], KINDS, get_teacher("template"), out, progress=False)
+    lines = out.read_text().splitlines()
+    sidecar_path(out).unlink()  # as an interrupted run of an earlier version left it
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    again = run_instruct([NO_BOXES, COCO_LIKE], KINDS, get_teacher("template"), out, progress=False)
+    assert again.skipped == 4 and again.n_written == 2 and sorted(out.read_text().splitlines()) == sorted(lines)

@@ -12,11 +12,12 @@ which concurrent replies arrive, nor on where a run was interrupted.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 from typing import Any
 
-from vistune.datagen.jsonl import JsonlAppender, rejects_path
+from vistune.datagen.jsonl import JsonlAppender, is_torn_line, rejects_path
 from vistune.datagen.outputs import claim_output
 from vistune.datagen.parse import KINDS, Rejected, parse_reply
 from vistune.datagen.prompts import WITH_BOXES, load_instructions, load_kind, place_image
@@ -42,6 +43,24 @@ def to_llava(sid: str, record: ImageRecord, kind: str, pairs: list[tuple[str, st
     return {"id": sid, "image": record.image, "kind": kind, "conversations": conversations}
 
 
+def _written_by_instruct(path: Path) -> bool:
+    """True when every complete line is a sample of ours (`{record id}-{kind}` with its `kind`): an
+    output or rejects file of a run from before the sidecar existed, which may still be resumed."""
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                return is_torn_line(line)
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except ValueError:
+                return False
+            if not (isinstance(d, dict) and d.get("kind") in KINDS and str(d.get("id")).endswith(f"-{d['kind']}")):
+                return False
+    return True
+
+
 def run_instruct(records: list[ImageRecord], kinds: list[str], teacher: Teacher, out: Path, *, seed: int = 0,
                  concurrency: int = 8, limit: int | None = None, progress: bool = True,
                  prompts_dir: Path | None = None, reask: int = 0) -> Summary:
@@ -64,7 +83,7 @@ def run_instruct(records: list[ImageRecord], kinds: list[str], teacher: Teacher,
     if out.suffix == ".json":
         raise DataError(f"--out {out}: instruct appends JSONL (one record a line) and training reads a .json file as "
                         "one JSON list; give a .jsonl name")
-    claim_output(out, "instruct", (rejects_path(out),))
+    claim_output(out, "instruct", (rejects_path(out),), adopt=_written_by_instruct)
     summary = Summary()
     with JsonlAppender(out) as good, JsonlAppender(rejects_path(out)) as bad:
         done = good.ids | bad.ids

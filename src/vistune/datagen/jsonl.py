@@ -21,6 +21,11 @@ from vistune.errors import DataError
 _LINE_START = b'{"id": '  # how `append` begins every line
 
 
+def is_torn_line(tail: bytes) -> bool:
+    """Whether `tail` (the bytes after the last newline) can be the start of a line `append` wrote."""
+    return tail.startswith(_LINE_START) or _LINE_START.startswith(tail)
+
+
 def rejects_path(out: Path) -> Path:
     """`data.jsonl` -> `data.rejects.jsonl`, next to it."""
     return out.with_name(f"{out.stem}.rejects{out.suffix or '.jsonl'}")
@@ -49,7 +54,7 @@ class JsonlAppender:
                 raise DataError(f"{self.path}:{lineno}: not a JSON record with an `id`, so not this command's "
                                 "output; not resuming into it (choose another --out)") from None
         tail = data[end:]
-        if tail and not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):  # not begun by `append`
+        if tail and not is_torn_line(tail):
             raise DataError(f"{self.path}: its last line is neither a record nor a torn one of ours; not resuming "
                             "into it (choose another --out)")
         if tail:

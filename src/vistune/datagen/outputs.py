@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,20 @@ def _owner(out: Path) -> str | None:
     return data.get("command") if isinstance(data, dict) and isinstance(data.get("command"), str) else None
 
 
-def claim_output(out: Path, command: str, companions: tuple[Path, ...] = ()) -> None:
+def claim_output(out: Path, command: str, companions: tuple[Path, ...] = (),
+                 adopt: Callable[[Path], bool] | None = None) -> None:
     """Check that `command` (e.g. "instruct") may write `out` and the `companions` written with it
     (the rejects file), then record the claim. Raises DataError, touching nothing, when one of them
-    exists with content but `out` was not written by this command."""
+    exists with content but `out` was not written by this command. `adopt(path)`: True for a file
+    without a sidecar that is recognisably this command's all the same (written before sidecars were)."""
     out = Path(out)
     owner = _owner(out)
     for path in (out, *companions):
         if path.is_dir():
             raise DataError(f"{path} is a folder; --out needs a file name")
         if owner == command or not path.exists() or path.stat().st_size == 0:
+            continue
+        if owner is None and adopt is not None and adopt(path):
             continue
         if owner is None:
             raise DataError(f"{path} already exists and was not written by `vistune datagen {command}` "
