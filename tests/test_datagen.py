@@ -493,9 +493,11 @@ def test_instruct_refuses_an_existing_file_it_did_not_write(tmp_path: Path, name
 
 def test_instruct_refuses_a_json_out_and_a_foreign_rejects_file(tmp_path: Path) -> None:
     out = tmp_path / "train.json"  # training would read it as one JSON list; instruct appends lines
+    content = _foreign_files(tmp_path)["one_line.jsonl"]  # the 1000-record train.json
+    out.write_bytes(content)
     with pytest.raises(DataError, match="give a .jsonl name"):
         run_instruct([NO_BOXES], KINDS, get_teacher("template"), out, progress=False)
-    assert not out.exists()
+    assert out.read_bytes() == content and not sidecar_path(out).exists()
     out = tmp_path / "fresh.jsonl"
     rejects_path(out).write_text("my notes\n")
     with pytest.raises(DataError, match="fresh.rejects.jsonl already exists"):
