@@ -59,21 +59,25 @@ class Problems:
         return "\n".join(lines)
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a .json (list) or .jsonl file; errors name the file and line."""
+def read_records(path: str | Path, problems: Problems | None = None) -> list[dict[str, Any]]:
+    """All records of a .json (list) or .jsonl file; errors name the file and line. With `problems`
+    (skip-and-count), a JSONL line that is not valid JSON is counted there and left out instead."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
         records = []
-        with path.open() as f:
+        with path.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a crash
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    message = f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', 'not UTF-8 text')})"
+                    if problems is None:
+                        raise DataError(message, "invalid JSON line") from None
+                    problems.add("invalid JSON line", message)
         return records
     try:
         data = json.loads(path.read_text())
@@ -135,8 +139,14 @@ def load_samples(path: str | Path, image_folder: str | Path | None, skip_bad: bo
     folder = Path(image_folder) if image_folder else None
     if folder is not None and not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
+    try:
+        records = read_records(path, problems if skip_bad else None)
+    except DataError as e:
+        if e.reason != "invalid JSON line":
+            raise
+        raise DataError(f"{e} (set data.on_bad_sample=skip to drop such lines)", e.reason) from None
     samples = []
-    for i, record in enumerate(read_records(path)):
+    for i, record in enumerate(records):
         try:
             samples.append(parse_record(record, i, folder))
         except DataError as e:
