@@ -68,9 +68,10 @@ class ScienceQA(Task):
 
     name, folder, headline = "scienceqa", "scienceqa", ("img_accuracy",)
 
-    def __init__(self, ensemble: str | None = None) -> None:
+    def __init__(self, ensemble: str | None = None, answers: str | Path | None = None) -> None:
         from vistune.eval.scienceqa_ensemble import ENSEMBLES
 
+        super().__init__(answers)
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"scienceqa: unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}", "bad option")
         self.ensemble = ensemble
@@ -155,7 +156,8 @@ class MMBench(Task):
     parquet_configs = ("en", "data", ".")  # lmms-lab/MMBench `en/`, lmms-lab/MMBench_EN `data/`
     instruction = LETTER_ANSWER
 
-    def __init__(self) -> None:
+    def __init__(self, answers: str | Path | None = None) -> None:
+        super().__init__(answers)
         self.rows: dict[int, dict[str, str]] = {}  # the TSV rows, for the submission file
 
     def load(self, root: Path) -> list[Item]:
@@ -275,8 +277,16 @@ class MMBench(Task):
 
 
 class MMBenchCN(MMBench):
-    name, folder = "mmbench_cn", "mmbench_cn"
-    files = ("mmbench_dev_cn_20231003.tsv", "mmbench_dev_cn*.tsv", "MMBench_DEV_CN*.tsv", "*.tsv")
+    # LLaVA's docs put the CN TSV beside the EN one in mmbench/ (a folder of its own works too): so no
+    # catch-all "*.tsv" here, which would read the EN file.
+    name, folder = "mmbench_cn", "mmbench"
+    files = ("mmbench_dev_cn_20231003.tsv", "mmbench_dev_cn*.tsv", "MMBench_DEV_CN*.tsv", "*_cn_*.tsv")
+
+    def load(self, root: Path) -> list[Item]:
+        if root.name == self.folder and (root.parent / self.name).is_dir():
+            if not any(any(root.glob(pattern)) for pattern in self.files):
+                root = root.parent / self.name
+        return super().load(root)
     parquet_configs = ("cn", "data", ".")
     instruction = LETTER_ANSWER_CN
 

@@ -70,7 +70,8 @@ def _write_json(path: Path, data: object) -> Path:
 class VQAv2(Task):
     name, folder, headline = "vqav2", "vqav2", ("accuracy",)
 
-    def __init__(self) -> None:
+    def __init__(self, answers: str | Path | None = None) -> None:
+        super().__init__(answers)
         self.full_test_ids: list[int] = []  # the test2015 question ids, when that file is present
 
     def load(self, root: Path) -> list[Item]:
@@ -139,6 +140,10 @@ class VizWiz(Task):
                               {"answer_type": row.get("answer_type")}))
         return items
 
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str]:
+        # LLaVA's llava_test.jsonl numbers the questions 0, 1, ... in test.json's order; the item id is the image.
+        return {str(k): it.id for k, it in enumerate(items)}
+
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         return _soft_scores(items, replies, "answer_type")
 
@@ -149,8 +154,10 @@ class VizWiz(Task):
 
 
 def _ocr_prompt(question: str, tokens: Sequence[str]) -> str:
-    """LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: the question, then the OCR line when there are tokens."""
-    return question + ("\nReference OCR token: " + ", ".join(tokens) if tokens else "")
+    """LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: the question capitalised as `str.capitalize` does (none of
+    its 5,000 questions keeps a capital after the first letter), then the OCR line, empty when there are no
+    tokens (115 of its prompts)."""
+    return question.strip().capitalize() + "\nReference OCR token: " + ", ".join(tokens)
 
 
 class TextVQA(Task):
@@ -188,6 +195,8 @@ class GQA(Task):
         found = parquet.find_split(root, ("testdev",), ("testdev_balanced_instructions",))
         if found is not None:
             return self._load_parquet(root, found[1])
+        if (root / "data").is_dir() and not (root / "images").is_dir():
+            root = root / "data"  # LLaVA's layout: gqa/data/ holds the official questions, images and eval.py
         qfile = find(root, ["testdev_balanced_questions.json", "*_balanced_questions.json"], self.name)
         questions = read_json(qfile)
         if not isinstance(questions, dict):
