@@ -255,19 +255,24 @@ class MMBench(Task):
         return out
 
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
-        """The xlsx the MMBench server takes: the TSV's rows (no image/hint columns) plus `prediction`."""
+        """The xlsx the MMBench server takes, as LLaVA's convert_mmbench_for_submission.py writes it: the TSV's
+        rows without the image, hint, category, source, comment and l2-category columns, `prediction`
+        inserted as the 7th column (after D), the index a number and empty cells empty."""
         try:
             from openpyxl import Workbook
         except ImportError:
             raise DataError("the MMBench submission is an .xlsx file: pip install 'vistune[eval]' (openpyxl)",
                             "missing dependency") from None
         drop = {"image", "hint", "category", "source", "comment", "l2-category"}
-        header = [c for c in next(iter(self.rows.values()), {}) if c not in drop] + ["prediction"]
+        columns = [c for c in next(iter(self.rows.values()), {}) if c not in drop]
+        at = min(6, len(columns))  # the script's `insert(6, 'prediction', None)`
         wb = Workbook()
         ws = wb.active
-        ws.append(header)
+        ws.append([*columns[:at], "prediction", *columns[at:]])
         for index, r in self.rows.items():
-            ws.append([*(r[c] for c in header[:-1]), replies.get(str(index), "")])
+            cells: list[object] = [int(index) if c == "index" else (r[c] if r[c] not in ("", "nan") else None)
+                                   for c in columns]
+            ws.append([*cells[:at], replies.get(str(index), ""), *cells[at:]])
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}_submission.xlsx"
         tmp = path.with_name(path.name + ".tmp")
