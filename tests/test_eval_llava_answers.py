@@ -137,3 +137,31 @@ def test_answer_files_of_another_task_fail_naming_the_answer(tmp_path: Path) -> 
         run_eval(["mme"], None, DATA, tmp_path, task_options={"mme": {"answers": str(ANSWERS["pope"])}})
     with pytest.raises(DataError, match="result json given for task pope"):
         run_eval(["pope"], None, DATA, tmp_path, task_options={"pope": {"answers": str(ANSWERS["scienceqa"])}})
+
+
+def test_recorded_reviews_and_grades_score_without_a_judge(tmp_path: Path) -> None:
+    """The authors' LLaVA-Bench reviews (eval1, questions 0-5) and MM-Vet grades (6 samples), with their
+    answer files, scored with no judge given."""
+    bench, mmvet = DATA / "llava-bench-in-the-wild", DATA / "mm-vet"
+    options = {"llava_bench": {"answers": str(bench / "answers" / "llava-v1.5-13b.jsonl"),
+                               "reviews": str(bench / "reviews" / "llava-v1.5-13b-eval1.jsonl")},
+               "mmvet": {"answers": str(mmvet / "answers" / "llava-v1.5-13b.jsonl"),
+                         "grades": str(mmvet / "results" / "llava-v1.5-13b_gpt-4-grade-1runs.json")}}
+    m = run_eval(["llava_bench", "mmvet"], None, DATA, tmp_path, task_options=options)
+    # tuples (reference, model): conv q0 (8, 10), q4 (9, 2), q5 (9, 2); detail q1 (9, 6.5); complex q2 (8, 6), q3 (9, 8.5)
+    per = m["llava_bench"]["per_category"]
+    assert per["conv"]["relative"] == pytest.approx(100 * (14 / 3) / (26 / 3))
+    assert per["detail"]["relative"] == pytest.approx(100 * 6.5 / 9)
+    assert per["complex"]["relative"] == pytest.approx(100 * 14.5 / 17)
+    assert m["llava_bench"]["all"] == pytest.approx(100 * 35 / 52)  # summarize_gpt_review.py: mean(model) / mean(ref)
+    # grades v1_0 0, v1_1 0, v1_17 1, v1_18 1, v1_37 0.5, v1_39 0.1 -> 2.6 / 6
+    assert m["mmvet"]["total"] == pytest.approx(100 * 2.6 / 6) and m["mmvet"]["graded"] == 6
+    replies = {json.loads(line)["id"]: json.loads(line)["reply"]
+               for line in (tmp_path / "mmvet" / "predictions.jsonl").read_text().splitlines()}
+    assert replies["v1_0"] == _jsonl(mmvet / "answers" / "llava-v1.5-13b.jsonl")[0]["text"]  # question_id 0 -> v1_0
+
+
+def test_mmbench_answer_rounds_map_to_circular_copies() -> None:
+    task = get_task("mmbench")
+    assert task.llava_row_key({"question_id": 241, "round_id": 0}) == "241"
+    assert task.llava_row_key({"question_id": 241, "round_id": 2}) == "2000241"

@@ -254,6 +254,10 @@ class MMBench(Task):
                     break
         return out
 
+    def llava_row_key(self, row: dict) -> str:
+        # model_vqa_mmbench.py: question_id is the TSV index, round_id the circular shift (0 when the TSV holds the copies).
+        return str(int(row["question_id"]) + int(row.get("round_id") or 0) * CIRCULAR_STRIDE)
+
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
         """The xlsx the MMBench server takes, as LLaVA's convert_mmbench_for_submission.py writes it: the TSV's
         rows without the image, hint, category, source, comment and l2-category columns, `prediction`
