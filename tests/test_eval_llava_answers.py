@@ -165,3 +165,21 @@ def test_mmbench_answer_rounds_map_to_circular_copies() -> None:
     task = get_task("mmbench")
     assert task.llava_row_key({"question_id": 241, "round_id": 0}) == "241"
     assert task.llava_row_key({"question_id": 241, "round_id": 2}) == "2000241"
+
+
+def test_mmbench_prompts_and_upload_as_the_authors(tmp_path: Path) -> None:
+    """Three hint-less dev questions (rows of the authors' upload xlsx, in the TSV's columns): the prompts
+    are the authors' (model_vqa_mmbench.py saves them without the --single-pred-prompt line), and the
+    upload xlsx has the authors' header, numeric index and empty cells for missing options."""
+    from openpyxl import load_workbook
+
+    task = get_task("mmbench")
+    items = {it.id: it for it in task.load(DATA / "mmbench")}
+    answers = _jsonl(DATA / "mmbench" / "answers" / "llava-v1.5-13b.jsonl")
+    for row in answers:
+        assert items[str(row["question_id"])].prompt == (
+            row["prompt"] + "\nAnswer with the option's letter from the given choices directly.")
+    [path] = task.write_submission(list(items.values()), {str(r["question_id"]): r["text"] for r in answers}, tmp_path)
+    rows = list(load_workbook(path).active.values)
+    assert rows[0] == ("index", "question", "A", "B", "C", "D", "prediction", "answer", "split")  # the authors' xlsx
+    assert rows[1][:7] == (293, "Which material is this spatula made of?", "rubber", "cotton", None, None, "A")
