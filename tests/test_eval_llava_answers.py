@@ -117,6 +117,19 @@ def test_textvqa_vizwiz_gqa_prompts_and_layouts(tmp_path: Path) -> None:
     assert item.images[0] == gqa / "data" / "images" / "n161313.jpg"
 
 
+def test_mmvet_zip_extracted_into_mmvet(tmp_path: Path) -> None:
+    """docs/Evaluation.md: extract mm-vet.zip (which holds a mm-vet/ folder) to playground/data/eval/mmvet."""
+    import shutil
+
+    from vistune.eval.run import task_root
+
+    shutil.copytree(DATA / "mm-vet", tmp_path / "mmvet" / "mm-vet")
+    task = get_task("mmvet")
+    items = task.load(task_root(tmp_path, task))
+    assert [it.id for it in items][:2] == ["v1_0", "v1_1"]
+    assert items[0].images[0] == tmp_path / "mmvet" / "mm-vet" / "images" / "v1_0.png"
+
+
 def test_mmbench_cn_reads_its_tsv_from_mmbench(tmp_path: Path) -> None:
     """LLaVA's docs put mmbench_dev_cn_20231003.tsv in mmbench/, beside the English TSV."""
     import eval_fixtures

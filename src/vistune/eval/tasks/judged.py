@@ -7,7 +7,8 @@ Layouts read:
 - llava_bench_coco: LLaVA's `coco2014_val_qa_eval` folder: `qa90_questions.jsonl`,
   `qa90_gpt4_answer.jsonl`, `caps_boxes_coco2014_val_80.jsonl` (captions + boxes); images in
   `images/` or COCO `val2014/` (COCO_val2014_ prefix).
-- mmvet: the official `mm-vet.json` (id -> imagename, capability, question, answer) and `images/`.
+- mmvet: the official `mm-vet.json` (id -> imagename, capability, question, answer) and `images/`, in the
+  task folder (`mm-vet/` or `mmvet/`) or in the `mm-vet/` that extracting `mm-vet.zip` there leaves.
 
 Or the lmms-lab parquet snapshots (`vistune.eval.tasks.parquet`), split `train` / `test`:
 - llava_bench: lmms-lab/llava-bench-in-the-wild `data/train-*.parquet` (question_id, question,
@@ -249,6 +250,8 @@ class MMVet(Task):
             return [Item(str(r["question_id"]), r["question"], (parquet.image_bytes(r["image"], f"mmvet {r['question_id']}"),),
                          r["answer"], {"capability": _capabilities(r["capability"]), "question": r["question"]})
                     for r in rows]
+        if not (root / "mm-vet.json").is_file() and (root / "mm-vet" / "mm-vet.json").is_file():
+            root = root / "mm-vet"  # mm-vet.zip extracted into a folder of LLaVA's docs (mmvet/) keeps its own mm-vet/
         data = read_json(find(root, ["mm-vet.json"], self.name))
         return [Item(qid, r["question"], (root / "images" / r["imagename"],), r["answer"],
                      {"capability": list(r["capability"]), "question": r["question"]}) for qid, r in data.items()]
