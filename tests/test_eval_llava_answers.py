@@ -106,7 +106,8 @@ def test_textvqa_vizwiz_gqa_prompts_and_layouts(tmp_path: Path) -> None:
     items = task.load(vizwiz)
     assert items[0].prompt == ("What is this? and what color is it?\nWhen the provided information is insufficient, "
                                "respond with 'Unanswerable'.\n" + short)
-    assert task.llava_keys(items) == {"0": "VizWiz_test_00000000.jpg", "1": "VizWiz_test_00000001.jpg"}
+    assert {k: v for k, v in task.llava_keys(items).items() if k.isdigit()} == {
+        "0": "VizWiz_test_00000000.jpg", "1": "VizWiz_test_00000001.jpg"}
 
     gqa = tmp_path / "gqa"
     (gqa / "data" / "images").mkdir(parents=True)  # LLaVA's layout: gqa/data/ holds the official files
@@ -196,3 +197,14 @@ def test_mmbench_prompts_and_upload_as_the_authors(tmp_path: Path) -> None:
     rows = list(load_workbook(path).active.values)
     assert rows[0] == ("index", "question", "A", "B", "C", "D", "prediction", "answer", "split")  # the authors' xlsx
     assert rows[1][:7] == (293, "Which material is this spatula made of?", "rubber", "cotton", None, None, "A")
+
+
+@pytest.mark.parametrize("answers", ["answers/llava-v1.5-13b.jsonl", "answers_upload/llava-v1.5-13b.json"])
+def test_vizwiz_answers_rescored_into_the_authors_upload(answers: str, tmp_path: Path) -> None:
+    """The authors' VizWiz answers (question_id = row of test.json) or their upload file (keyed by image name)
+    give back the authors' upload file (convert_vizwiz_for_submission.py's normalisation) and the authors' prompts."""
+    vizwiz = DATA / "vizwiz"
+    assert [it.prompt for it in get_task("vizwiz").load(vizwiz)] == [r["text"] for r in _jsonl(vizwiz / "llava_test.jsonl")]
+    run_eval(["vizwiz"], None, DATA, tmp_path, task_options={"vizwiz": {"answers": str(vizwiz / answers)}})
+    upload = json.loads((tmp_path / "vizwiz" / "vizwiz_answers_upload.json").read_text())
+    assert upload == json.loads((vizwiz / "answers_upload" / "llava-v1.5-13b.json").read_text())

@@ -4,7 +4,8 @@ LLaVA's `model_vqa*.py` write one JSON line per question, `{"question_id", "prom
 ScienceQA's `eval_science_qa.py` also writes a result json, `{"results": {pid: option index, -1 when
 it read no letter}}`. Users rescore published models from these files (`--option TASK.answers=FILE`).
 Which item an answer names is the task's business (`Task.llava_keys` / `Task.llava_row_key`): POPE's
-per-split id offsets, MME's task/image plus prompt, VizWiz's row index; most tasks use the id itself.
+per-split id offsets, MME's task/image plus prompt, VizWiz's row index (or image name, in its upload
+file); most tasks use the id itself.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ _SQA_LETTERS = ("A", "B", "C", "D", "E")
 
 
 def _rows(path: Path, task: Task) -> list[dict]:
-    """The answer rows of `path`: JSON lines, or ScienceQA's result json turned into rows."""
+    """The answer rows of `path`: JSON lines, ScienceQA's result json or an upload list of {image, answer}
+    (VizWiz's answers_upload) turned into rows."""
     if path.suffix == ".json":
         data = read_json(path)
+        if isinstance(data, list) and all(isinstance(r, dict) and {"image", "answer"} <= r.keys() for r in data):
+            return [{"question_id": r["image"], "text": r["answer"]} for r in data]
         if not (isinstance(data, dict) and isinstance(data.get("results"), dict)):
             raise DataError(f"{path}: a .json answer file must be eval_science_qa.py's result json "
-                            "({\"results\": {pid: index}}); other answers are JSON lines (.jsonl)", "bad file")
+                            "({\"results\": {pid: index}}) or an upload list of {\"image\", \"answer\"}; other "
+                            "answers are JSON lines (.jsonl)", "bad file")
         if task.name != "scienceqa":
             raise DataError(f"{path}: a ScienceQA result json given for task {task.name}", "bad file")
         return [{"question_id": pid, "text": _SQA_LETTERS[i] if 0 <= int(i) < len(_SQA_LETTERS) else "FAILED"}

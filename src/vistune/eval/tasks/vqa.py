@@ -141,8 +141,9 @@ class VizWiz(Task):
         return items
 
     def llava_keys(self, items: Sequence[Item]) -> dict[str, str]:
-        # LLaVA's llava_test.jsonl numbers the questions 0, 1, ... in test.json's order; the item id is the image.
-        return {str(k): it.id for k, it in enumerate(items)}
+        # LLaVA's llava_test.jsonl numbers the questions 0, 1, ... in test.json's order; the item id is the image
+        # name, which its upload file keys on.
+        return {str(k): it.id for k, it in enumerate(items)} | {it.id: it.id for it in items}
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         return _soft_scores(items, replies, "answer_type")
