@@ -208,3 +208,22 @@ def test_vizwiz_answers_rescored_into_the_authors_upload(answers: str, tmp_path:
     run_eval(["vizwiz"], None, DATA, tmp_path, task_options={"vizwiz": {"answers": str(vizwiz / answers)}})
     upload = json.loads((tmp_path / "vizwiz" / "vizwiz_answers_upload.json").read_text())
     assert upload == json.loads((vizwiz / "answers_upload" / "llava-v1.5-13b.json").read_text())
+
+
+def test_vqav2_from_llavas_question_files(tmp_path: Path) -> None:
+    """docs/Evaluation.md's VQAv2 layout: eval.zip's question files and test2015/, no official questions file;
+    the upload lists every test2015 id, those not asked with an empty answer."""
+    root = tmp_path / "vqav2"
+    root.mkdir()
+    row = {"question_id": 262144000, "image": "COCO_test2015_000000262144.jpg",
+           "text": "Is the ball flying towards the batter?\nAnswer the question using a single word or phrase.",
+           "category": "default"}
+    (root / "llava_vqav2_mscoco_test-dev2015.jsonl").write_text(json.dumps(row) + "\n")
+    (root / "llava_vqav2_mscoco_test2015.jsonl").write_text(
+        json.dumps(row) + "\n" + json.dumps(row | {"question_id": 262144001}) + "\n")
+    task = get_task("vqav2")
+    [item] = task.load(root)
+    assert (item.id, item.prompt, item.images[0]) == ("262144000", row["text"], root / "test2015" / row["image"])
+    [path] = task.write_submission([item], {"262144000": "Yes."}, tmp_path / "out")
+    assert json.loads(path.read_text()) == [{"question_id": 262144000, "answer": "yes"},
+                                            {"question_id": 262144001, "answer": ""}]

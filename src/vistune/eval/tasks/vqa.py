@@ -3,7 +3,9 @@
 Layouts read (each from its task folder under --data):
 - vqav2: the official `v2_OpenEnded_mscoco_{subset}_questions.json` (test-dev2015 preferred, as in
   LLaVA-1.5), with `v2_mscoco_{subset}_annotations.json` when the subset has public answers; images
-  `{test2015|val2014}/COCO_{...}_{image_id:012d}.jpg`.
+  `{test2015|val2014}/COCO_{...}_{image_id:012d}.jpg`. Without it, LLaVA's docs' layout: eval.zip's
+  `llava_vqav2_mscoco_test-dev2015.jsonl` (+ `llava_vqav2_mscoco_test2015.jsonl` for the upload's full
+  id list) and `test2015/`.
 - vizwiz: the official VizWiz-VQA `test.json` (else `val.json`), images in `test/` (`val/`).
 - textvqa: the official `TextVQA_0.5.1_val.json`, OCR tokens from each entry's `ocr_tokens` or from
   `TextVQA_Rosetta_OCR_v0.2_val.json`; images `train_images/{image_id}.jpg`.
@@ -43,6 +45,7 @@ from vistune.eval.tasks.base import (
     accuracy,
     find,
     read_json,
+    read_jsonl,
     with_line,
     write_text_atomic,
 )
@@ -77,6 +80,9 @@ class VQAv2(Task):
     def load(self, root: Path) -> list[Item]:
         if (found := parquet.find_split(root, ("testdev", "validation"))) is not None:
             return self._load_parquet(root, *found)
+        llava = root / "llava_vqav2_mscoco_test-dev2015.jsonl"
+        if llava.is_file() and not any(root.glob("v2_OpenEnded_mscoco_*_questions.json")):
+            return self._load_llava(root, llava)
         qfile = find(root, ["v2_OpenEnded_mscoco_test-dev2015_questions.json", "v2_OpenEnded_mscoco_val2014_questions.json",
                             "v2_OpenEnded_mscoco_*_questions.json"], self.name)
         subset = qfile.name.removeprefix("v2_OpenEnded_mscoco_").removesuffix("_questions.json")
@@ -96,6 +102,13 @@ class VQAv2(Task):
                               [x["answer"] for x in a["answers"]] if a else None,
                               {"answer_type": a["answer_type"] if a else None}))
         return items
+
+    def _load_llava(self, root: Path, qfile: Path) -> list[Item]:
+        """LLaVA's docs' layout: eval.zip's question files (prompts as the authors asked) + `test2015/`."""
+        full = root / "llava_vqav2_mscoco_test2015.jsonl"
+        self.full_test_ids = [int(r["question_id"]) for r in read_jsonl(full)] if full.is_file() else []
+        return [Item(str(r["question_id"]), with_line(r["text"], SHORT_ANSWER), (root / "test2015" / r["image"],),
+                     None, {"answer_type": None}) for r in read_jsonl(qfile)]
 
     def _load_parquet(self, root: Path, split: str, shards: list[Path]) -> list[Item]:
         rows = parquet.read_rows(shards, ["question_id", "question", "image"], self.name, ["answers", "answer_type"])
