@@ -227,3 +227,13 @@ def test_vqav2_from_llavas_question_files(tmp_path: Path) -> None:
     [path] = task.write_submission([item], {"262144000": "Yes."}, tmp_path / "out")
     assert json.loads(path.read_text()) == [{"question_id": 262144000, "answer": "yes"},
                                             {"question_id": 262144001, "answer": ""}]
+
+
+def test_malformed_answer_rows_fail_naming_the_row(tmp_path: Path) -> None:
+    bad = tmp_path / "answers.jsonl"
+    bad.write_text(json.dumps({"question_id": "abc", "text": "Yes"}) + "\n")
+    with pytest.raises(DataError, match=r"answer 1 \(question_id 'abc'\) is not a pope answer"):
+        run_eval(["pope"], None, DATA, tmp_path / "out", task_options={"pope": {"answers": str(bad)}})
+    bad.write_text(json.dumps({"id": 1, "reply": "Yes"}) + "\n")
+    with pytest.raises(DataError, match="expected LLaVA's answer layout"):
+        run_eval(["pope"], None, DATA, tmp_path / "out", task_options={"pope": {"answers": str(bad)}})

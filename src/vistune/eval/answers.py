@@ -53,8 +53,12 @@ def read_llava_answers(path: str | Path, task: Task, items: Sequence[Item]) -> d
     keys = task.llava_keys(items)
     replies: dict[str, str] = {}
     unmatched: list[str] = []
-    for row in _rows(path, task):
-        key = task.llava_row_key(row)
+    for n, row in enumerate(_rows(path, task), 1):
+        try:
+            key = task.llava_row_key(row)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{path}: answer {n} (question_id {row.get('question_id')!r}) is not a {task.name} "
+                            f"answer in LLaVA's layout ({type(e).__name__}: {e})", "bad record") from None
         item_id = keys.get(key)
         if item_id is None:
             unmatched.append(key)
