@@ -193,7 +193,8 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
 def read_llava_hf(src: str | Path, conversation_format: str | None = None, system_prompt: str | None = None,
                   dtype: torch.dtype | None = None) -> Bundle:
     """A llava-hf folder as a vistune Bundle (in its stored dtype unless `dtype`). The conversation format comes from
-    `conversation_format`, else from `vistune_export.json`, else `vicuna_v1` (llava-1.5-hf's)."""
+    `conversation_format`, else from `vistune_export.json`, else from the folder's processor chat template (see
+    `_prompt_format`), else `vicuna_v1`."""
     src = Path(src)
     export: dict[str, Any] = json.loads((src / EXPORT_FILE).read_text()) if (src / EXPORT_FILE).is_file() else {}
     model_type = json.loads((src / "config.json").read_text()).get("model_type")
@@ -261,7 +262,7 @@ def _prompt_format(src: Path, tokenizer: PreTrainedTokenizerBase, conversation_f
                    export: dict[str, Any]) -> str:
     """The conversation format of a llava-hf folder: the one asked for, else the one a vistune export
     recorded, else the folder's own processor chat template, carried into `tokenizer` (format
-    `chat_template`), so vistune prompts the model exactly as transformers does; `vicuna_v1` only when the
+    `hf_processor`), so vistune prompts the model exactly as transformers does; `vicuna_v1` only when the
     folder has no template at all."""
     if conversation_format or export.get("conversation_format"):
         return check_format_key(conversation_format or export["conversation_format"])
