@@ -154,14 +154,20 @@ def test_answer_files_of_another_task_fail_naming_the_answer(tmp_path: Path) -> 
 
 
 def test_recorded_reviews_and_grades_score_without_a_judge(tmp_path: Path) -> None:
-    """The authors' LLaVA-Bench reviews (eval1, questions 0-5) and MM-Vet grades (6 samples), with their
-    answer files, scored with no judge given."""
+    """The authors' LLaVA-Bench reviews (their three runs, questions 0-5) and MM-Vet grades (6 samples), with
+    their answer files, scored with no judge given."""
     bench, mmvet = DATA / "llava-bench-in-the-wild", DATA / "mm-vet"
     options = {"llava_bench": {"answers": str(bench / "answers" / "llava-v1.5-13b.jsonl"),
                                "reviews": str(bench / "reviews" / "llava-v1.5-13b-eval1.jsonl")},
                "mmvet": {"answers": str(mmvet / "answers" / "llava-v1.5-13b.jsonl"),
                          "grades": str(mmvet / "results" / "llava-v1.5-13b_gpt-4-grade-1runs.json")}}
     m = run_eval(["llava_bench", "mmvet"], None, DATA, tmp_path, task_options=options)
+    runs = {"reviews": ",".join(str(bench / "reviews" / f"llava-v1.5-13b-eval{k}.jsonl") for k in (1, 2, 3))}
+    three = run_eval(["llava_bench"], None, DATA, tmp_path / "3", task_options={"llava_bench": options["llava_bench"] | runs})
+    # eval2 (7, 9) (9, 6) (8, 6) (9, 8.5) (9, 2) (9, 1) -> 32.5 / 51; eval3 as eval2 but q5 (9, 2) -> 33.5 / 51;
+    # the authors' number is the mean of the runs' (summarize_gpt_review.py prints each run's).
+    assert three["llava_bench"]["runs"] == pytest.approx([100 * 35 / 52, 100 * 32.5 / 51, 100 * 33.5 / 51])
+    assert three["llava_bench"]["all"] == pytest.approx(100 * (35 / 52 + 32.5 / 51 + 33.5 / 51) / 3)
     # tuples (reference, model): conv q0 (8, 10), q4 (9, 2), q5 (9, 2); detail q1 (9, 6.5); complex q2 (8, 6), q3 (9, 8.5)
     per = m["llava_bench"]["per_category"]
     assert per["conv"]["relative"] == pytest.approx(100 * (14 / 3) / (26 / 3))

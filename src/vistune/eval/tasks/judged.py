@@ -29,9 +29,9 @@ the result is model / reference x 100 (`metrics.relative_scores`). MM-Vet follow
 still unread after the last re-ask is scored 0.0 by the official evaluator; here it is counted in
 `unparsed` and left out of `total` (the issue's rule), and `total_official` gives the 0.0 reading.
 
-Recorded judgements are scored without a judge: `--option llava_bench.reviews=FILE` takes a review file
-of eval_gpt_review_bench.py (JSON lines: question_id, tuple = [reference score, model score], [-1, -1]
-when unread), `--option mmvet.grades=FILE` the grade json of mm-vet_evaluator.py ({id: {"score": [one
+Recorded judgements are scored without a judge: `--option llava_bench.reviews=FILE[,FILE...]` takes
+review files of eval_gpt_review_bench.py (JSON lines: question_id, tuple = [reference score, model
+score], [-1, -1] when unread), one per judge run, scored per run and averaged, `--option mmvet.grades=FILE` the grade json of mm-vet_evaluator.py ({id: {"score": [one
 per run]}}, a sample's runs averaged).
 """
 
@@ -83,19 +83,31 @@ class LLaVABench(Task):
 
     def __init__(self, answers: str | Path | None = None, reviews: str | Path | None = None) -> None:
         super().__init__(answers)
-        self.reviews = Path(reviews) if reviews is not None else None
+        # One review file per judge run, comma-separated (the authors recorded three: eval1,2,3).
+        self.reviews = [Path(p) for p in str(reviews).split(",") if p.strip()] if reviews is not None else None
 
-    def _recorded_pairs(self, items: Sequence[Item]) -> dict[str, tuple[float, float] | None]:
-        """(reference, model) scores per item from the recorded review file (None where the review was unread)."""
-        assert self.reviews is not None
+    def _recorded_pairs(self, items: Sequence[Item], path: Path) -> dict[str, tuple[float, float] | None]:
+        """(reference, model) scores per item from a recorded review file (None where the review was unread)."""
         pairs: dict[str, tuple[float, float] | None] = {}
-        for row in read_jsonl(self.reviews):
+        for row in read_jsonl(path):
             scores = row.get("tuple")
             pair = (float(scores[0]), float(scores[1])) if isinstance(scores, list) and len(scores) == 2 else \
                 parse_review_scores(str(row.get("content", "")))
             pairs[str(row["question_id"])] = None if pair == (-1.0, -1.0) else pair
-        _recorded_for(items, pairs, self.reviews, self.name)
+        _recorded_for(items, pairs, path, self.name)
         return pairs
+
+    def _recorded_scores(self, items: Sequence[Item]) -> dict:
+        """Each recorded run scored as summarize_gpt_review.py does; the headline is the mean over the runs
+        (how the authors' LLaVA-Bench number is the mean of their three review runs)."""
+        assert self.reviews
+        runs = [relative_scores((it.meta["category"], pairs[it.id]) for it in items)
+                for pairs in (self._recorded_pairs(items, path) for path in self.reviews)]
+        per = {key: {"relative": sum(r[key]["relative"] for r in runs) / len(runs),
+                     "unparsed": sum(r[key]["unparsed"] for r in runs)} for key in runs[0]}
+        overall = per.get("all", {})
+        return {"all": overall.get("relative", 0.0), "unparsed": overall.get("unparsed", 0), "n": len(items),
+                "runs": [r.get("all", {}).get("relative", 0.0) for r in runs], "per_category": per}
 
     def _judged_pairs(self, items: Sequence[Item], replies: dict[str, str],
                       judge: Judge) -> dict[str, tuple[float, float] | None]:
@@ -145,12 +157,11 @@ class LLaVABench(Task):
         return items
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: Judge | None = None) -> dict:
-        if self.reviews is not None:
-            pairs = self._recorded_pairs(items)
-        elif judge is None:
+        if self.reviews:
+            return self._recorded_scores(items)
+        if judge is None:
             return _no_judge(items)
-        else:
-            pairs = self._judged_pairs(items, replies, judge)
+        pairs = self._judged_pairs(items, replies, judge)
         per = relative_scores((it.meta["category"], pairs[it.id]) for it in items)
         overall = per.get("all", {})
         return {"all": overall.get("relative", 0.0), "unparsed": overall.get("unparsed", 0), "n": len(items),
