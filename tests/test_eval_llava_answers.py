@@ -58,7 +58,8 @@ def test_mme_rescored_without_images(rescored: dict[str, dict]) -> None:
 
 def test_scienceqa_rescored_from_the_result_json(rescored: dict[str, dict]) -> None:
     # results (pred index) vs answer: 5144 -1 (its "C" of 2 options) vs 0, 11 2 vs 1, 23 0 vs 1, 42 4 vs 1
-    # wrong; 5, 62, 85, 87 right -> 4 / 8, every one an image question: IMG accuracy 50.00.
+    # wrong; 5, 62, 85, 87 right -> IMG accuracy 4 / 8 = 50.00. The file also answers pid 4, a text-only
+    # question (right, 1 = B), which IMG accuracy leaves out.
     sqa = rescored["scienceqa"]
     assert sqa["img_accuracy"] == pytest.approx(50.0) and sqa["n"] == 8 and sqa["failed"] == 1
 
@@ -77,7 +78,7 @@ def test_prompts_equal_the_authors_question_files() -> None:
     want = json.loads((DATA / "scienceqa" / "llava_test_CQM-A.json").read_text())
     assert [it.prompt for it in sqa] == [r["conversations"][0]["value"].removeprefix("<image>\n")
                                          + "\nAnswer with the option's letter from the given choices directly."
-                                         for r in want]
+                                         for r in want if r.get("image")]  # pid 4 is text-only: not asked
 
 
 def test_textvqa_vizwiz_gqa_prompts_and_layouts(tmp_path: Path) -> None:

@@ -45,8 +45,9 @@ def _rows(path: Path, task: Task) -> list[dict]:
 
 
 def read_llava_answers(path: str | Path, task: Task, items: Sequence[Item]) -> dict[str, str]:
-    """item id -> reply for the items `path` answers. Fails naming the first answer that matches no item
-    (a file of another task or split), or when two answers name one item."""
+    """item id -> reply for the items `path` answers (answers to questions the task does not score, such as
+    ScienceQA's text-only ones, are left out). Fails naming the first answer that matches no question (a file
+    of another task or split), or when two answers name one item."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{task.name}: answer file {path} not found", "missing file")
@@ -59,9 +60,11 @@ def read_llava_answers(path: str | Path, task: Task, items: Sequence[Item]) -> d
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f"{path}: answer {n} (question_id {row.get('question_id')!r}) is not a {task.name} "
                             f"answer in LLaVA's layout ({type(e).__name__}: {e})", "bad record") from None
-        item_id = keys.get(key)
-        if item_id is None:
+        if key not in keys:
             unmatched.append(key)
+            continue
+        item_id = keys[key]
+        if item_id is None:  # a question the task does not score (ScienceQA's text-only ones)
             continue
         if item_id in replies:
             raise DataError(f"{path}: two answers for {task.name} item {item_id} (question_id "

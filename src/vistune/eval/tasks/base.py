@@ -66,8 +66,9 @@ class Task:
     def __init__(self, answers: str | Path | None = None) -> None:
         self.answers = Path(answers) if answers is not None else None
 
-    def llava_keys(self, items: Sequence[Item]) -> dict[str, str]:
-        """Key of each item in LLaVA's answer files -> item id (by default the id is LLaVA's question_id)."""
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
+        """Key of each item in LLaVA's answer files -> item id (by default the id is LLaVA's question_id);
+        None for questions LLaVA answered that the task does not score (skipped, and counted)."""
         return {it.id: it.id for it in items}
 
     def llava_row_key(self, row: dict[str, Any]) -> str:

@@ -75,6 +75,7 @@ class ScienceQA(Task):
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"scienceqa: unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}", "bad option")
         self.ensemble = ensemble
+        self.text_only: list[str] = []  # test pids without an image (JSON layout): LLaVA answers them too
         if ensemble:
             self.headline = ("img_accuracy", "ensemble_accuracy")
 
@@ -88,6 +89,7 @@ class ScienceQA(Task):
         if (root / "llava_test_CQM-A.json").is_file():
             llava = {str(r["id"]): r for r in read_json(root / "llava_test_CQM-A.json")}
         items = []
+        self.text_only = [pid for pid in splits["test"] if not problems[pid].get("image")]
         for pid in splits["test"]:
             p = problems[pid]
             if not p.get("image"):
@@ -98,6 +100,10 @@ class ScienceQA(Task):
                 prompt = _sqa_prompt(p)
             items.append(_sqa_item(pid, prompt, root / "images" / "test" / pid / p["image"], p))
         return items
+
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
+        # LLaVA asks every test question and reports IMG accuracy over those with an image; only those are items.
+        return {pid: None for pid in self.text_only} | {it.id: it.id for it in items}
 
     def _load_parquet(self, shards: list[Path]) -> list[Item]:
         rows = parquet.read_rows(shards, ["image", "question", "choices", "answer"], self.name, ["hint", "subject"])

@@ -153,7 +153,7 @@ class VizWiz(Task):
                               {"answer_type": row.get("answer_type")}))
         return items
 
-    def llava_keys(self, items: Sequence[Item]) -> dict[str, str]:
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
         # LLaVA's llava_test.jsonl numbers the questions 0, 1, ... in test.json's order; the item id is the image
         # name, which its upload file keys on.
         return {str(k): it.id for k, it in enumerate(items)} | {it.id: it.id for it in items}

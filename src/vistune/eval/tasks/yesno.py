@@ -147,7 +147,7 @@ class MME(Task):
                               {"task": task, "image": image, "question": r["question"].strip()}))
         return items
 
-    def llava_keys(self, items: Sequence[Item]) -> dict[str, str]:
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
         # LLaVA's question_id is TASK/IMAGE, the same for both questions of an image: the prompt tells them apart.
         return {f"{it.meta['task']}/{Path(it.meta['image']).stem}\n{it.prompt}": it.id for it in items}
 
