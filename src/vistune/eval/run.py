@@ -139,6 +139,10 @@ def evaluate_task(task: Task, engine: Engine | None, data: Path, out: Path, batc
     folder = out / task.name
     folder.mkdir(parents=True, exist_ok=True)
     merged = folder / "predictions.jsonl"
+    if task.answers is not None and rank == 0:  # rescoring an answer file in LLaVA's layout (eval/answers.py)
+        from vistune.eval.answers import import_answers
+
+        import_answers(task, items, merged)
     shard = merged if world_size == 1 else folder / f"predictions.rank{rank}-of-{world_size}.jsonl"
     done = {**read_predictions(merged), **read_predictions(shard)}
     todo = [it for it in items[rank::world_size] if it.id not in done]
