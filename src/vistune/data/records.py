@@ -152,13 +152,17 @@ def _message_turns(rid: str, msgs: list, inline_images: list[str]) -> list[Messa
 def _record_turns(record: dict, rid: str) -> tuple[list[Message], Any]:
     """The record's turns and its image names, from whichever layout it is in."""
     inline: list[str] = []
-    if isinstance(record.get("conversations"), list) and record["conversations"]:
-        messages = _conversation_turns(rid, record["conversations"])
-    elif isinstance(record.get("messages"), list) and record["messages"]:
-        messages = _message_turns(rid, record["messages"], inline)
-    else:
+    key = "conversations" if "conversations" in record else "messages" if "messages" in record else None
+    if key is None:
         raise DataError(f"record {rid}: no `conversations` or `messages` list (keys: {sorted(record)}); vistune "
                         f"reads {LAYOUTS}", "no conversations")
+    if not isinstance(record[key], list) or not record[key]:
+        raise DataError(f"record {rid}: no `{key}` list (an empty list or a {type(record[key]).__name__})",
+                        "no conversations")
+    if key == "conversations":
+        messages = _conversation_turns(rid, record[key])
+    else:
+        messages = _message_turns(rid, record[key], inline)
     if "image" in record and "images" in record:
         raise DataError(f"record {rid}: has both `image` and `images`; give the files in one of them")
     image = record.get("image", record.get("images"))

@@ -20,6 +20,7 @@ import torch
 
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import Bundle
+from vistune.model.quiet import quiet_loading
 
 # Files that define a model. Configs are hashed by content; weights by size and modification
 # time, which change whenever they are rewritten, without reading gigabytes.
@@ -85,6 +86,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     else:
         from vistune.convert.api import load_any
 
-        bundle, _ = load_any(path, vision=vision, llm=llm, base=base, dtype=dtype)
+        with quiet_loading():  # original LLaVA LoRA folders are wrapped with peft by the converter
+            bundle, _ = load_any(path, vision=vision, llm=llm, base=base, dtype=dtype)
     bundle.model.to(device=device, dtype=dtype).eval()
     return bundle
