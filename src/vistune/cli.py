@@ -327,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
 
     datagen_cli.add_parser(sub)
     sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
-    sv.add_argument("model", type=Path, help="vistune checkpoint folder")
+    sv.add_argument("model", type=Path, help=MODEL_HELP)
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set $VISTUNE_API_KEY)")
@@ -345,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     u = sub.add_parser("ui", help=ui.__doc__, description=ui.__doc__)
-    u.add_argument("model", type=Path, help="vistune checkpoint folder")
+    u.add_argument("model", type=Path, help=MODEL_HELP)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--api-key", default=None, help="require this key (the page asks for it)")
