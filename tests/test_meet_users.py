@@ -86,8 +86,11 @@ def test_eval_demo_with_limit_scores_both_passes(tiny_checkpoint: Path, tmp_path
 # --- item 7: every command takes any model folder ---------------------------------------------------------
 
 def test_missing_model_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ask", str(tmp_path / "nope"), "What is it?"]) == 2
-    assert f"model folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    for command in (["ask", str(tmp_path / "nope"), "What is it?"], ["info", str(tmp_path / "nope")],
+                    ["eval", "pope", "--model", str(tmp_path / "nope"), "--data", str(tmp_path), "--out",
+                     str(tmp_path / "ev")]):
+        assert main(command) == 2
+        assert f"model folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
 def test_ask_and_eval_take_a_llava_hf_folder(tiny_checkpoint: Path, dataset_dir: Path, eval_data: Path,
@@ -157,7 +160,7 @@ def test_messages_and_sharegpt_layouts_read_like_llavas(record: dict, tmp_path: 
 
 
 def test_an_unknown_layout_names_the_layouts_read(tmp_path: Path) -> None:
-    from vistune.data.records import load_samples, Problems
+    from vistune.data.records import Problems, load_samples
 
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps([{"instruction": "Say hi", "output": "hi"}]))

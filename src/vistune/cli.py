@@ -111,8 +111,10 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
 
     from vistune.convert.api import load_any
     from vistune.convert.llava_hf import EXPORT_FILE
+    from vistune.infer.load import check_model_folder
     from vistune.train.parts import count
 
+    check_model_folder(model)
     bundle, detected = load_any(model, vision=vision, llm=llm, base=base, merge=False)
     spec = bundle.spec
     native = detected.format == "vistune"

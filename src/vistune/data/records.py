@@ -145,7 +145,8 @@ def _message_turns(rid: str, msgs: list, inline_images: list[str]) -> list[Messa
         if role is None:
             raise DataError(f"record {rid}: message {j} has role {msg.get('role')!r}; expected user, assistant "
                             "or system")
-        messages.append(Message(role, _content_text(rid, j, msg["content"], inline_images).strip()))  # type: ignore[arg-type]
+        text = _content_text(rid, j, msg["content"], inline_images).strip()
+        messages.append(Message(role, text))  # type: ignore[arg-type]
     return messages
 
 

@@ -70,15 +70,21 @@ def model_identity(folder: str | Path) -> ModelIdentity:
     return ModelIdentity(str(folder), digest.hexdigest()[:16])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               vision: Path | None = None, llm: Path | None = None, base: Path | None = None) -> Bundle:
-    """Any model folder vistune reads, on `device` in `dtype`, in eval mode. `vision`, `llm`, `base`:
-    local copies of parts an original-LLaVA folder only names (as `vistune convert` takes them)."""
+def check_model_folder(path: str | Path) -> Path:
+    """`path`, or a CheckpointError when it does not exist or is not a folder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; give the model's folder")
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               vision: Path | None = None, llm: Path | None = None, base: Path | None = None) -> Bundle:
+    """Any model folder vistune reads, on `device` in `dtype`, in eval mode. `vision`, `llm`, `base`:
+    local copies of parts an original-LLaVA folder only names (as `vistune convert` takes them)."""
+    path = check_model_folder(path)
     from vistune.train.step_model import is_step_checkpoint, load_step_checkpoint
 
     if is_step_checkpoint(path):
