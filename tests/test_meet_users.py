@@ -106,6 +106,34 @@ def test_ask_and_eval_take_a_llava_hf_folder(tiny_checkpoint: Path, dataset_dir:
     assert (tmp_path / "ev" / "pope" / "predictions.jsonl").is_file()
 
 
+def test_ask_takes_an_original_llava_folder(tiny_checkpoint: Path, clip_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """LlavaLlamaForCausalLM's layout (as LLaVA's train.py saves it), the tower named by hub id."""
+    from safetensors.torch import save_file
+
+    from vistune.model.checkpoint import load_checkpoint
+
+    bundle = load_checkpoint(tiny_checkpoint)
+    src = tmp_path / "llava-v1.5-tiny"
+    src.mkdir()
+    state = dict(bundle.model.llm.state_dict())
+    state |= {f"model.mm_projector.{k}": v for k, v in bundle.model.projector.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
+    config = bundle.model.llm.config.to_dict() | {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": bundle.spec.projector,
+        "mm_vision_select_layer": bundle.spec.vision.select_layer, "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False, "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}
+    (src / "config.json").write_text(json.dumps(config))
+    bundle.tokenizer.save_pretrained(str(src))
+    assert main(["ask", str(src), "What is it?", "--max-new-tokens", "3"]) == 2
+    assert "pass --vision with a local copy" in capsys.readouterr().err
+    assert main(["ask", str(src), "What is it?", "--max-new-tokens", "3", "--vision", str(clip_dir)]) == 0
+    loaded = vistune.load(str(src), device="cpu", vision=str(clip_dir)).model.projector.state_dict()
+    for key, value in bundle.model.projector.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
 def test_a_mid_run_step_checkpoint_can_be_asked(clip_dir: Path, llama_dir: Path, dataset_dir: Path,
                                                 tmp_path: Path) -> None:
     from safetensors.torch import load_file

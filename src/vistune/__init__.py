@@ -13,13 +13,20 @@ if TYPE_CHECKING:
 __all__ = ["Sampling", "__version__", "load"]
 
 
-def load(path: str, device: str | None = None, dtype: Any = None) -> Engine:
+def load(path: str, device: str | None = None, dtype: Any = None, *, vision: str | None = None,
+         llm: str | None = None, base: str | None = None) -> Engine:
     """Load a model folder for inference (vistune, a mid-run checkpoints/step-N, llava-hf, llava-next or
-    original LLaVA); see `vistune.infer.engine.Engine`."""
+    original LLaVA, whose vision tower / LLM / base LLM it names by hub id are given as local `vision`,
+    `llm`, `base` folders); see `vistune.infer.engine.Engine`."""
     # Imported here so that `import vistune` (and the CLI's --help) stays fast.
+    from pathlib import Path
+
     from vistune.infer.engine import load as _load
 
-    return _load(path, device, dtype)
+    def local(p: str | None) -> Path | None:
+        return Path(p) if p is not None else None
+
+    return _load(path, device, dtype, local(vision), local(llm), local(base))
 
 
 def __getattr__(name: str) -> Any:
