@@ -323,5 +323,5 @@ def test_step_folder_without_its_stage_file_says_why(tmp_path: Path) -> None:
     step.mkdir(parents=True)
     (step / "trainable.safetensors").write_bytes(b"")
     (step / "progress.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="stage.json"):
+    with pytest.raises(CheckpointError, match="config.yaml"):
         load_model(step)

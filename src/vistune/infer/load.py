@@ -2,7 +2,8 @@
 
 `load_model` is what `ask`, `chat`, `serve`, `eval` and `vistune.load` run. It reads
 - a vistune checkpoint (`vistune.json`),
-- a mid-run resume checkpoint (`OUTPUT_DIR/checkpoints/step-N`, see `vistune.train.step_model`),
+- a mid-run resume checkpoint (`OUTPUT_DIR/checkpoints/step-N`, rebuilt from OUTPUT_DIR/config.yaml; see
+  `vistune.train.step_model`),
 - llava-hf, llava-next and original LLaVA folders, converted in memory by `vistune.convert`
   (what `vistune info` and `vistune convert` read; nothing is written).
 
@@ -54,15 +55,15 @@ def _model_files(folder: Path) -> list[Path]:
 
 def model_identity(folder: str | Path) -> ModelIdentity:
     """Resolved path + a hash of the folder's configs (content) and weights (name, size, mtime).
-    A step checkpoint also counts its stage's description, one folder up."""
+    A step checkpoint also counts its stage's resolved config (OUTPUT_DIR/config.yaml)."""
     folder = Path(folder).resolve()
     digest = hashlib.sha256()
-    from vistune.train.step_model import stage_file
+    from vistune.train.step_model import is_step_checkpoint, stage_file
 
-    extra = [stage_file(folder)] if stage_file(folder).is_file() else []
+    extra = [stage_file(folder)] if is_step_checkpoint(folder) and stage_file(folder).is_file() else []
     for path in _model_files(folder) + extra:
         stat = path.stat()
-        digest.update(str(path.relative_to(folder.parent)).encode())
+        digest.update(str(path.relative_to(folder) if path.is_relative_to(folder) else f"../{path.name}").encode())
         if path.suffix in _WEIGHT_SUFFIXES:
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
         else:

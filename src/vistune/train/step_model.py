@@ -1,9 +1,10 @@
 """A mid-run resume checkpoint (`OUTPUT_DIR/checkpoints/step-N`) as a model to ask or evaluate.
 
 A step folder holds only the trainable weights (see `vistune.train.state`), not a description of
-the model. Training therefore writes the stage's model and stage config once beside the step
-folders, `OUTPUT_DIR/checkpoints/stage.json`; the model is rebuilt from it exactly as the stage
-built it (parts, projector_from, LoRA wrapping) and the step's weights are put in.
+the model. The model is rebuilt from the stage's resolved config, `OUTPUT_DIR/config.yaml` (a run
+config holding this one stage), exactly as the stage built it (parts, projector_from, LoRA wrapping),
+and the step's weights are put in. Paths in it are as the run was given them: relative ones are read
+from the current folder, as `vistune train` read them.
 """
 
 from __future__ import annotations
@@ -13,39 +14,34 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from vistune.config import ModelConfig, StageConfig
-from vistune.errors import CheckpointError
+from vistune.config import ModelConfig, RunConfig, StageConfig, load_config
+from vistune.errors import CheckpointError, ConfigError
 from vistune.model.checkpoint import Bundle, ModelSpec, build_model, load_projector
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts
 
-STAGE_FILE = "stage.json"
+CONFIG_FILE = "config.yaml"
 _WEIGHTS = "trainable.safetensors"
 _PROGRESS = "progress.json"
 
 
 def stage_file(step_folder: Path) -> Path:
-    """Where a step folder's stage description lives: beside it, in `checkpoints/`."""
-    return step_folder.parent / STAGE_FILE
+    """The resolved config of a step folder's stage: OUTPUT_DIR/config.yaml, two folders up."""
+    return step_folder.parent.parent / CONFIG_FILE
 
 
 def write_stage_file(output_dir: Path, model_cfg: ModelConfig, stage: StageConfig, name: str) -> None:
-    """Record how the stage builds its model, beside its resume checkpoints (main process)."""
-    path = output_dir / "checkpoints" / STAGE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{STAGE_FILE}.tmp")
-    # Absolute paths: the checkpoint may be asked from another working directory.
-    model = model_cfg.model_dump(mode="json")
-    for part in ("vision", "llm"):
-        model[part]["path"] = str(Path(model[part]["path"]).resolve())
-    settings = stage.model_dump(mode="json")
-    if settings.get("projector_from") and Path(settings["projector_from"]).exists():
-        settings["projector_from"] = str(Path(settings["projector_from"]).resolve())
-    tmp.write_text(json.dumps({"name": name, "model": model, "stage": settings}, indent=1))
-    os.replace(tmp, path)
+    """This stage as a runnable config, every default written out, in OUTPUT_DIR (main process)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = RunConfig(model=model_cfg, stages={name: stage}).model_dump(mode="json")
+    tmp = output_dir / f".{CONFIG_FILE}.tmp"
+    header = "# written by vistune train: this stage's resolved config\n"
+    tmp.write_text(header + yaml.safe_dump(resolved, sort_keys=False))
+    os.replace(tmp, output_dir / CONFIG_FILE)
 
 
 def is_step_checkpoint(folder: Path) -> bool:
@@ -55,14 +51,17 @@ def is_step_checkpoint(folder: Path) -> bool:
 def _read_stage(folder: Path) -> tuple[str, ModelConfig, StageConfig]:
     path = stage_file(folder)
     if not path.is_file():
-        raise CheckpointError(f"{folder} is a resume checkpoint, but {path} (how its stage builds the model) is "
+        raise CheckpointError(f"{folder} is a resume checkpoint, but {path} (its stage's resolved config) is "
                               "missing; it was written by an older vistune. Resume the run and let it finish, or "
                               "ask the finished output folder")
     try:
-        data = json.loads(path.read_text())
-        return data["name"], ModelConfig.model_validate(data["model"]), StageConfig.model_validate(data["stage"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable stage description ({e})") from None
+        cfg = load_config(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unreadable stage config ({e})") from None
+    if len(cfg.stages) != 1:
+        raise CheckpointError(f"{path}: expected the one stage that wrote {folder}, found {list(cfg.stages)}")
+    (name, stage), = cfg.stages.items()
+    return name, cfg.model, stage
 
 
 def load_step_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Bundle:
