@@ -50,7 +50,6 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
-from vistune.train.step_model import write_stage_file
 from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
 
@@ -169,6 +168,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # step-N folders are rebuilt from it (vistune.train.step_model)
+        from vistune.train.step_model import write_stage_file
+
+        write_stage_file(out, model_cfg, stage, name)
     metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=progress.step, desc=name, disable=not accelerator.is_main_process)
     model.train()
@@ -199,7 +202,6 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
                 state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
                 if accelerator.is_main_process:
                     save_resume(out, state, scheduler, progress, stage.keep_checkpoints)
-                    write_stage_file(out, model_cfg, stage, name)  # makes step folders loadable (step_model.py)
                 accelerator.wait_for_everyone()
             if at_stop and progress.step < total_steps:
                 stopped_early = True
