@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from vistune import __version__
 from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
 
@@ -276,6 +275,8 @@ def parts(sp: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from vistune import __version__
+
     p = argparse.ArgumentParser(prog="vistune", description="Visual instruction tuning (LLaVA, LLaVA-1.5).")
     p.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
