@@ -83,6 +83,19 @@ def test_eval_demo_with_limit_scores_both_passes(tiny_checkpoint: Path, tmp_path
     assert [i.split("/")[0] for i in ids[:3]] == [i.split("/")[0] for i in ids[3:]]  # the same questions, blind
 
 
+def test_limit_takes_the_first_items_of_each_batch_group() -> None:
+    from vistune.eval.run import limit_items
+    from vistune.eval.tasks import get_task
+    from vistune.eval.tasks.base import Item
+
+    items = [Item(str(i), "q") for i in range(5)]
+    assert [it.id for it in limit_items(get_task("pope"), items, 3)] == ["0", "1", "2"]  # no groups: first N
+    assert limit_items(get_task("pope"), items, None) == items
+    passes = [Item(f"{i}/{view}", "q", meta={"view": view}) for view in ("with_image", "blind") for i in range(4)]
+    assert [it.id for it in limit_items(get_task("demo"), passes, 2)] == \
+        ["0/with_image", "1/with_image", "0/blind", "1/blind"]
+
+
 # --- item 7: every command takes any model folder ---------------------------------------------------------
 
 def test_missing_model_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
