@@ -129,7 +129,7 @@ def _content_text(rid: str, j: int, content: Any, inline_images: list[str]) -> s
                 inline_images.append(named)
             pieces.append(IMAGE_PLACEHOLDER)
         else:
-            raise DataError(f"record {rid}: message {j} has a content part {part!r}; vistune reads "
+            raise DataError(f"record {rid}: message {j} has a content part {repr(part)[:80]}; vistune reads "
                             "{\"type\": \"text\", \"text\": ...} and {\"type\": \"image\"} parts "
                             "(image files in the record's `images` list or the part's `image` key)")
     return "\n".join(pieces)
