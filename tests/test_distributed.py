@@ -110,6 +110,60 @@ def test_a_two_process_checkpoint_resumes_on_one(runs: dict, dataset_dir: Path, 
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+# Run under torchrun: records which files under a resume checkpoint each process opens (Python's `open`
+# audit event covers torch.load; safetensors opens files in Rust, so its `safe_open` is wrapped), then
+# runs `vistune train`.
+_RECORD_READS = """
+import json, os, sys
+import safetensors.torch
+
+reads = []
+sys.addaudithook(lambda event, args: reads.append(str(args[0])) if event == "open" else None)
+_safe_open = safetensors.torch.safe_open
+def _recording_safe_open(path, *args, **kwargs):
+    reads.append(str(path))
+    return _safe_open(path, *args, **kwargs)
+safetensors.torch.safe_open = _recording_safe_open
+
+from vistune.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    mine = sorted({os.path.basename(r) for r in reads if "/checkpoints/step-" in r})
+    with open(os.environ["READS_DIR"] + "/rank" + os.environ["RANK"] + ".json", "w") as f:
+        json.dump(mine, f)
+sys.exit(code)
+"""
+
+
+def test_two_processes_resume_with_one_reader(runs: dict, dataset_dir: Path, tmp_path: Path) -> None:
+    """Item 1 of issue 22: the 2-process run's step-2 checkpoint, resumed on 2 processes, ends exactly where
+    the uninterrupted run ends, and only rank 0 read its weights and optimizer state (the others got them
+    by broadcast)."""
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["root"] / "ddp" / "checkpoints", out / "checkpoints")
+    (tmp_path / "record.py").write_text(_RECORD_READS)
+    cfg = {"model": runs["model"], "stages": {"ddp": _stage(dataset_dir, out)}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "READS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "record.py"), "train", str(tmp_path / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reads = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert {"trainable.safetensors", "optimizer.pt"} <= set(reads[0]), reads
+    assert not {"trainable.safetensors", "optimizer.pt"} & set(reads[1]), reads
+    assert [r["step"] for r in _rows(out)] == [3, 4]
+    uninterrupted = _rows(runs["root"] / "ddp")
+    for a, b in zip(uninterrupted[2:], _rows(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    w1, w2 = _weights(runs["root"] / "ddp"), _weights(out)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_an_engine_accelerate_did_not_set_up_is_an_error() -> None:
     from accelerate.utils import DistributedType
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -62,6 +63,8 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     if any(isinstance(p, DTensor) for p in model.parameters()):
         wanted = _trainable_names(model)
         weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=_FULL).items() if n in wanted}
+    elif dist.is_initialized() and dist.get_rank() != 0:
+        weights = {}  # only the main process writes: no host copy of the weights on the others
     else:  # no gathering needed, and no copy of a frozen 7B LLM every save
         weights = {n.replace("_orig_mod.", "").removeprefix("module."): p.detach().contiguous().cpu()
                    for n, p in model.named_parameters() if p.requires_grad}
@@ -104,17 +107,38 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def load_resume(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
-    """Load a checkpoint into the (possibly DDP/FSDP-wrapped) model and its optimizer, on every process."""
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    wanted = _trainable_names(model)
-    if set(weights) != wanted:
-        raise CheckpointError(f"{ckpt}: its trainable parameters differ from this stage's "
-                              f"({len(set(weights) ^ wanted)} names differ); was the stage config changed?")
+    """Load a checkpoint into the (possibly DDP/FSDP-wrapped) model and its optimizer, on every process.
+
+    With several processes only the first reads the weights and optimizer state and broadcasts them, one
+    tensor at a time (torch's `broadcast_from_rank0`); FSDP shards them on the way in. A 7B full finetune's
+    are ~27 GB of fp32 weights and ~54 GB of Adam moments: read on each of 8 ranks, more host memory than
+    many 8-GPU nodes have. The small files (scheduler, RNG, progress) are read everywhere."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    reader = not several or dist.get_rank() == 0
+    weights: dict[str, torch.Tensor] = {}
+    optim_state: dict = {}
+    problem = None
+    if reader:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        wanted = _trainable_names(model)
+        if set(weights) != wanted:
+            problem = (f"{ckpt}: its trainable parameters differ from this stage's "
+                       f"({len(set(weights) ^ wanted)} names differ); was the stage config changed?")
+        else:  # mmap: pages are read as the broadcast walks the tensors, not all up front
+            optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True, mmap=True)
+    if several:  # every process must raise, or the others would wait for a broadcast that never comes
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise CheckpointError(problem)
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    # Unsharded models take the full dicts as they are; FSDP shards them on the way in.
-    options = StateDictOptions(full_state_dict=sharded, strict=False)
+    # Unsharded models on one process take the full dicts as they are; otherwise rank 0's are
+    # broadcast (and, under FSDP, sharded).
+    options = StateDictOptions(full_state_dict=sharded or several, broadcast_from_rank0=several, strict=False)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    del weights, optim_state
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
