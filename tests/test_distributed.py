@@ -164,6 +164,77 @@ def test_two_processes_resume_with_one_reader(runs: dict, dataset_dir: Path, tmp
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+_ONE_PROCESS_LAUNCH = """
+import json, sys
+import torch, torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from vistune.config import load_config
+from vistune.train.distributed import reset_engine
+from vistune.train.loop import run
+
+run(load_config(sys.argv[1]))  # its one stage is already finished: only the processes join
+backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+found = {"timeout_s": backend.options._timeout.total_seconds(), "joined": PartialState().distributed_type.value}
+PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as a stage's FSDP Accelerator leaves it
+reset_engine()
+found["after_reset"] = PartialState().distributed_type.value
+print("FOUND " + json.dumps(found))
+"""
+
+
+def test_one_process_launch_keeps_its_timeout_and_launched_engine(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                                  dataset_dir: Path) -> None:
+    """Items 2 and 5 of issue 22: the run's collective timeout reaches the process group, and after a stage
+    under FSDP/DeepSpeed in a one-process torchrun the next stage still sees a launched run (not NO, which made
+    accelerate ignore its engine plugin and the engine check fail)."""
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "vistune.json").write_text("{}")
+    cfg = {"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+           "stages": {"s": _stage(dataset_dir, out)}, "collective_timeout_minutes": 7}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "probe.py").write_text(_ONE_PROCESS_LAUNCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(tmp_path / "probe.py"), str(tmp_path / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    found = json.loads(proc.stdout.split("FOUND ", 1)[1])
+    assert found == {"timeout_s": 7 * 60.0, "joined": "MULTI_CPU", "after_reset": "MULTI_CPU"}
+
+
+def test_fsdp_reduces_in_fp32_and_shards_tower_and_embeddings(clip_dir: Path, llama_dir: Path) -> None:
+    """Item 9 of issue 22 (FSDP itself runs on GPUs only, see test_gpu.py): under bf16 the plugin gathers weights
+    in bf16 but reduces gradients in fp32, also after accelerate applies the stage's precision to it; the vision
+    tower and the embedding tables are units of their own, named by classes the model has; tied embeddings
+    (one parameter for input and output) are left to the root unit."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vistune.model.checkpoint import build_model
+    from vistune.train.distributed import fsdp_plugin, fsdp_unit_names
+
+    plugin = fsdp_plugin("bf16")
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with the plugin
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp_plugin("no").mixed_precision_policy is None
+
+    cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+                            "stages": {"s": _stage(Path("."), Path("."))}})
+    model = build_model(cfg.model.vision, cfg.model.llm, cfg.model.projector, torch.float32, torch.float32)
+    names = fsdp_unit_names(model.llm)
+    assert names == ["LlamaDecoderLayer", "VisionTower", "Embedding"]
+    found = {name: get_module_class_from_name(model, name) for name in names}
+    assert all(found.values()), found
+    assert found["Embedding"] is type(model.llm.get_input_embeddings())
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))
+    assert fsdp_unit_names(tied) == ["LlamaDecoderLayer", "VisionTower"]
+
+
 def test_an_engine_accelerate_did_not_set_up_is_an_error() -> None:
     from accelerate.utils import DistributedType
 

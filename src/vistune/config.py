@@ -215,6 +215,11 @@ class RunConfig(_Strict):
 
     model: ModelConfig
     stages: dict[str, StageConfig] = Field(description="Stage name -> stage, run in the order written.")
+    collective_timeout_minutes: int = Field(
+        120, gt=0, description="How long a process waits in a collective (barrier, all-reduce) before the launch "
+        "fails. Generous, because the other processes wait at a barrier while the first writes a checkpoint (tens "
+        "of GB at 7B; torch's own default is 10 minutes)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -65,6 +65,7 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     unknown = [n for n in only or [] if n not in cfg.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
+    process_state(cfg.collective_timeout_minutes)  # the processes join here, with the run's timeout
     outputs = {}
     for name, stage in cfg.stages.items():
         if only and name not in only:
