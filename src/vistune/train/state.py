@@ -6,6 +6,7 @@
       scheduler.pt
       rng.pt                  torch (CPU and CUDA) generator states
       progress.json           step, epoch, batches done in the epoch, python RNG, skip counts
+      engine/                 under DeepSpeed instead of the first two files: its own state (engine_state.py)
 
 accelerate's `save_state` would write the whole model, frozen parts included, hence this small
 module. Weights and optimizer state are saved unsharded and keyed by parameter name (torch's
@@ -50,6 +51,7 @@ class Progress:
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+ENGINE_DIR = "engine"  # DeepSpeed's own partitioned state (engine_state.py), in place of the two files above
 
 
 def _trainable_names(model: nn.Module) -> set[str]:
@@ -71,16 +73,21 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     return weights, get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
-                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int) -> Path:
-    """Write a checkpoint from `gather_state`'s result (main process only)."""
+def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int,
+                engine_dir: Path | None = None) -> Path:
+    """Write a checkpoint from `gather_state`'s result (main process only). Under DeepSpeed `state` is None and
+    `engine_dir` holds the engine's own state (engine_state.py), which is moved in as `ENGINE_DIR`."""
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    weights, optim_state = state
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optim_state, tmp / "optimizer.pt")
+    if state is not None:
+        weights, optim_state = state
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
+    if engine_dir is not None:
+        os.replace(engine_dir, tmp / ENGINE_DIR)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -139,6 +146,11 @@ def load_resume(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     del weights, optim_state
+    return read_progress(ckpt, scheduler)
+
+
+def read_progress(ckpt: Path, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+    """The scheduler, RNG states and progress of a checkpoint (every process reads these small files)."""
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -1,0 +1,114 @@
+"""What a 7B run needs of the loop, shown on CPU at tiny size (issue 22): logits freed before backward, the
+LLM saved in the training dtype, packed-row boundaries handed to flash-attention once, DeepSpeed resume
+refused only where it cannot work, and a loader-worker default per process."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vistune.config import load_config
+from vistune.data.records import Problems
+from vistune.errors import CheckpointError
+from vistune.train.packing import collate_packed, flatten_rows
+
+
+class _Toy(nn.Module):
+    """Logits from a linear layer and a summed cross-entropy, as the LLM computes them; nothing that backward
+    needs refers to the logits tensor itself (linear saves its input, cross-entropy its log-softmax)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 50)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int, **_: object) -> object:
+        logits = self.head(torch.ones(*input_ids.shape, 4))  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logits_are_freed_before_backward(precision: str) -> None:
+    """Item 8 of issue 22. Under bf16 the output seen here is accelerate's float32 copy of the logits
+    (`convert_outputs_to_fp32`, which forward hooks see); it must be gone by the time backward runs."""
+    from vistune.train.distributed import make_accelerator, reset_engine
+    from vistune.train.loop import _accumulate, _RunOptions
+
+    reset_engine()
+    accelerator = make_accelerator("ddp", precision, 1, 1, None)
+    model = accelerator.prepare(_Toy())
+    seen: dict[str, object] = {}
+    model.register_forward_hook(lambda m, args, out: seen.update(logits=weakref.ref(out.logits)))
+    model.head.weight.register_hook(lambda grad: seen.update(alive_in_backward=seen["logits"]() is not None))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "pixel_values": None,
+             "ids": ["a"], "skipped": []}
+    loss, _, _ = _accumulate(model, [batch], _RunOptions(accelerator, 1.0, None, False), Problems())
+    assert seen["alive_in_backward"] is False
+    assert model.head.weight.grad is not None and loss > 0
+
+
+def test_full_finetune_saves_the_llm_in_bf16(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                             dataset_dir: Path) -> None:
+    """Item 2 of issue 22: a bf16 full finetune writes the LLM in bf16 (half of float32's bytes and write time);
+    the small projector keeps its float32 weights."""
+    from vistune.train.loop import train_stage
+
+    stage = {"parts": {"projector": "full", "llm": "full"}, "format": "chat_template", "precision": "bf16",
+             "data": {"path": str(dataset_dir / "train.json"), "image_folder": str(dataset_dir / "images")},
+             "output_dir": str(tmp_path / "ft"), "max_steps": 1, "global_batch_size": 2, "micro_batch_size": 2,
+             "lr": 1e-3, "tensorboard": False, "save_frozen": False}
+    cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+                            "stages": {"ft": stage}})
+    train_stage(cfg.model, cfg.stages["ft"], "ft")
+    llm = load_file(str(tmp_path / "ft" / "llm" / "model.safetensors"))
+    assert {t.dtype for t in llm.values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "ft" / "projector.safetensors")).values()} == {torch.float32}
+
+
+def test_flattened_rows_carry_their_boundaries() -> None:
+    """Item 10 of issue 22: flash-attention's varlen boundaries, computed once per batch."""
+    def item(n: int) -> dict:
+        ids = torch.arange(1, n + 1)
+        return {"id": str(n), "input_ids": ids, "labels": ids, "pixel_values": None}
+
+    b = flatten_rows(collate_packed([item(5), item(3), item(4)], pad_token_id=0, pack_length=9))
+    # rows [5 + 4 tokens] and [3 tokens + 6 padding]; the padding is a span of its own
+    kw = b["flash_kwargs"]
+    assert kw["cu_seq_lens_q"].tolist() == [0, 5, 9, 12, 18] and kw["cu_seq_lens_q"].dtype == torch.int32
+    assert kw["cu_seq_lens_k"].tolist() == kw["cu_seq_lens_q"].tolist()
+    assert (kw["max_length_q"], kw["max_length_k"]) == (6, 6) and isinstance(kw["max_length_q"], int)
+
+
+def _checkpoint(root: Path, engine: str | None, processes: int = 2) -> Path:
+    ckpt = root / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    if engine:
+        (ckpt / "engine").mkdir()
+        (ckpt / "engine" / "vistune.json").write_text(json.dumps({"engine": engine, "processes": processes}))
+    return ckpt
+
+
+def test_deepspeed_resume_is_refused_only_where_it_cannot_work(tmp_path: Path) -> None:
+    """Item 4 of issue 22 (DeepSpeed itself needs CUDA: its save and resume run in test_gpu.py)."""
+    from vistune.train.engine_state import check_resumable
+
+    ds, plain = _checkpoint(tmp_path / "ds", "zero3"), _checkpoint(tmp_path / "plain", None)
+    check_resumable(ds, "zero3", deepspeed=True, processes=2)
+    check_resumable(plain, "fsdp", deepspeed=False, processes=3)  # name-keyed: any process count
+    with pytest.raises(CheckpointError, match="written by 2 DeepSpeed processes and this launch has 4: ZeRO's "
+                                              "optimizer state is partitioned per process"):
+        check_resumable(ds, "zero3", deepspeed=True, processes=4)
+    with pytest.raises(CheckpointError, match=r"written under DeepSpeed \(zero3.*resume it with distributed: zero3 "
+                                              "on 2 processes"):
+        check_resumable(ds, "fsdp", deepspeed=False, processes=2)
+    with pytest.raises(CheckpointError, match="written under ddp/fsdp.*DeepSpeed cannot load"):
+        check_resumable(plain, "zero2", deepspeed=True, processes=2)
