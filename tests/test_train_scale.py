@@ -112,3 +112,25 @@ def test_deepspeed_resume_is_refused_only_where_it_cannot_work(tmp_path: Path) -
         check_resumable(ds, "fsdp", deepspeed=False, processes=2)
     with pytest.raises(CheckpointError, match="written under ddp/fsdp.*DeepSpeed cannot load"):
         check_resumable(plain, "zero2", deepspeed=True, processes=2)
+
+
+def test_loader_workers_default_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 7 of issue 22: the default splits the machine's cores among the GPU processes on it, one left for
+    each training loop, at most 8; without CUDA none (the cores compute); a configured number is kept."""
+    from vistune.train import distributed
+    from vistune.train.distributed import loader_workers
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(None) == 7  # 64 cores / 8 processes - 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(None) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert loader_workers(None) == 0
+    assert loader_workers(3) == 3
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    assert loader_workers(None) == 0 and loader_workers(2) == 2
+    assert load_config(data={"model": {"vision": {"path": "v"}, "llm": {"path": "l"}},
+                             "stages": {"s": {"data": {"path": "d.json"}, "output_dir": "o", "global_batch_size": 1,
+                                              "micro_batch_size": 1, "lr": 1.0}}}).stages["s"].data.num_workers is None

@@ -122,7 +122,11 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used by the precheck).")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes per training process (also used by the precheck). "
+        "None: on CUDA, the CPU cores per process minus one, at most 8, so JPEG decoding, resizing and tokenizing "
+        "keep up with the GPU; on CPU-only runs 0 (the cores are busy computing)."
+    )
     precheck: bool = Field(
         True, description="Tokenize every sample before training: labels checked and exact lengths, so a bad "
         "sample stops the run at its start, not hours in (about 1-2 ms per sample per process)."

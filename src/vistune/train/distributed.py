@@ -76,6 +76,19 @@ def process_state(timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> PartialStat
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=timeout_minutes))
 
 
+def loader_workers(configured: int | None) -> int:
+    """DataLoader workers for this process: `configured`, or by default (None) the CPU cores available to each
+    process on this machine minus one for the training loop itself, at most 8 (more rarely pays: by then the
+    GPU waits on nothing); 0 without CUDA, where the cores run the model."""
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, per_process - 1))
+
+
 def reset_engine() -> None:
     """Forget the previous stage's engine before a stage builds its own Accelerator. accelerate keeps
     one process-wide state and writes the engine it set up (FSDP, DeepSpeed) into it, and a later

@@ -42,6 +42,7 @@ from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
     is_sharded,
+    loader_workers,
     loss_scale,
     make_accelerator,
     process_state,
@@ -122,9 +123,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
                           stage.model_max_length)
     lengths = None
+    workers = loader_workers(stage.data.num_workers)
     if stage.data.precheck:
         samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
-                                    stage.data.num_workers, layout=model.layout)
+                                    workers, layout=model.layout)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
     if stage.data.packing:
@@ -139,7 +141,6 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # The loader draws its worker seed from its own generator, not the global one, so that starting
     # a new epoch iterator (as a resumed run does mid-epoch) leaves the global RNG stream untouched.
     # Persistent workers keep their start-up cost to the first epoch; pinned memory speeds host->GPU copies.
-    workers = stage.data.num_workers
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(stage.seed), persistent_workers=workers > 0,
                         pin_memory=accelerator.device.type == "cuda")
