@@ -134,3 +134,46 @@ def test_loader_workers_default_per_process(monkeypatch: pytest.MonkeyPatch) -> 
     assert load_config(data={"model": {"vision": {"path": "v"}, "llm": {"path": "l"}},
                              "stages": {"s": {"data": {"path": "d.json"}, "output_dir": "o", "global_batch_size": 1,
                                               "micro_batch_size": 1, "lr": 1.0}}}).stages["s"].data.num_workers is None
+
+
+def test_throughput_benchmark_counts_batches_made_in_loader_workers(tmp_path: Path) -> None:
+    """Item 6 of issue 22: with --workers > 0 the baseline's collator runs in worker processes; its samples are
+    still counted (they were 0, and the ratio divided by zero). The parts are built in a child process, so the
+    parent never holds a model (on CUDA: its GPU memory) while the systems run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--samples", "16", "--batch-size", "4", "--workers", "1",
+                           "--threads", "1", "--systems", "baseline,vistune-padded", "--workdir", str(tmp_path / "w"),
+                           "--output", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    record = json.loads(out.read_text())
+    for name in ("baseline", "vistune-padded"):
+        assert record["results"][name]["samples_trained"] == 16, record["results"][name]
+        assert record["results"][name]["samples_per_s"] > 0
+    assert record["ratios_over_baseline"]["vistune-padded"]["samples_per_s"] > 0
+    assert "6 if the LLM trains fully else 4" in record["mfu_formula"]
+
+
+def test_generate_benchmark_times_until_the_device_is_done() -> None:
+    """Fair benchmarks (issue 22): `generate_throughput.timed` waits for the device (CUDA runs kernels
+    asynchronously) before it stops each timer; here a device whose work takes 50 ms after the call returns."""
+    import importlib.util
+    import time
+
+    path = Path(__file__).parents[1] / "benchmarks" / "generate_throughput.py"
+    spec = importlib.util.spec_from_file_location("generate_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pending: list[float] = []
+
+    def launch() -> None:  # returns at once, as a CUDA launch does
+        pending.append(time.perf_counter() + 0.05)
+
+    def synchronize() -> None:
+        while pending:
+            time.sleep(max(0.0, pending.pop() - time.perf_counter()))
+
+    assert module.timed(launch, 3, synchronize) >= 0.05
