@@ -177,3 +177,25 @@ def test_generate_benchmark_times_until_the_device_is_done() -> None:
             time.sleep(max(0.0, pending.pop() - time.perf_counter()))
 
     assert module.timed(launch, 3, synchronize) >= 0.05
+
+
+def test_gpu_check_runs_on_cpu_and_fits_its_time(tmp_path: Path) -> None:
+    """The prepared GPU check (issue 22): its limits add up to under 9 minutes, and its smoke runs (stop/resume vs
+    uninterrupted, frozen-LLM align, LoRA, padded vs packed, several stages in one torchrun launch) and its
+    7B-shaped step measurement pass at tiny size on CPU."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    plan = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, check=True)
+    assert int(plan.stdout.split("total limit ")[1].split()[0]) < 9 * 60
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--sections", "smoke,shape7b", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    record = json.loads(out.read_text())
+    assert proc.returncode == 0 and record["ok"], json.dumps(record, indent=1)[-4000:]
+    checks = record["sections"]["smoke"]["checks"]
+    assert checks == {"launches_ok": True, "finite": True, "resume_follows_uninterrupted": True,
+                      "packed_follows_padded": True, "llm_saved_bf16": True}
+    assert record["sections"]["smoke"]["max_weight_diff_resumed"] == 0.0  # same process count, CPU: exact
+    assert set(record["sections"]["shape7b"]) >= {"stage1", "stage2_lora", "stage2_lora_chunk4096"}
