@@ -164,6 +164,96 @@ def test_two_processes_resume_with_one_reader(runs: dict, dataset_dir: Path, tmp
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+# Two processes over gloo with torch's FSDP2 (`fully_shard`, which accelerate applies on GPUs; torch runs it on
+# CPU too): train 2 steps, save a resume checkpoint, train 2 more; then a freshly built sharded model resumes
+# from the checkpoint and trains the same 2 steps. Prints rank 0's comparison and each rank's checkpoint reads.
+_FSDP_RESUME = """
+import json, os, sys
+import safetensors.torch
+import torch, torch.distributed as dist
+from pathlib import Path
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+reads = []
+sys.addaudithook(lambda event, args: reads.append(str(args[0])) if event == "open" else None)
+_safe_open = safetensors.torch.safe_open
+def _recording_safe_open(path, *args, **kwargs):
+    reads.append(str(path))
+    return _safe_open(path, *args, **kwargs)
+safetensors.torch.safe_open = _recording_safe_open
+from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
+
+dist.init_process_group("gloo")
+rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
+
+def build(seed):
+    torch.manual_seed(0)  # the frozen part comes from its source, as a frozen tower or LLM does
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)  # sharded beside the trained part
+    torch.manual_seed(seed)
+    model[2].reset_parameters()  # the trained part starts elsewhere: only the checkpoint can bring it back
+    for unit in (model[0], model[2], model):
+        fully_shard(unit, mesh=mesh)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+def step(model, optimizer, k):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * k + rank))
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+def full(model):
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+out = Path(sys.argv[1])
+model, optimizer, scheduler = build(0)
+for k in range(2):
+    step(model, optimizer, k)
+state = gather_state(model, optimizer)
+if rank == 0:
+    save_resume(out, state, scheduler, Progress(step=2), keep=1)
+dist.barrier()
+for k in range(2, 4):
+    step(model, optimizer, k)
+reference = full(model)
+reads.clear()
+resumed, optimizer, scheduler = build(1)
+load_resume(list_checkpoints(out)[-1], resumed, optimizer, scheduler)
+mine = sorted({os.path.basename(r) for r in reads if "/checkpoints/step-" in r})
+for k in range(2, 4):
+    step(resumed, optimizer, k)
+got = full(resumed)
+found = [None] * dist.get_world_size()
+dist.all_gather_object(found, mine)
+if rank == 0:
+    same = sorted(reference) == sorted(got) and all(torch.equal(reference[k], got[k]) for k in reference)
+    print("FOUND " + json.dumps({"same": same, "keys": len(reference), "reads": found}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_resume_reads_on_rank_0_and_continues_exactly(tmp_path: Path) -> None:
+    """Item 1 of issue 22 under FSDP2 (as accelerate shards on GPUs, here with gloo on CPU): a sharded model
+    resumes exactly (weights after 2 more steps equal the uninterrupted run's), and only rank 0 read the
+    checkpoint's weights and optimizer state."""
+    (tmp_path / "fsdp.py").write_text(_FSDP_RESUME)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "fsdp.py"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    found = json.loads(proc.stdout.split("FOUND ", 1)[1].splitlines()[0])
+    assert found["same"] and found["keys"] == 4, found
+    assert {"trainable.safetensors", "optimizer.pt"} <= set(found["reads"][0]), found
+    assert not {"trainable.safetensors", "optimizer.pt"} & set(found["reads"][1]), found
+
+
 _ONE_PROCESS_LAUNCH = """
 import json, sys
 import torch, torch.distributed as dist
