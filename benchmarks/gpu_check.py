@@ -23,6 +23,7 @@ engine (accelerate sets FSDP up on GPUs only), so that the suite can test this s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -216,6 +217,7 @@ def shape7b(cpu: bool, work: Path) -> dict:
     result = {}
     for name, mode, chunk in (("stage1", "frozen", None), ("stage2_lora", "lora", None),
                               ("stage2_lora_chunk4096", "lora", 4096)):
+        gc.collect()  # the previous model, its optimizer and accelerator: their GPU memory must not count here
         if not cpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -227,7 +229,7 @@ def shape7b(cpu: bool, work: Path) -> dict:
 def throughput(cpu: bool, work: Path) -> dict:
     out = work / "throughput.json"
     shape = ["--samples", "16", "--batch-size", "4"] if cpu else ["--device", "cuda", "--shape", "1b", "--samples",
-                                                                   "96", "--batch-size", "8", "--gradient-checkpointing"]
+                                                                   "64", "--batch-size", "8", "--gradient-checkpointing"]
     r = _run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), *shape, "--output", str(out),
               "--workdir", str(work / "tt")], _limit("throughput", cpu) - 5)
     record = json.loads(out.read_text()) if out.is_file() else {}

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch.utils.data import Sampler
 
 from vistune.config import RunConfig
@@ -73,7 +73,8 @@ def process_state(timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> PartialStat
     `accelerate launch` join over gloo on the CPU (accelerate would otherwise run each one alone).
     `timeout_minutes` bounds every collective (barriers included); it applies when the processes first
     join, i.e. at the first call in a launch."""
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=timeout_minutes))
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))
+    return PartialState(cpu=not torch.cuda.is_available(), **timeout.to_kwargs())
 
 
 def loader_workers(configured: int | None) -> int:
