@@ -199,3 +199,46 @@ def test_gpu_check_runs_on_cpu_and_fits_its_time(tmp_path: Path) -> None:
                       "packed_follows_padded": True, "llm_saved_bf16": True}
     assert record["sections"]["smoke"]["max_weight_diff_resumed"] == 0.0  # same process count, CPU: exact
     assert set(record["sections"]["shape7b"]) >= {"stage1", "stage2_lora", "stage2_lora_chunk4096"}
+
+
+class _DeepSpeedAccelerator:
+    """accelerate's Accelerator as the DeepSpeed resume path uses it, on one of 2 processes; its engine state is
+    one file (DeepSpeed writes one partition per process)."""
+
+    is_main_process, num_processes = True, 2
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str, **kwargs: object) -> None:
+        (Path(folder) / "pytorch_model").mkdir()
+        (Path(folder) / "pytorch_model" / "partition-0.pt").write_text("zero partition")
+        self.save_kwargs = kwargs
+
+    def load_state(self, folder: str, **kwargs: object) -> None:
+        self.loaded = (Path(folder) / "pytorch_model" / "partition-0.pt").read_text()
+        self.load_kwargs = kwargs
+
+
+def test_deepspeed_resume_checkpoint_round_trip(tmp_path: Path) -> None:
+    """Item 4 of issue 22, all but DeepSpeed itself: the engine's state goes into the checkpoint's engine/ (frozen
+    parameters left out), with the usual scheduler and progress, atomically; resuming reads it back (not strict:
+    frozen parameters come from the model as built)."""
+    from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
+    from vistune.train.state import Progress, list_checkpoints
+
+    accelerator = _DeepSpeedAccelerator()
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    optimizer.step()
+    scheduler.step()
+    final = save_engine_resume(accelerator, tmp_path, "zero3", scheduler, Progress(step=4, epoch=1), keep=2)
+    assert list_checkpoints(tmp_path) == [final] and final.name == "step-000004"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004"]  # no staging left
+    assert not (final / "trainable.safetensors").exists() and (final / "engine" / "pytorch_model").is_dir()
+    assert accelerator.save_kwargs == {"exclude_frozen_parameters": True}
+    check_resumable(final, "zero3", deepspeed=True, processes=2)
+    fresh = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    progress = load_engine_resume(accelerator, final, fresh)
+    assert (progress.step, progress.epoch) == (4, 1) and fresh.last_epoch == scheduler.last_epoch
+    assert accelerator.loaded == "zero partition" and accelerator.load_kwargs == {"load_module_strict": False}
