@@ -122,7 +122,11 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used by the precheck).")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes per training process (also used by the precheck). "
+        "None: on CUDA, the CPU cores per process minus one, at most 8, so JPEG decoding, resizing and tokenizing "
+        "keep up with the GPU; on CPU-only runs 0 (the cores are busy computing)."
+    )
     precheck: bool = Field(
         True, description="Tokenize every sample before training: labels checked and exact lengths, so a bad "
         "sample stops the run at its start, not hours in (about 1-2 ms per sample per process)."
@@ -215,6 +219,11 @@ class RunConfig(_Strict):
 
     model: ModelConfig
     stages: dict[str, StageConfig] = Field(description="Stage name -> stage, run in the order written.")
+    collective_timeout_minutes: int = Field(
+        120, gt=0, description="How long a process waits in a collective (barrier, all-reduce) before the launch "
+        "fails. Generous, because the other processes wait at a barrier while the first writes a checkpoint (tens "
+        "of GB at 7B; torch's own default is 10 minutes)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
