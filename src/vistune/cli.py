@@ -228,9 +228,13 @@ def _task_options(pairs: list[str]) -> dict[str, dict]:
 def serve(model: Path, host: str, port: int, api_key: str | None, served_model_name: str | None, device: str | None,
           max_batch_size: int, max_wait_ms: float, max_body_mb: float, max_images: int, max_image_pixels: int,
           max_tokens: int, max_prompt_tokens: int | None, allow_image_host: list[str] | None, ui: bool,
-          log_level: str = "info") -> None:
-    """OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health), batched; --ui adds the chat page."""
+          log_level: str = "info", dtype: str | None = None, chat_template: str | None = None,
+          max_model_len: int | None = None, max_decode_pixels: int | None = None, decode_wait_s: float = 10.0,
+          request_timeout_s: float = 30.0, timeout_keep_alive_s: int = 5, limit_concurrency: int = 256) -> None:
+    """OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats), batched; --ui adds the chat page."""
     import os
+
+    import torch
 
     try:
         import uvicorn
@@ -240,21 +244,30 @@ def serve(model: Path, host: str, port: int, api_key: str | None, served_model_n
     from vistune.infer.engine import load
     from vistune.serve.api import create_app
     from vistune.serve.limits import Limits
+    from vistune.serve.server import Config, ServerLimits
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not call home
     api_key = api_key or os.environ.get("VISTUNE_API_KEY") or None
     limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                    allowed_image_hosts=tuple(h.lower() for h in allow_image_host or ()))
-    engine = load(model, device)
+                    allowed_image_hosts=tuple(h.lower() for h in allow_image_host or ()),
+                    max_decode_pixels=max_decode_pixels or max_images * max_image_pixels, decode_wait_s=decode_wait_s)
+    engine = load(model, device, getattr(torch, dtype) if dtype else None)
+    if chat_template is not None:
+        from vistune.serve.template import use_chat_template
+
+        engine = use_chat_template(engine, chat_template)
     name = served_model_name or model.resolve().name
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
     app = create_app(engine, name, api_key=api_key, limits=limits, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, ui_path="/ui" if ui else None, ui_api_base=f"{base}/v1")
+                     max_wait_ms=max_wait_ms, ui_path="/ui" if ui else None, ui_api_base=f"{base}/v1",
+                     max_model_len=max_model_len)
     print(f"vistune serve: {name} at {base}/v1{' (API key required)' if api_key else ''}"
           f"{f', chat page at {base}/ui' if ui else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server_limits = ServerLimits(request_timeout_s=request_timeout_s, timeout_keep_alive_s=timeout_keep_alive_s,
+                                 limit_concurrency=limit_concurrency)
+    uvicorn.Server(Config(app, host, port, server_limits, log_level=log_level)).run()
 
 
 def ui(model: Path, host: str, port: int, api_key: str | None, device: str | None) -> None:
@@ -345,7 +358,20 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's model_max_length")
     sv.add_argument("--allow-image-host", action="append", default=None, metavar="HOST",
                     help="fetch http(s) image URLs from this host (repeatable); by default no URL is fetched")
-    sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
+    sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui (behind a login with --api-key)")
+    sv.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    sv.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                    help="a Jinja chat template (a file, or the template itself) instead of the checkpoint's format")
+    sv.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's own)")
+    sv.add_argument("--max-decode-pixels", type=int, default=None,
+                    help="image pixels decoded at once across requests (default: max-images x max-image-pixels)")
+    sv.add_argument("--decode-wait-s", type=float, default=10.0,
+                    help="how long a request waits for decode budget before a 503 with Retry-After")
+    sv.add_argument("--request-timeout-s", type=float, default=30.0,
+                    help="a request's headers and body must arrive within this (slow clients are cut off)")
+    sv.add_argument("--timeout-keep-alive-s", type=int, default=5, help="idle keep-alive connections close after this")
+    sv.add_argument("--limit-concurrency", type=int, default=256, help="open connections; more are answered 503")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     u = sub.add_parser("ui", help=ui.__doc__, description=ui.__doc__)
     u.add_argument("model", type=Path, help=MODEL_HELP)
