@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from vistune.chat.formats import (
     IMAGE_PLACEHOLDER,
     LLAMA_2_SYSTEM,
+    LLAVA_V1_SYSTEM,
     VICUNA_SYSTEM,
     check_format_key,
 )
@@ -93,6 +94,8 @@ def processor_chat_template(format_name: str, system_prompt: str | None, tokeniz
     eos, bos = tokenizer.eos_token or "", tokenizer.bos_token or ""
     if format_name == "vicuna_v1":
         return _vicuna_v1(system_prompt or VICUNA_SYSTEM, eos)
+    if format_name == "llava_v1":  # vicuna_v1's turns, the original LLaVA's system prompt
+        return _vicuna_v1(system_prompt or LLAVA_V1_SYSTEM, eos)
     if format_name == "llama_2":
         return _llama_2(system_prompt or LLAMA_2_SYSTEM, bos, eos)
     if format_name == "plain":

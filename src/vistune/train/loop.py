@@ -28,10 +28,11 @@ from transformers import get_scheduler
 import vistune
 from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
-from vistune.config import ModelConfig, RunConfig, StageConfig
+from vistune.config import ModelConfig, RunConfig, StageConfig, stage_image_preprocess
 from vistune.data.dataset import SupervisedDataset, collate
 from vistune.data.precheck import precheck
 from vistune.data.records import Problems, load_samples
+from vistune.data.rules import apply_rules
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
@@ -50,6 +51,7 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
+from vistune.train.validate import check_run, engine_conflicts
 from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
 
@@ -62,9 +64,8 @@ def log(msg: str) -> None:
 
 def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     """Train the stages in order (or only those named); a stage whose output is complete is skipped."""
-    unknown = [n for n in only or [] if n not in cfg.stages]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
+    # Every stage is checked before the first one starts: a stage-2 mistake must not wait for stage 1.
+    check_run(cfg, process_state().num_processes, only)
     outputs = {}
     for name, stage in cfg.stages.items():
         if only and name not in only:
@@ -102,14 +103,14 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # Data first: a bad record must stop the run before minutes go into loading weights.
     problems = Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
+    samples = apply_rules(samples, stage.data.image_placement)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
                                    stage.max_grad_norm)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
-        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
-        # checkpoints (state.py) cannot read yet.
-        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
-                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
-                          "of processes) or drop save_every")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and engine_conflicts(stage, name):
+        raise ConfigError("; ".join(engine_conflicts(stage, name)))  # check_run saw it first, unless bypassed
+    if accelerator.device.type == "cuda":  # TF32 as LLaVA's --tf32 True, unless the stage says tf32: false
+        torch.set_float32_matmul_precision("high" if stage.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = stage.tf32
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -128,7 +129,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     if stage.data.precheck:
         samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
                                     stage.data.num_workers, layout=model.layout)
-    dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
+    dataset = SupervisedDataset(samples, encoder, processor, stage_image_preprocess(model_cfg, stage),
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
     if stage.data.packing:
         pack_length = stage.data.pack_length or stage.model_max_length
@@ -228,7 +229,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         unwrapped = _unsharded_copy(model_cfg, stage, unwrapped, full)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
-        save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
+        save_checkpoint(out, bundle, spec.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
         log(f"[{name}] saved {out}")
     accelerator.wait_for_everyone()
     return out
@@ -345,8 +346,10 @@ class _Metrics:
 
 def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
                 progress: Progress) -> ModelSpec:
+    # The saved model records the preprocessing its (last) stage trained with: inference must match it.
+    vision = model_cfg.vision.model_copy(update={"image_preprocess": stage_image_preprocess(model_cfg, stage)})
     return ModelSpec(
-        vision=model_cfg.vision, llm=model_cfg.llm, projector=model_cfg.projector,
+        vision=vision, llm=model_cfg.llm, projector=model_cfg.projector,
         vision_hidden_size=model.vision.hidden_size,
         llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,
         num_image_tokens=model.num_image_tokens, conversation_format=stage.format,

@@ -1,0 +1,131 @@
+"""Check every stage of a run before any of them starts, and `vistune train --dry-run`.
+
+A stage-2 mistake (a missing data file, a batch that does not divide over the GPUs, an option its
+engine cannot honour) used to surface only after stage 1 had trained for hours. `check_run` looks at
+every stage that will run, from the config and the file system alone (no weights are loaded), and
+raises one ConfigError listing every problem, each naming its stage and key.
+
+What an engine cannot do is data (`ENGINE_REFUSES`), read by both this check and the training loop,
+so when an engine learns to do something its entry is the one place to change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import yaml
+
+from vistune.config import RunConfig, StageConfig
+from vistune.errors import ConfigError
+
+# Stage options each engine refuses, with the reason. DeepSpeed keeps optimizer state in its own
+# partitioned objects, which the name-keyed resume checkpoints (train/state.py) cannot read yet.
+_DEEPSPEED_RESUME = ("resume checkpoints are not written under DeepSpeed yet; use distributed: fsdp (also "
+                     "sharded, resumable on any number of processes) or drop the option")
+ENGINE_REFUSES: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "ddp": MappingProxyType({}),
+    "fsdp": MappingProxyType({}),
+    "zero2": MappingProxyType({"save_every": _DEEPSPEED_RESUME, "stop_after_steps": _DEEPSPEED_RESUME}),
+    "zero3": MappingProxyType({"save_every": _DEEPSPEED_RESUME, "stop_after_steps": _DEEPSPEED_RESUME}),
+})
+
+
+def launch_processes() -> int:
+    """The process count of this launch (torchrun / accelerate launch set WORLD_SIZE), 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_launched(processes: int) -> bool:
+    """Whether the stage's `distributed` engine applies (see train.distributed.make_accelerator)."""
+    return "WORLD_SIZE" in os.environ or processes > 1
+
+
+def engine_conflicts(stage: StageConfig, name: str) -> list[str]:
+    """The options `stage` sets that its engine refuses, one message each."""
+    refused = ENGINE_REFUSES[stage.distributed]
+    return [f"[{name}] {option} is set but distributed: {stage.distributed} refuses it: {reason}"
+            for option, reason in refused.items() if getattr(stage, option) is not None]
+
+
+def _paths(cfg: RunConfig) -> list[str]:
+    problems = []
+    for key, path in (("model.vision.path", cfg.model.vision.path), ("model.llm.path", cfg.model.llm.path)):
+        if not Path(path).is_dir():
+            problems.append(f"{key}: folder {path} does not exist (vistune reads local folders only)")
+    gguf = cfg.model.llm.gguf_file
+    if gguf and Path(cfg.model.llm.path).is_dir() and not (Path(cfg.model.llm.path) / gguf).is_file():
+        problems.append(f"model.llm.gguf_file: {gguf} is not in {cfg.model.llm.path}")
+    return problems
+
+
+def _stage_problems(stage: StageConfig, name: str, processes: int, earlier_outputs: dict[Path, str]) -> list[str]:
+    """Everything wrong with one stage that can be seen without loading weights."""
+    problems = []
+    if not Path(stage.data.path).is_file():
+        problems.append(f"[{name}] data.path: {stage.data.path} does not exist")
+    if stage.data.image_folder and not Path(stage.data.image_folder).is_dir():
+        problems.append(f"[{name}] data.image_folder: {stage.data.image_folder} does not exist")
+    if stage.projector_from:
+        source = Path(stage.projector_from).resolve()
+        if source not in earlier_outputs and not (source / "vistune.json").is_file():
+            problems.append(f"[{name}] projector_from: {stage.projector_from} is not a vistune checkpoint and no "
+                            "earlier stage of this run writes it; train that stage first or fix the path")
+    elif stage.parts.projector == "frozen":
+        problems.append(f"[{name}] parts.projector is frozen but no projector_from is given: the projector would "
+                        "stay at its random initialisation")
+    if stage.parts.projector == "frozen" and stage.parts.llm == "frozen":
+        problems.append(f"[{name}] parts: nothing trains (projector and llm both frozen)")
+    if Path(stage.output_dir).resolve() in earlier_outputs:
+        other = earlier_outputs[Path(stage.output_dir).resolve()]
+        problems.append(f"[{name}] output_dir {stage.output_dir} is also stage {other}'s: this stage would be skipped "
+                        "as already finished")
+    per_step = stage.micro_batch_size * processes
+    if stage.global_batch_size % per_step:
+        problems.append(f"[{name}] global_batch_size {stage.global_batch_size} is not a multiple of micro_batch_size "
+                        f"{stage.micro_batch_size} x {processes} processes = {per_step}{_batch_hint(stage, name, processes)}")
+    if is_launched(processes):
+        problems += engine_conflicts(stage, name)
+    return problems
+
+
+def _batch_hint(stage: StageConfig, name: str, processes: int) -> str:
+    """The largest micro batch not above the stage's that divides the global batch over the processes."""
+    if stage.global_batch_size % processes:
+        return f"; the global batch of {stage.global_batch_size} cannot be split over {processes} processes"
+    per_process = stage.global_batch_size // processes
+    fit = max(m for m in range(1, stage.micro_batch_size + 1) if per_process % m == 0)
+    return f"; e.g. stages.{name}.micro_batch_size={fit}"
+
+
+def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None) -> None:
+    """Raise one ConfigError listing every problem of the stages that will run (all, or those in `only`)."""
+    unknown = [n for n in only or [] if n not in cfg.stages]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
+    problems = _paths(cfg)
+    outputs: dict[Path, str] = {}  # output folders of the stages before this one that run now
+    for name, stage in cfg.stages.items():
+        if only and name not in only:
+            continue
+        problems += _stage_problems(stage, name, processes, outputs)
+        outputs[Path(stage.output_dir).resolve()] = name
+    if problems:
+        raise ConfigError(f"the run config has {len(problems)} problem(s), found before any stage started:\n  "
+                          + "\n  ".join(problems))
+
+
+def resolved_config(cfg: RunConfig, processes: int) -> str:
+    """The config with every default filled in, as YAML, and what each stage's batch arithmetic gives."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120)
+    lines = [text.rstrip(), "", f"# {processes} process(es)"]
+    for name, stage in cfg.stages.items():
+        accum = stage.global_batch_size // (stage.micro_batch_size * processes)
+        engine = stage.distributed if is_launched(processes) else "one process, no engine"
+        preprocess = stage.image_preprocess or cfg.model.vision.image_preprocess
+        lines.append(f"# [{name}] {stage.global_batch_size} = {stage.micro_batch_size} per process x {processes} x "
+                     f"{accum} accumulation steps; engine: {engine}; images: {preprocess}; "
+                     f"format: {stage.format}; <image> placement: {stage.data.image_placement}")
+    return "\n".join(lines)
