@@ -20,6 +20,10 @@ def train(config: Path, overrides: list[str], stages: list[str] | None = None, d
     from vistune.config import load_config
     from vistune.train.loop import run
 
+    from vistune.errors import ConfigError
+
+    if processes is not None and not dry_run:
+        raise ConfigError("--processes only applies with --dry-run (a real run takes the launcher's process count)")
     cfg = load_config(config, overrides)
     if dry_run:
         _dry_run(cfg, stages, processes)

@@ -4,8 +4,8 @@ A record is `{"id": ..., "image": "rel/path.jpg" or a list of paths (optional), 
 "value": ...}, ...]}` with one `<image>` placeholder in a human turn per image; the i-th placeholder stands for the i-th image. A JSON
 file holds a list of records, a JSONL file one record per line.
 
-The `<image>` placeholder stays where the data puts it (LLaVA-1.5's code moves it to the front of
-the first turn; the LLaVA paper itself places it before or after the question at random).
+Records are read as written; a stage then moves single-image placeholders to the front of their turn
+as LLaVA-1.5 does (`data.rules`, `data.image_placement`).
 """
 
 from __future__ import annotations

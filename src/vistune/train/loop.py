@@ -108,9 +108,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
                                    stage.max_grad_norm)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and engine_conflicts(stage, name):
         raise ConfigError("; ".join(engine_conflicts(stage, name)))  # check_run saw it first, unless bypassed
-    if accelerator.device.type == "cuda":  # TF32 as LLaVA's --tf32 True, unless the stage says tf32: false
-        torch.set_float32_matmul_precision("high" if stage.tf32 else "highest")
-        torch.backends.cudnn.allow_tf32 = stage.tf32
+    set_tf32(accelerator.device.type, stage.tf32)
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -233,6 +231,14 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         log(f"[{name}] saved {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+def set_tf32(device_type: str, enabled: bool) -> None:
+    """On CUDA, float32 matmuls and convolutions in TF32 (LLaVA's --tf32 True) or in full precision. These
+    are torch's process-wide switches (as transformers' Trainer sets them); elsewhere nothing changes."""
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 @dataclass(frozen=True)

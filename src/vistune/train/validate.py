@@ -61,8 +61,7 @@ def _paths(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _stage_problems(stage: StageConfig, name: str, processes: int, earlier_outputs: dict[Path, str]) -> list[str]:
-    """Everything wrong with one stage that can be seen without loading weights."""
+def _file_problems(stage: StageConfig, name: str, earlier_outputs: dict[Path, str]) -> list[str]:
     problems = []
     if not Path(stage.data.path).is_file():
         problems.append(f"[{name}] data.path: {stage.data.path} does not exist")
@@ -73,7 +72,14 @@ def _stage_problems(stage: StageConfig, name: str, processes: int, earlier_outpu
         if source not in earlier_outputs and not (source / "vistune.json").is_file():
             problems.append(f"[{name}] projector_from: {stage.projector_from} is not a vistune checkpoint and no "
                             "earlier stage of this run writes it; train that stage first or fix the path")
-    elif stage.parts.projector == "frozen":
+    return problems
+
+
+def _stage_problems(stage: StageConfig, name: str, processes: int, earlier_outputs: dict[Path, str],
+                    check_files: bool) -> list[str]:
+    """Everything wrong with one stage that can be seen without loading weights."""
+    problems = _file_problems(stage, name, earlier_outputs) if check_files else []
+    if stage.parts.projector == "frozen" and not stage.projector_from:
         problems.append(f"[{name}] parts.projector is frozen but no projector_from is given: the projector would "
                         "stay at its random initialisation")
     if stage.parts.projector == "frozen" and stage.parts.llm == "frozen":
@@ -100,17 +106,18 @@ def _batch_hint(stage: StageConfig, name: str, processes: int) -> str:
     return f"; e.g. stages.{name}.micro_batch_size={fit}"
 
 
-def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None) -> None:
-    """Raise one ConfigError listing every problem of the stages that will run (all, or those in `only`)."""
+def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None, check_files: bool = True) -> None:
+    """Raise one ConfigError listing every problem of the stages that will run (all, or those in `only`).
+    `check_files=False` checks the config alone (e.g. a documented command, away from its data)."""
     unknown = [n for n in only or [] if n not in cfg.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
-    problems = _paths(cfg)
+    problems = _paths(cfg) if check_files else []
     outputs: dict[Path, str] = {}  # output folders of the stages before this one that run now
     for name, stage in cfg.stages.items():
         if only and name not in only:
             continue
-        problems += _stage_problems(stage, name, processes, outputs)
+        problems += _stage_problems(stage, name, processes, outputs, check_files)
         outputs[Path(stage.output_dir).resolve()] = name
     if problems:
         raise ConfigError(f"the run config has {len(problems)} problem(s), found before any stage started:\n  "
