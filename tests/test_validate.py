@@ -148,3 +148,9 @@ def test_data_show_json_and_marked(tmp_path: Path, clip_dir: Path, llama_dir: Pa
     caption = json.loads((dataset_dir / "align.json").read_text())[0]["conversations"][1]["value"]
     assert f"<image>\u27e6{caption}<|im_end|>\u27e7" in out
     assert not (tmp_path / "align").exists() and not (tmp_path / "finetune").exists()
+
+
+def test_data_show_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["data", "show", "--help"])
+    assert e.value.code == 0 and "--json" in capsys.readouterr().out
