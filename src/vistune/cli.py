@@ -10,17 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
+
+if TYPE_CHECKING:  # the config (pydantic) loads inside the commands, keeping `vistune --help` instant
+    from vistune.config import RunConfig
 
 
 def train(config: Path, overrides: list[str], stages: list[str] | None = None, dry_run: bool = False,
           processes: int | None = None) -> None:
     """Train the stages of a run config in order (resuming where a previous run stopped)."""
     from vistune.config import load_config
-    from vistune.train.loop import run
-
     from vistune.errors import ConfigError
+    from vistune.train.loop import run
 
     if processes is not None and not dry_run:
         raise ConfigError("--processes only applies with --dry-run (a real run takes the launcher's process count)")
@@ -33,13 +37,13 @@ def train(config: Path, overrides: list[str], stages: list[str] | None = None, d
         print(f"{name}: {out}")
 
 
-def _dry_run(cfg: object, stages: list[str] | None, processes: int | None) -> None:
+def _dry_run(cfg: RunConfig, stages: list[str] | None, processes: int | None) -> None:
     """Check every stage as `train` would before starting, print the resolved config, train nothing."""
     from vistune.train.validate import check_run, launch_processes, resolved_config
 
     n = processes or launch_processes()
-    check_run(cfg, n, stages)  # type: ignore[arg-type]
-    print(resolved_config(cfg, n))  # type: ignore[arg-type]
+    check_run(cfg, n, stages)
+    print(resolved_config(cfg, n))
     print(f"# dry run: every stage checked for {n} process(es); nothing trained")
 
 

@@ -76,6 +76,8 @@ def show_stage(cfg: RunConfig, stage_name: str | None, limit: int | None, tokeni
                problems: Problems) -> Iterator[Shown]:
     """The first `limit` samples of a stage (all when None) as the stage trains on them; records dropped
     under `on_bad_sample: skip` are counted in `problems`."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: give a positive number of samples")
     name = pick_stage(cfg, stage_name)
     stage = cfg.stages[name]
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
