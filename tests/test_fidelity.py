@@ -188,16 +188,13 @@ def test_each_stage_feeds_the_tower_its_own_preprocessing(tmp_path: Path, clip_d
 
 
 def test_tf32_switch_follows_the_stage_on_cuda_only() -> None:
-    from vistune.train.loop import set_tf32
+    from vistune.train.loop import tf32_matmuls
 
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    try:
-        set_tf32("cuda", True)
+    with tf32_matmuls(True, cuda=True):
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
-        set_tf32("cuda", False)
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before  # restored
+    with tf32_matmuls(False, cuda=True):
         assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
-        set_tf32("cpu", True)  # no effect off CUDA
-        assert torch.get_float32_matmul_precision() == "highest"
-    finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cudnn.allow_tf32 = before[1]
+    with tf32_matmuls(True, cuda=False):  # no effect off CUDA
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before

@@ -154,3 +154,25 @@ def test_data_show_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["data", "show", "--help"])
     assert e.value.code == 0 and "--json" in capsys.readouterr().out
+
+
+def test_a_launched_run_checks_what_each_engine_needs(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                      dataset_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage-2 engine this machine cannot run (FSDP without CUDA, ZeRO without deepspeed) is named before
+    stage 1 starts, not when stage 2 builds its Accelerator."""
+    import importlib.util
+
+    import torch
+
+    overrides = tiny_overrides(tmp_path, clip_dir, llama_dir, dataset_dir)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if not torch.cuda.is_available():
+        cfg = load_config(CONFIGS / "tiny-cpu.yaml", [*overrides, "stages.finetune.distributed=fsdp"])
+        with pytest.raises(ConfigError, match=r"\[finetune\] distributed: fsdp runs on GPUs only"):
+            check_run(cfg, 1)
+    if importlib.util.find_spec("deepspeed") is None:
+        cfg = load_config(CONFIGS / "tiny-cpu.yaml", [*overrides, "stages.finetune.distributed=zero2",
+                                                       "stages.finetune.save_every=null"])
+        with pytest.raises(ConfigError, match=r"\[finetune\] distributed: zero2 needs DeepSpeed: pip install"):
+            check_run(cfg, 1)
+    check_run(load_config(CONFIGS / "tiny-cpu.yaml", overrides), 1)  # ddp: nothing to check

@@ -12,7 +12,8 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,11 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
 
 def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage") -> Path | None:
     """Train one stage; returns its output folder, or None when it stopped early to be resumed."""
+    with tf32_matmuls(stage.tf32, torch.cuda.is_available()):
+        return _train_stage(model_cfg, stage, name)
+
+
+def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path | None:
     out = Path(stage.output_dir)
     if (out / SPEC_FILE).is_file():
         log(f"[{name}] {out} already holds a finished model; skipping (delete it or change output_dir to retrain)")
@@ -108,7 +114,6 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
                                    stage.max_grad_norm)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and engine_conflicts(stage, name):
         raise ConfigError("; ".join(engine_conflicts(stage, name)))  # check_run saw it first, unless bypassed
-    set_tf32(accelerator.device.type, stage.tf32)
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -233,12 +238,22 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     return out
 
 
-def set_tf32(device_type: str, enabled: bool) -> None:
-    """On CUDA, float32 matmuls and convolutions in TF32 (LLaVA's --tf32 True) or in full precision. These
-    are torch's process-wide switches (as transformers' Trainer sets them); elsewhere nothing changes."""
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high" if enabled else "highest")
-        torch.backends.cudnn.allow_tf32 = enabled
+@contextmanager
+def tf32_matmuls(enabled: bool, cuda: bool) -> Iterator[None]:
+    """On CUDA, float32 matmuls and convolutions in TF32 (LLaVA's --tf32 True) or in full precision, for
+    the stage only: these are torch's process-wide switches, so they are restored afterwards and code run
+    after the stage in the same process (evaluation, parity checks) keeps its own. Off CUDA: nothing."""
+    if not cuda:
+        yield
+        return
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ so when an engine learns to do something its entry is the one place to change.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,10 +76,27 @@ def _file_problems(stage: StageConfig, name: str, earlier_outputs: dict[Path, st
     return problems
 
 
+def _engine_setup_problems(stage: StageConfig, name: str) -> list[str]:
+    """What this machine lacks for the stage's engine, in a launched run (accelerate sets FSDP and
+    DeepSpeed up on GPUs only, and DeepSpeed is an optional package)."""
+    if "WORLD_SIZE" not in os.environ or stage.distributed == "ddp":
+        return []
+    problems = []
+    if stage.distributed in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"[{name}] distributed: {stage.distributed} needs DeepSpeed: pip install deepspeed")
+    import torch  # here, not at the top: `--dry-run` without a launcher never needs it
+
+    if not torch.cuda.is_available():
+        problems.append(f"[{name}] distributed: {stage.distributed} runs on GPUs only (accelerate); use ddp or fsdp "
+                        "on GPUs, ddp on CPUs")
+    return problems
+
+
 def _stage_problems(stage: StageConfig, name: str, processes: int, earlier_outputs: dict[Path, str],
                     check_files: bool) -> list[str]:
     """Everything wrong with one stage that can be seen without loading weights."""
-    problems = _file_problems(stage, name, earlier_outputs) if check_files else []
+    problems = [*_file_problems(stage, name, earlier_outputs), *_engine_setup_problems(stage, name)] \
+        if check_files else []
     if stage.parts.projector == "frozen" and not stage.projector_from:
         problems.append(f"[{name}] parts.projector is frozen but no projector_from is given: the projector would "
                         "stay at its random initialisation")
@@ -108,7 +126,8 @@ def _batch_hint(stage: StageConfig, name: str, processes: int) -> str:
 
 def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None, check_files: bool = True) -> None:
     """Raise one ConfigError listing every problem of the stages that will run (all, or those in `only`).
-    `check_files=False` checks the config alone (e.g. a documented command, away from its data)."""
+    `check_files=False` checks the config alone (e.g. a documented command, away from its data and
+    machine); True also checks files, folders, and, in a launched run, what the stage's engine needs."""
     unknown = [n for n in only or [] if n not in cfg.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
