@@ -96,6 +96,10 @@ def test_plain_caption(spm) -> None:
     assert got.text == "<image>a red square</s>"
     assert got.supervised == ["a red square</s>"]
     assert supervised_decoded(spm, turns, "plain", 1) == ["a red square</s>"]
+    # What LLaVA's preprocess_plain supervises instead: caption + conv_llava_plain.sep ("\n"), tokenized with
+    # BOS and no EOS, so its last target token is the newline byte token, never EOS.
+    llava_ids = spm("a red square\n").input_ids
+    assert spm.convert_ids_to_tokens(llava_ids[-1]) == "<0x0A>" and spm.eos_token_id not in llava_ids
 
 
 def test_llava_v1_keeps_the_original_system_prompt(spm) -> None:
