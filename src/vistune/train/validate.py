@@ -19,8 +19,9 @@ from types import MappingProxyType
 
 import yaml
 
-from vistune.config import RunConfig, StageConfig
+from vistune.config import RunConfig, StageConfig, stage_image_preprocess
 from vistune.errors import ConfigError
+from vistune.model.checkpoint import SPEC_FILE
 
 # Stage options each engine refuses, with the reason. DeepSpeed keeps optimizer state in its own
 # partitioned objects, which the name-keyed resume checkpoints (train/state.py) cannot read yet.
@@ -70,7 +71,7 @@ def _file_problems(stage: StageConfig, name: str, earlier_outputs: dict[Path, st
         problems.append(f"[{name}] data.image_folder: {stage.data.image_folder} does not exist")
     if stage.projector_from:
         source = Path(stage.projector_from).resolve()
-        if source not in earlier_outputs and not (source / "vistune.json").is_file():
+        if source not in earlier_outputs and not (source / SPEC_FILE).is_file():
             problems.append(f"[{name}] projector_from: {stage.projector_from} is not a vistune checkpoint and no "
                             "earlier stage of this run writes it; train that stage first or fix the path")
     return problems
@@ -150,7 +151,7 @@ def resolved_config(cfg: RunConfig, processes: int) -> str:
     for name, stage in cfg.stages.items():
         accum = stage.global_batch_size // (stage.micro_batch_size * processes)
         engine = stage.distributed if is_launched(processes) else "one process, no engine"
-        preprocess = stage.image_preprocess or cfg.model.vision.image_preprocess
+        preprocess = stage_image_preprocess(cfg.model, stage)
         lines.append(f"# [{name}] {stage.global_batch_size} = {stage.micro_batch_size} per process x {processes} x "
                      f"{accum} accumulation steps; engine: {engine}; images: {preprocess}; "
                      f"format: {stage.format}; <image> placement: {stage.data.image_placement}")
