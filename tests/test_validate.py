@@ -176,3 +176,15 @@ def test_a_launched_run_checks_what_each_engine_needs(tmp_path: Path, clip_dir: 
         with pytest.raises(ConfigError, match=r"\[finetune\] distributed: zero2 needs DeepSpeed: pip install"):
             check_run(cfg, 1)
     check_run(load_config(CONFIGS / "tiny-cpu.yaml", overrides), 1)  # ddp: nothing to check
+
+
+def test_a_finished_stage_needs_no_data(tmp_path: Path, clip_dir: Path, llama_dir: Path, dataset_dir: Path) -> None:
+    """The loop skips a stage whose output is complete, so its deleted data must not stop the rerun."""
+    overrides = [*tiny_overrides(tmp_path, clip_dir, llama_dir, dataset_dir),
+                 f"stages.align.data.path={tmp_path / 'deleted.json'}"]
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml", overrides)
+    with pytest.raises(ConfigError, match="deleted.json does not exist"):
+        check_run(cfg, 1)
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "vistune.json").write_text("{}")
+    check_run(cfg, 1)

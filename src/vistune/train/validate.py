@@ -137,7 +137,9 @@ def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None, che
     for name, stage in cfg.stages.items():
         if only and name not in only:
             continue
-        problems += _stage_problems(stage, name, processes, outputs, check_files)
+        # A finished stage is skipped by the loop, so its data may be gone: check only its config.
+        finished = (Path(stage.output_dir) / SPEC_FILE).is_file()
+        problems += _stage_problems(stage, name, processes, outputs, check_files and not finished)
         outputs[Path(stage.output_dir).resolve()] = name
     if problems:
         raise ConfigError(f"the run config has {len(problems)} problem(s), found before any stage started:\n  "
