@@ -188,3 +188,17 @@ def test_a_finished_stage_needs_no_data(tmp_path: Path, clip_dir: Path, llama_di
     (tmp_path / "align").mkdir()
     (tmp_path / "align" / "vistune.json").write_text("{}")
     check_run(cfg, 1)
+
+
+def test_chat_template_stage_needs_a_tokenizer_with_one(tmp_path: Path, clip_dir: Path, llama_spm_dir: Path,
+                                                        llama_dir: Path, dataset_dir: Path) -> None:
+    """tiny-cpu's finetune renders with the tokenizer's template: an LLM without one is named before align runs."""
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(str(llama_spm_dir)).chat_template:
+        pytest.skip("the sentencepiece fixture has a chat template")
+    overrides = tiny_overrides(tmp_path, clip_dir, llama_dir, dataset_dir)
+    check_run(load_config(CONFIGS / "tiny-cpu.yaml", overrides), 1)  # the BPE fixture has one
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml", [*overrides, f"model.llm.path={llama_spm_dir}"])
+    with pytest.raises(ConfigError, match=r"\[finetune\] format: chat_template, but the tokenizer in .* has no chat"):
+        check_run(cfg, 1)

@@ -116,6 +116,21 @@ def _stage_problems(stage: StageConfig, name: str, processes: int, earlier_outpu
     return problems
 
 
+def _chat_template_problems(cfg: RunConfig, stages: list[str]) -> list[str]:
+    """`format: chat_template` needs a tokenizer that has one (loading the tokenizer only, no weights)."""
+    from vistune.errors import CheckpointError
+    from vistune.model.llm import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model.llm.path, cfg.model.llm.gguf_file)
+    except CheckpointError as e:
+        return [f"model.llm.path: {e}"]
+    if tokenizer.chat_template:
+        return []
+    return [f"[{name}] format: chat_template, but the tokenizer in {cfg.model.llm.path} has no chat template; "
+            "use vicuna_v1 (LLaVA-1.5's) or another format" for name in stages]
+
+
 def _batch_hint(stage: StageConfig, name: str, processes: int) -> str:
     """The largest micro batch not above the stage's that divides the global batch over the processes."""
     if stage.global_batch_size % processes:
@@ -134,6 +149,7 @@ def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None, che
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
     problems = _paths(cfg) if check_files else []
     outputs: dict[Path, str] = {}  # output folders of the stages before this one that run now
+    templated: list[str] = []  # stages that will render with the tokenizer's own chat template
     for name, stage in cfg.stages.items():
         if only and name not in only:
             continue
@@ -141,6 +157,10 @@ def check_run(cfg: RunConfig, processes: int, only: list[str] | None = None, che
         finished = (Path(stage.output_dir) / SPEC_FILE).is_file()
         problems += _stage_problems(stage, name, processes, outputs, check_files and not finished)
         outputs[Path(stage.output_dir).resolve()] = name
+        if stage.format == "chat_template" and not finished:
+            templated.append(name)
+    if check_files and templated and not problems:
+        problems += _chat_template_problems(cfg, templated)
     if problems:
         raise ConfigError(f"the run config has {len(problems)} problem(s), found before any stage started:\n  "
                           + "\n  ".join(problems))
