@@ -5,8 +5,8 @@ engine cannot honour) used to surface only after stage 1 had trained for hours. 
 every stage that will run, from the config and the file system alone (no weights are loaded), and
 raises one ConfigError listing every problem, each naming its stage and key.
 
-What an engine cannot do is data (`ENGINE_REFUSES`), read by both this check and the training loop,
-so when an engine learns to do something its entry is the one place to change.
+What an engine cannot do is data (`ENGINE_REFUSES`), so when an engine learns (or loses) an option
+its entry is the one place to change.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from vistune.config import RunConfig, StageConfig, stage_image_preprocess
 from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE
 
-# Stage options each engine refuses, with the reason. DeepSpeed keeps optimizer state in its own
-# partitioned objects, which the name-keyed resume checkpoints (train/state.py) cannot read yet.
-_DEEPSPEED_RESUME = ("resume checkpoints are not written under DeepSpeed yet; use distributed: fsdp (also "
-                     "sharded, resumable on any number of processes) or drop the option")
+# Stage options each engine refuses, with the reason; empty where it honours every option. DeepSpeed
+# resumes through its own partitioned state (train/engine_state.py), so no engine refuses anything
+# today; an option an engine cannot honour goes here, and both this check and --dry-run follow.
 ENGINE_REFUSES: Mapping[str, Mapping[str, str]] = MappingProxyType({
     "ddp": MappingProxyType({}),
     "fsdp": MappingProxyType({}),
-    "zero2": MappingProxyType({"save_every": _DEEPSPEED_RESUME, "stop_after_steps": _DEEPSPEED_RESUME}),
-    "zero3": MappingProxyType({"save_every": _DEEPSPEED_RESUME, "stop_after_steps": _DEEPSPEED_RESUME}),
+    "zero2": MappingProxyType({}),
+    "zero3": MappingProxyType({}),
 })
 
 
