@@ -10,19 +10,64 @@ import argparse
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
 
+if TYPE_CHECKING:  # the config (pydantic) loads inside the commands, keeping `vistune --help` instant
+    from vistune.config import RunConfig
 
-def train(config: Path, overrides: list[str], stages: list[str] | None = None) -> None:
+
+def train(config: Path, overrides: list[str], stages: list[str] | None = None, dry_run: bool = False,
+          processes: int | None = None) -> None:
     """Train the stages of a run config in order (resuming where a previous run stopped)."""
     from vistune.config import load_config
+    from vistune.errors import ConfigError
     from vistune.train.loop import run
 
+    if processes is not None and not dry_run:
+        raise ConfigError("--processes only applies with --dry-run (a real run takes the launcher's process count)")
     cfg = load_config(config, overrides)
+    if dry_run:
+        _dry_run(cfg, stages, processes)
+        return
     outputs = run(cfg, stages)
     for name, out in outputs.items():
         print(f"{name}: {out}")
+
+
+def _dry_run(cfg: RunConfig, stages: list[str] | None, processes: int | None) -> None:
+    """Check every stage as `train` would before starting, print the resolved config, train nothing."""
+    from vistune.train.validate import check_run, launch_processes, resolved_config
+
+    n = processes or launch_processes()
+    check_run(cfg, n, stages)
+    print(resolved_config(cfg, n))
+    print(f"# dry run: every stage checked for {n} process(es); nothing trained")
+
+
+def data_show(config: Path, overrides: list[str], stage: str | None, limit: int | None, json: bool) -> None:
+    """Print each sample of a stage as it will train on it (after the data rules and the format, before
+    tokenization), supervised spans between ⟦ ⟧; --json: one {"id", "text", "supervised"} object per line."""
+    from vistune.config import load_config
+    from vistune.data.records import Problems
+    from vistune.data.show import show_stage
+    from vistune.model.llm import load_tokenizer
+
+    cfg = load_config(config, overrides)
+    tokenizer = load_tokenizer(cfg.model.llm.path, cfg.model.llm.gguf_file)
+    problems = Problems()
+    for shown in show_stage(cfg, stage, limit, tokenizer, problems):
+        if json:
+            print(shown.to_json())
+            continue
+        print(f"=== {shown.id} ({len(shown.supervised)} supervised span(s))")
+        print(shown.marked())
+        if shown.error:
+            print(f"!!! {shown.error}")
+    if problems.total:
+        print(problems.summary(), file=sys.stderr)
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):  # noqa: ANN202
@@ -298,6 +343,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", type=Path, help="run config YAML (see configs/)")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. stages.align.lr=2e-3 model.llm.path=/ckpt")
     t.add_argument("--stage", dest="stages", action="append", help="run only this stage (repeatable)")
+    t.add_argument("--dry-run", action="store_true", help="check every stage (paths, parts, batch arithmetic, "
+                   "engine options), print the resolved config, train nothing")
+    t.add_argument("--processes", type=int, default=None, help="--dry-run: check the batch arithmetic for this "
+                   "many processes (default: the launcher's WORLD_SIZE, else 1)")
+
+    d = sub.add_parser("data", help="inspect training data as a stage sees it")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    ds = dsub.add_parser("show", help=data_show.__doc__, description=data_show.__doc__)
+    ds.add_argument("config", type=Path, help="run config YAML (the one given to vistune train)")
+    ds.add_argument("overrides", nargs="*", help="config overrides, as for vistune train")
+    ds.add_argument("--stage", default=None, help="the stage whose data to show (needed when there are several)")
+    ds.add_argument("--limit", type=int, default=None, help="show only the first N samples")
+    ds.add_argument("--json", action="store_true", help="one JSON object per line")
 
     def generation(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512)
@@ -410,6 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+DATA_COMMANDS = {"show": data_show}
 COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo, "convert": convert,
             "merge-lora": merge_lora, "eval": eval_tasks, "serve": serve, "ui": ui}
 
@@ -420,12 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     # an option; stray key=value words are overrides, anything else is an error.
     namespace, extra = parser.parse_known_args(argv)
     args = vars(namespace)
-    if args["command"] == "train" and all("=" in word and not word.startswith("-") for word in extra):
+    if args["command"] in ("train", "data") and all("=" in word and not word.startswith("-") for word in extra):
         args["overrides"] = [*args["overrides"], *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = args.pop("command")
-    command = datagen_cli.COMMANDS[args.pop("datagen_command")] if name == "datagen" else COMMANDS[name]
+    if name == "data":
+        command = DATA_COMMANDS[args.pop("data_command")]
+    else:
+        command = datagen_cli.COMMANDS[args.pop("datagen_command")] if name == "datagen" else COMMANDS[name]
     try:
         command(**args)
     except VistuneError as e:
