@@ -122,7 +122,16 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used by the precheck).")
+    image_placement: Literal["front", "keep"] = Field(
+        "front", description="`front`: a turn with one `<image>` has it moved to the front (`<image>\\n` + text), as "
+        "LLaVA-1.5's preprocess_multimodal does, so training matches evaluation prompts; turns with several "
+        "images keep their order. `keep`: placeholders stay where the data puts them."
+    )
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes per training process (also used by the precheck). "
+        "None: on CUDA, the CPU cores per process minus one, at most 8, so JPEG decoding, resizing and tokenizing "
+        "keep up with the GPU; on CPU-only runs 0 (the cores are busy computing)."
+    )
     precheck: bool = Field(
         True, description="Tokenize every sample before training: labels checked and exact lengths, so a bad "
         "sample stops the run at its start, not hours in (about 1-2 ms per sample per process)."
@@ -144,9 +153,15 @@ class StageConfig(_Strict):
         None, description="A vistune checkpoint folder (e.g. the align output) whose projector starts this stage."
     )
     data: DataConfig
-    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llama_2, chat_template.")
+    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llava_v1, llama_2, "
+                        "chat_template.")
     system_prompt: str | None = Field(None, description="Overrides the format's default system prompt.")
     model_max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
+    image_preprocess: Literal["pad", "processor"] | None = Field(
+        None, description="This stage's image preprocessing; None: the model's `vision.image_preprocess`. "
+        "LLaVA-1.5 aligns with `processor` (resize + centre crop; pretrain.sh sets no image_aspect_ratio, i.e. "
+        "`square`) and finetunes with `pad`. The saved model records what its last stage used."
+    )
     output_dir: str = Field(description="Where the final checkpoint folder and resume checkpoints go.")
 
     epochs: float = Field(1.0, gt=0)
@@ -172,6 +187,10 @@ class StageConfig(_Strict):
         "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
     )
     compile: bool = Field(False, description="torch.compile the LLM (pays off on long CUDA runs).")
+    tf32: bool = Field(
+        True, description="On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (LLaVA's --tf32 True); "
+        "no effect elsewhere. false keeps full float32 precision."
+    )
 
     seed: int = 42
     log_every: int = Field(1, gt=0)
@@ -215,12 +234,22 @@ class RunConfig(_Strict):
 
     model: ModelConfig
     stages: dict[str, StageConfig] = Field(description="Stage name -> stage, run in the order written.")
+    collective_timeout_minutes: int = Field(
+        120, gt=0, description="How long a process waits in a collective (barrier, all-reduce) before the launch "
+        "fails. Generous, because the other processes wait at a barrier while the first writes a checkpoint (tens "
+        "of GB at 7B; torch's own default is 10 minutes)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if not self.stages:
             raise ValueError("`stages` is empty: give at least one stage")
         return self
+
+
+def stage_image_preprocess(model: ModelConfig, stage: StageConfig) -> Literal["pad", "processor"]:
+    """The image preprocessing `stage` trains with: its own, else the model's."""
+    return stage.image_preprocess or model.vision.image_preprocess
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -276,6 +305,29 @@ def _section_model(parts: list[str]) -> type[BaseModel] | None:
     return model
 
 
+# Hugging Face Trainer / LLaVA TrainingArguments names that people type into a stage, with the vistune
+# field for each. Deliberately hints, not aliases: two names for one field is two ways to do one thing,
+# and the batch names do not map one to one (vistune's batch is global: the accumulation steps follow
+# from it, the processes and the micro batch, so a run keeps its batch when the GPU count changes).
+_HF_STAGE_NAMES = {
+    "learning_rate": "did you mean 'lr'?",
+    "num_train_epochs": "did you mean 'epochs'?",
+    "per_device_train_batch_size": "did you mean 'micro_batch_size' (samples per forward pass per process)? "
+                                   "vistune also needs 'global_batch_size' (samples per optimizer step over all "
+                                   "processes)",
+    "gradient_accumulation_steps": "vistune derives it: set 'global_batch_size' = per_device_train_batch_size x "
+                                   "gradient_accumulation_steps x processes, and 'micro_batch_size' = "
+                                   "per_device_train_batch_size",
+    "lr_scheduler_type": "did you mean 'lr_schedule'?",
+    "warmup_steps": "vistune takes 'warmup_ratio' (a fraction of the steps)",
+    "save_steps": "did you mean 'save_every'?",
+    "save_total_limit": "did you mean 'keep_checkpoints'?",
+    "logging_steps": "did you mean 'log_every'?",
+    "bf16": "did you mean 'precision: bf16'?",
+    "mm_projector_lr": "did you mean 'projector_lr'?",
+}
+
+
 def _suggest(loc: str) -> str:
     """Name the valid fields of the section an unknown key sits in, and the closest one."""
     parts = loc.split(".")
@@ -285,6 +337,8 @@ def _suggest(loc: str) -> str:
     valid = sorted(model.model_fields)
     close = difflib.get_close_matches(parts[-1], valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if model is StageConfig and parts[-1] in _HF_STAGE_NAMES:
+        hint = f" ({_HF_STAGE_NAMES[parts[-1]]})"
     return f"{hint}; valid fields: {', '.join(valid)}"
 
 

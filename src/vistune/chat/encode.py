@@ -50,6 +50,10 @@ class ChatEncoder:
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         probe = tokenizer("a").input_ids
+        # As transformers' processors do (format hf_processor): `<image>` is a token of the tokenizer, and the
+        # text after it is tokenized as the rest of one prompt (no fresh word-start piece).
+        self.image_in_place = (getattr(fmt, "image_in_place", False)
+                               and IMAGE_PLACEHOLDER in tokenizer.get_added_vocab())
         self.bos: list[int] = (
             [tokenizer.bos_token_id]
             if fmt.adds_tokenizer_bos and tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
@@ -64,8 +68,11 @@ class ChatEncoder:
                 ids.append(tok)
         return ids
 
-    def _tokenize_run(self, texts: list[str], sample: str) -> list[list[int]]:
-        """Ids for consecutive texts, such that their concatenation is the tokenization of ''.join(texts)."""
+    def _tokenize_run(self, texts: list[str], sample: str, after_image: bool = False) -> list[list[int]]:
+        """Ids for consecutive texts, such that their concatenation is the tokenization of ''.join(texts)
+        (with `image_in_place`, of that text following `<image>`)."""
+        if after_image and self.image_in_place:
+            return self._tokenize_run([IMAGE_PLACEHOLDER, *texts], sample)[1:]
         if len(texts) == 1:
             return [self.tokenizer(texts[0], add_special_tokens=False).input_ids]
         if self.tokenizer.is_fast:
@@ -112,10 +119,12 @@ class ChatEncoder:
         return pieces
 
     def encode(self, messages: list[Message], sample: str = "?", add_generation_prompt: bool = False,
-               image_tokens: Sequence[int] | None = None) -> Encoded:
+               image_tokens: Sequence[int] | None = None, check_labels: bool = True) -> Encoded:
         """Ids and labels for a conversation. With add_generation_prompt, ids end where the reply begins.
         `image_tokens`: each image's token count, in placeholder order (`hd`/`anyres` image modes, where
-        it depends on the image's size); by default every image has `num_image_tokens`."""
+        it depends on the image's size); by default every image has `num_image_tokens`.
+        check_labels=False (inference prompts): no label is built or checked, so earlier assistant turns
+        may hold any text (e.g. "blue </s> red"); each text run is tokenized whole."""
         segments = self.format.render(messages, self.tokenizer, add_generation_prompt)
         # Split on image placeholders: text runs are tokenized on their own, as LLaVA does.
         runs: list[list[Segment] | None] = [[]]  # None marks an image
@@ -149,7 +158,14 @@ class ChatEncoder:
                 input_ids += [IMAGE_TOKEN_ID] * n
                 labels += [IGNORE_INDEX] * n
                 continue
-            for seg, ids in zip(run, self._tokenize_run([s.text for s in run], sample) if run else []):
+            if not check_labels:  # one piece per run: no reply boundary to keep, nothing to check
+                whole = self._tokenize_run(["".join(seg.text for seg in run)], sample, bool(image_runs)) if run else []
+                ids = whole[0] if whole else []
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
+                continue
+            pieces = self._tokenize_run([s.text for s in run], sample, bool(image_runs)) if run else []
+            for seg, ids in zip(run, pieces):
                 if seg.supervised:
                     decoded = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                     if decoded.strip() != (seg.reply or "").strip():

@@ -12,7 +12,8 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,10 +29,11 @@ from transformers import get_scheduler
 import vistune
 from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
-from vistune.config import ModelConfig, RunConfig, StageConfig
+from vistune.config import ModelConfig, RunConfig, StageConfig, stage_image_preprocess
 from vistune.data.dataset import SupervisedDataset, collate
 from vistune.data.precheck import precheck
 from vistune.data.records import Problems, load_samples
+from vistune.data.rules import apply_rules
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
@@ -42,6 +44,7 @@ from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
     is_sharded,
+    loader_workers,
     loss_scale,
     make_accelerator,
     process_state,
@@ -50,6 +53,8 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
+from vistune.train.validate import check_run
+from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
 from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
 
@@ -62,9 +67,9 @@ def log(msg: str) -> None:
 
 def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     """Train the stages in order (or only those named); a stage whose output is complete is skipped."""
-    unknown = [n for n in only or [] if n not in cfg.stages]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
+    state = process_state(cfg.collective_timeout_minutes)  # the processes join here, with the run's timeout
+    # Every stage is checked before the first one starts: a stage-2 mistake must not wait for stage 1.
+    check_run(cfg, state.num_processes, only)
     outputs = {}
     for name, stage in cfg.stages.items():
         if only and name not in only:
@@ -78,6 +83,11 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
 
 def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage") -> Path | None:
     """Train one stage; returns its output folder, or None when it stopped early to be resumed."""
+    with tf32_matmuls(stage.tf32, torch.cuda.is_available()):
+        return _train_stage(model_cfg, stage, name)
+
+
+def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path | None:
     out = Path(stage.output_dir)
     if (out / SPEC_FILE).is_file():
         log(f"[{name}] {out} already holds a finished model; skipping (delete it or change output_dir to retrain)")
@@ -102,14 +112,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # Data first: a bad record must stop the run before minutes go into loading weights.
     problems = Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
+    samples = apply_rules(samples, stage.data.image_placement)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
                                    stage.max_grad_norm)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
-        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
-        # checkpoints (state.py) cannot read yet.
-        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
-                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
-                          "of processes) or drop save_every")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # resumes through its own state
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -125,10 +131,11 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
                           stage.model_max_length)
     lengths = None
+    workers = loader_workers(stage.data.num_workers)
     if stage.data.precheck:
         samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
-                                    stage.data.num_workers, layout=model.layout)
-    dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
+                                    workers, layout=model.layout)
+    dataset = SupervisedDataset(samples, encoder, processor, stage_image_preprocess(model_cfg, stage),
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
     if stage.data.packing:
         pack_length = stage.data.pack_length or stage.model_max_length
@@ -142,7 +149,6 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # The loader draws its worker seed from its own generator, not the global one, so that starting
     # a new epoch iterator (as a resumed run does mid-epoch) leaves the global RNG stream untouched.
     # Persistent workers keep their start-up cost to the first epoch; pinned memory speeds host->GPU copies.
-    workers = stage.data.num_workers
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(stage.seed), persistent_workers=workers > 0,
                         pin_memory=accelerator.device.type == "cuda")
@@ -150,8 +156,9 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     batches_per_epoch = len(sampler.batches(0))  # over all processes
     steps_per_epoch = math.ceil(batches_per_epoch / (accum * world))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    # Fused AdamW (one kernel for all parameters) on CUDA; the weights are moved there by `prepare`.
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay),
-                                  lr=stage.lr, betas=(0.9, 0.999))
+                                  lr=stage.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda")
     scheduler = get_scheduler(stage.lr_schedule, optimizer, math.ceil(stage.warmup_ratio * total_steps), total_steps)
     wrap_policy_for(accelerator, model.llm)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -161,13 +168,19 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     progress = Progress()
     checkpoints = list_checkpoints(out) if stage.resume else []
     if checkpoints:
-        progress = load_resume(checkpoints[-1], model, optimizer, scheduler)
+        check_resumable(checkpoints[-1], stage.distributed, deepspeed, world)
+        progress = (load_engine_resume(accelerator, checkpoints[-1], scheduler) if deepspeed
+                    else load_resume(checkpoints[-1], model, optimizer, scheduler))
         log(f"[{name}] resumed from {checkpoints[-1]} (step {progress.step}/{total_steps})")
     problems.counts.update(progress.skipped)
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # step-N folders are rebuilt from it (vistune.train.step_model)
+        from vistune.train.step_model import write_stage_file
+
+        write_stage_file(out, model_cfg, stage, name)
     metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=progress.step, desc=name, disable=not accelerator.is_main_process)
     model.train()
@@ -195,10 +208,13 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
             if ((stage.save_every and progress.step % stage.save_every == 0) or at_stop) and progress.step < total_steps:
-                state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
-                if accelerator.is_main_process:
-                    save_resume(out, state, scheduler, progress, stage.keep_checkpoints)
-                accelerator.wait_for_everyone()
+                if deepspeed:  # every process writes its partition
+                    save_engine_resume(accelerator, out, stage.distributed, scheduler, progress, stage.keep_checkpoints)
+                else:
+                    state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
+                    if accelerator.is_main_process:
+                        save_resume(out, state, scheduler, progress, stage.keep_checkpoints)
+                    accelerator.wait_for_everyone()
             if at_stop and progress.step < total_steps:
                 stopped_early = True
                 break
@@ -226,12 +242,34 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
             accelerator.wait_for_everyone()
             return out
         unwrapped = _unsharded_copy(model_cfg, stage, unwrapped, full)
+    if accelerator.is_main_process and stage.parts.llm == "full" and stage.precision == "bf16":
+        # A trained LLM is saved in the training dtype, as LLaVA does: half the bytes and the write time of its
+        # float32 master weights (13 GB instead of 27 GB at 7B). Training is over; nothing reads them after.
+        unwrapped.llm.to(torch.bfloat16)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
-        save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
+        save_checkpoint(out, bundle, spec.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
         log(f"[{name}] saved {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool, cuda: bool) -> Iterator[None]:
+    """On CUDA, float32 matmuls and convolutions in TF32 (LLaVA's --tf32 True) or in full precision, for
+    the stage only: these are torch's process-wide switches, so they are restored afterwards and code run
+    after the stage in the same process (evaluation, parity checks) keeps its own. Off CUDA: nothing."""
+    if not cuda:
+        yield
+        return
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 @dataclass(frozen=True)
@@ -268,19 +306,24 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
             extra = {"use_cache": False}
             if b.get("position_ids") is not None:
                 extra["position_ids"] = b["position_ids"].to(device)
+            for key, value in b.get("flash_kwargs", {}).items():  # packed rows' boundaries (flatten_rows)
+                extra[key] = value.to(device) if isinstance(value, torch.Tensor) else value
             if opts.loss_chunk_size is not None:
                 extra["loss_chunk_size"] = opts.loss_chunk_size
-            out = model(
+            loss = model(
                 input_ids=b["input_ids"].to(device),
                 attention_mask=None if b["attention_mask"] is None else b["attention_mask"].to(device),
                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                 labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1),
                 image_sizes=b.get("image_sizes"), **extra,
-            )
+            ).loss
+            # Only the loss is kept: the output's logits ([B, T, vocab], 2 GB in bf16 at 16 x 2048 x 32K, plus
+            # accelerate's float32 copy of them under bf16 on one GPU / DDP) are freed before backward, which
+            # needs only what autograd saved.
             # A stage where nothing trains (every part frozen) has nothing to do here.
-            if out.loss.requires_grad:
-                accelerator.backward(out.loss * opts.loss_scale)
-        total += out.loss.detach().double()
+            if loss.requires_grad:
+                accelerator.backward(loss * opts.loss_scale)
+        total += loss.detach().double()
     return float(accelerator.reduce(total, "sum")), attended, n_samples
 
 
@@ -294,6 +337,8 @@ def _unsharded_copy(model_cfg: ModelConfig, stage: StageConfig, sharded: VisionL
                     full: dict[str, torch.Tensor]) -> VisionLanguageModel:
     """A plain model holding FSDP's gathered weights, for `save_checkpoint` (main process)."""
     llm_dtype = next(p.dtype for p in sharded.llm.parameters())
+    if stage.precision == "bf16":  # built in the dtype it is saved in: half the host memory of float32
+        llm_dtype = torch.bfloat16
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     apply_parts(model, stage.parts, stage.lora, False)
     missing, unexpected = model.load_state_dict(full, strict=False)
@@ -345,8 +390,10 @@ class _Metrics:
 
 def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
                 progress: Progress) -> ModelSpec:
+    # The saved model records the preprocessing its (last) stage trained with: inference must match it.
+    vision = model_cfg.vision.model_copy(update={"image_preprocess": stage_image_preprocess(model_cfg, stage)})
     return ModelSpec(
-        vision=model_cfg.vision, llm=model_cfg.llm, projector=model_cfg.projector,
+        vision=vision, llm=model_cfg.llm, projector=model_cfg.projector,
         vision_hidden_size=model.vision.hidden_size,
         llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,
         num_image_tokens=model.num_image_tokens, conversation_format=stage.format,
