@@ -282,3 +282,32 @@ def test_blind_descriptions_use_blank_images_of_the_processors_mean(tmp_path: Pa
     assert blank.size == (64, 64) and blank.getcolors() == [(64 * 64, (128, 64, 0))]
     describe(Engine(), [image], blind=False)  # type: ignore[arg-type]
     assert seen[-1] == [image]
+
+
+def test_teacher_replies_tokenize_into_words(tmp_path: Path) -> None:
+    """Issue 19's "Thehehe is a ...": trained on captions and questions only, the tokenizer split the
+    template teacher's words into letters ("T" + "he", " h" "o" "l" "d" "s"). With the replies in its
+    corpus, each reply word is a token of its own."""
+    from transformers import AutoTokenizer
+
+    from vistune.datagen.instruct import run_instruct
+    from vistune.datagen.teachers import get_teacher
+    from vistune.demo import standins, texts
+
+    build_world(tmp_path / "w", {"train": 40}, seed=0)
+    ann = tmp_path / "w" / "annotations"
+    run_instruct(read_coco(ann / "captions_train.json", ann / "instances_train.json"), ["detail", "complex"],
+                 get_teacher("template"), tmp_path / "instruct.jsonl", seed=0)
+    replies = texts.replies(tmp_path / "instruct.jsonl")
+    corpus = texts.texts_for_tokenizer(json.loads((ann / "captions_train.json").read_text()),
+                                       ann / "vqa_questions_train.json", ann / "vqa_annotations_train.json", replies)
+    tok = AutoTokenizer.from_pretrained(standins.build_tokenizer(corpus, tmp_path / "tok"))
+    for text in ("The image has", " In total the scene holds"):  # a reply's start, a later sentence
+        assert len(tok(text)["input_ids"]) == len(text.split())
+
+
+def test_a_scenes_questions_come_in_no_fixed_order() -> None:
+    """LLaVA-1.5 packs an image's questions into one conversation; in a fixed order the turn told the
+    type, and the model answered "right" to a size question asked first."""
+    firsts = Counter(questions(sample_scene(random.Random(i), i), random.Random(i))[0][0] for i in range(200))
+    assert len(firsts) >= 6 and max(firsts.values()) < 100
