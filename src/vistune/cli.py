@@ -12,15 +12,17 @@ from pathlib import Path
 
 from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
+from vistune.train.signals import TrainingInterrupted
 
 
-def train(config: Path, overrides: list[str], stages: list[str] | None = None) -> None:
+def train(config: Path, overrides: list[str], stages: list[str] | None = None,
+          allow_config_change: bool = False) -> None:
     """Train the stages of a run config in order (resuming where a previous run stopped)."""
     from vistune.config import load_config
     from vistune.train.loop import run
 
     cfg = load_config(config, overrides)
-    outputs = run(cfg, stages)
+    outputs = run(cfg, stages, allow_config_change)
     for name, out in outputs.items():
         print(f"{name}: {out}")
 
@@ -243,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", type=Path, help="run config YAML (see configs/)")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. stages.align.lr=2e-3 model.llm.path=/ckpt")
     t.add_argument("--stage", dest="stages", action="append", help="run only this stage (repeatable)")
+    t.add_argument("--allow-config-change", action="store_true", help="resume from a checkpoint written under "
+                   "another config or data (by default that stops the run, listing the differences)")
 
     def generation(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512)
@@ -364,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vistune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vistune: interrupted", file=sys.stderr)
+        print("vistune: interrupted (nothing saved since the last resume checkpoint, if any)", file=sys.stderr)
         return 130
+    except TrainingInterrupted as e:  # a signal during training: a checkpoint was saved at a step boundary
+        print(f"vistune: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

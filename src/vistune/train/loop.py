@@ -8,10 +8,13 @@ overweight short samples.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
-import time
+import signal
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -30,10 +33,10 @@ from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import ModelConfig, RunConfig, StageConfig
 from vistune.data.dataset import SupervisedDataset, collate
-from vistune.data.precheck import precheck
-from vistune.data.records import Problems, load_samples
+from vistune.data.precheck import CountOnce, apply_outcomes, check_samples, default_workers, shared_outcomes
+from vistune.data.records import Problems, Sample, load_samples
 from vistune.data.sampler import GroupedBatchSampler
-from vistune.errors import ConfigError
+from vistune.errors import ConfigError, DataError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
 from vistune.model.vlm import VisionLanguageModel
 from vistune.model.llm import load_tokenizer
@@ -50,7 +53,11 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
-from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
+from vistune.train.provenance import check_resume, data_identity, fingerprint, write_run_files
+from vistune.train.signals import SaveClock, StopRequests, TrainingInterrupted
+from vistune.train.state import Progress, clean_stale_temps, gather_state, list_checkpoints, load_resume, save_resume
+from vistune.train.tracking import Metrics, accelerator_kwargs
+from vistune.train.validation import Validator, split_validation
 
 
 def log(msg: str) -> None:
@@ -60,8 +67,10 @@ def log(msg: str) -> None:
     tqdm.write(msg)
 
 
-def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
-    """Train the stages in order (or only those named); a stage whose output is complete is skipped."""
+def run(cfg: RunConfig, only: list[str] | None = None, allow_config_change: bool = False) -> dict[str, Path]:
+    """Train the stages in order (or only those named); a stage whose output is complete is skipped.
+    `allow_config_change`: resume even when the checkpoint was written under another config or data."""
+    cfg = cfg.resolved()  # `projector_from: align` -> align's output_dir
     unknown = [n for n in only or [] if n not in cfg.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
@@ -69,15 +78,17 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     for name, stage in cfg.stages.items():
         if only and name not in only:
             continue
-        done = train_stage(cfg.model, stage, name)
+        done = train_stage(cfg.model, stage, name, allow_config_change)
         if done is None:  # stopped early (stop_after_steps): later stages need this one finished
             break
         outputs[name] = done
     return outputs
 
 
-def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage") -> Path | None:
-    """Train one stage; returns its output folder, or None when it stopped early to be resumed."""
+def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
+                allow_config_change: bool = False) -> Path | None:
+    """Train one stage; returns its output folder, or None when it stopped early to be resumed (a signal
+    raises TrainingInterrupted after saving)."""
     out = Path(stage.output_dir)
     if (out / SPEC_FILE).is_file():
         log(f"[{name}] {out} already holds a finished model; skipping (delete it or change output_dir to retrain)")
@@ -100,16 +111,20 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     llm_dtype = torch.bfloat16 if stage.precision == "bf16" and stage.parts.llm != "full" else torch.float32
 
     # Data first: a bad record must stop the run before minutes go into loading weights.
-    problems = Problems()
+    problems, truncated = CountOnce(), Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
+    samples, val_samples = split_validation(stage, samples, problems)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
-                                   stage.max_grad_norm)
+                                   stage.max_grad_norm, **accelerator_kwargs(stage.report_to, out))
     if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
         # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
         # checkpoints (state.py) cannot read yet.
         raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
                           f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
                           "of processes) or drop save_every")
+    resumable = accelerator.distributed_type != DistributedType.DEEPSPEED
+    run_fingerprint = fingerprint(model_cfg, stage, data_identity(stage.data.path, [s.id for s in samples]), world)
+    checkpoints = _checkpoints_to_resume(out, stage, name, run_fingerprint, allow_config_change, accelerator)
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -126,10 +141,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
                           stage.model_max_length)
     lengths = None
     if stage.data.precheck:
-        samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
-                                    stage.data.num_workers, layout=model.layout)
+        samples, lengths = _precheck(stage, samples, encoder, model, problems, truncated)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
+    validator = _validator(name, stage, val_samples, encoder, processor, model_cfg, model, problems, accelerator)
     if stage.data.packing:
         pack_length = stage.data.pack_length or stage.model_max_length
         epoch_batches = PackedBatchSampler(dataset.lengths(), pack_length, stage.micro_batch_size, stage.seed)
@@ -159,60 +174,73 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
                            flatten=stage.data.packing and model_cfg.llm.attn_implementation == "flash_attention_2")
 
     progress = Progress()
-    checkpoints = list_checkpoints(out) if stage.resume else []
     if checkpoints:
         progress = load_resume(checkpoints[-1], model, optimizer, scheduler)
         log(f"[{name}] resumed from {checkpoints[-1]} (step {progress.step}/{total_steps})")
     problems.counts.update(progress.skipped)
+    problems.seen.update(progress.skipped_seen)
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        write_run_files(out, model_cfg, stage, name)
+    metrics = Metrics(out, accelerator, name, stage.model_dump(mode="json"), progress.step, progress.tokens,
+                      stage.log_every)
     bar = tqdm(total=total_steps, initial=progress.step, desc=name, disable=not accelerator.is_main_process)
     model.train()
-    stopped_early = False
-    while progress.step < total_steps:
-        sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
-        batches = iter(loader)
+    stopped_early, stop_signal = False, None
+    with StopRequests() as requests:  # SIGTERM/SIGUSR1/Ctrl-C: save at the next step boundary
+        clock = SaveClock(stage.save_every, stage.save_every_minutes if resumable else None, stage.stop_after_steps,
+                          requests)
+        postfix: dict[str, str] = {}
         while progress.step < total_steps:
-            window = [b for _, b in zip(range(accum), batches)]
-            if not window:
+            sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
+            batches = _hinted(iter(loader), bar)
+            while progress.step < total_steps:
+                window = [b for _, b in zip(range(accum), batches)]
+                if not window:
+                    break
+                loss, tokens, n_samples = _accumulate(model, window, run_opts, problems)
+                grad_norm = None
+                if stage.max_grad_norm:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batches_in_epoch += len(window) * world  # every process ran as many
+                progress.tokens += tokens
+                progress.skipped, progress.skipped_seen = dict(problems.counts), sorted(problems.seen)
+                val_loss = None
+                if validator and validator.due(progress.step, total_steps):
+                    val_loss = validator.loss(model, accelerator)
+                row = metrics.step(progress.step, progress.tokens, loss, scheduler.get_last_lr()[-1], grad_norm,
+                                   n_samples, val_loss)
+                bar.update(1)
+                postfix.update(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                               **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
+                bar.set_postfix(postfix)
+                save, stop_signal = clock.due(progress.step, partial(_reduce_sum, accelerator))
+                if save and resumable and progress.step < total_steps:
+                    state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
+                    if accelerator.is_main_process:
+                        save_resume(out, state, scheduler, progress, stage.keep_checkpoints, run_fingerprint)
+                    accelerator.wait_for_everyone()
+                    clock.saved()
+                at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
+                if (at_stop or stop_signal) and progress.step < total_steps:
+                    stopped_early = True
+                    break
+            if stopped_early:
                 break
-            loss, tokens, n_samples = _accumulate(model, window, run_opts, problems)
-            grad_norm = None
-            if stage.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batches_in_epoch += len(window) * world  # every process ran as many
-            progress.tokens += tokens
-            progress.skipped = dict(problems.counts)
-            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm, n_samples)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
-            if ((stage.save_every and progress.step % stage.save_every == 0) or at_stop) and progress.step < total_steps:
-                state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
-                if accelerator.is_main_process:
-                    save_resume(out, state, scheduler, progress, stage.keep_checkpoints)
-                accelerator.wait_for_everyone()
-            if at_stop and progress.step < total_steps:
-                stopped_early = True
-                break
-        if stopped_early:
-            break
-        if progress.step < total_steps:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+            if progress.step < total_steps:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
     bar.close()
     metrics.close()
-    _report(name, problems, out)
+    _report(name, problems, truncated, out)
     if stopped_early:
-        log(f"[{name}] stopped after step {progress.step} (stop_after_steps); run the same command again to resume")
-        return None
+        return _stopped(name, out, progress, stop_signal, resumable)
 
     unwrapped = accelerator.unwrap_model(model)
     spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
@@ -228,7 +256,8 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         unwrapped = _unsharded_copy(model_cfg, stage, unwrapped, full)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
-        save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
+        save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen,
+                        copy_lora_base=False)
         log(f"[{name}] saved {out}")
     accelerator.wait_for_everyone()
     return out
@@ -303,46 +332,6 @@ def _unsharded_copy(model_cfg: ModelConfig, stage: StageConfig, sharded: VisionL
     return model
 
 
-class _Metrics:
-    """Per-step numbers to metrics.jsonl and TensorBoard (main process only), and tokens/s."""
-
-    def __init__(self, out: Path, stage: StageConfig, progress: Progress, main_process: bool) -> None:
-        self.path = out / "metrics.jsonl"
-        self.every = stage.log_every
-        self.main = main_process
-        self.writer = None
-        if main_process:
-            # On resume, drop rows logged after the checkpoint: those steps are trained (and logged) again.
-            if self.path.is_file():
-                rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= progress.step]
-                self.path.write_text("".join(r + "\n" for r in rows))
-            if stage.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # slow import, only when wanted
-
-                self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        self.t_last, self.tokens_last = time.perf_counter(), progress.tokens
-
-    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None, samples: int) -> dict:
-        now = time.perf_counter()
-        step_s = max(now - self.t_last, 1e-9)
-        tok_s = (progress.tokens - self.tokens_last) / step_s
-        self.t_last, self.tokens_last = now, progress.tokens
-        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
-               "samples": samples, "step_s": step_s}
-        if self.main and progress.step % self.every == 0:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.writer:
-                for key, value in row.items():
-                    if key != "step" and value is not None:
-                        self.writer.add_scalar(f"train/{key}", value, progress.step)
-        return row
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
 def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
                 progress: Progress) -> ModelSpec:
     return ModelSpec(
@@ -353,13 +342,101 @@ def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: Vi
         system_prompt=stage.system_prompt, model_max_length=stage.model_max_length,
         provenance={"stage": name, "steps": progress.step, "tokens": progress.tokens, "vistune": vistune.__version__,
                     "torch": torch.__version__, "parts": stage.parts.model_dump(),
-                    "hyperparameters": stage.model_dump(exclude={"data", "parts"})},
+                    "hyperparameters": stage.model_dump(exclude={"data", "parts"}), "data": stage.data.model_dump(),
+                    "config": "config.yaml", "versions": "versions.json"},
     )
 
 
-def _report(name: str, problems: Problems, out: Path) -> None:
+def _report(name: str, problems: Problems, truncated: Problems, out: Path) -> None:
     log(f"[{name}] {problems.summary()}")
     if problems.total:
         out.mkdir(parents=True, exist_ok=True)
         report = {"total": problems.total, "counts": problems.counts, "examples": problems.examples}
         (out / "skipped.json").write_text(json.dumps(report, indent=2))
+    if truncated.total:
+        log(f"[{name}] {truncated.total} samples lost some reply tokens to model_max_length and were kept (e.g. "
+            f"{next(iter(truncated.examples.values()))[0]}); data.on_truncated=drop leaves them out; "
+            f"list: {out / 'truncated.json'}")
+        report = {"total": truncated.total, "counts": truncated.counts, "examples": truncated.examples}
+        (out / "truncated.json").write_text(json.dumps(report, indent=2))
+
+
+def _reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(tensor.to(accelerator.device), "sum").cpu()
+
+
+def _checkpoints_to_resume(out: Path, stage: StageConfig, name: str, run_fingerprint: dict, allow_change: bool,
+                           accelerator: Accelerator) -> list[Path]:
+    """Resume checkpoints of this stage, after removing temp folders of a killed save and checking that the
+    newest was written under the same config and data (before minutes go into loading weights)."""
+    if accelerator.is_main_process:
+        for tmp in clean_stale_temps(out):
+            log(f"[{name}] removed {tmp}, left by a run killed while saving a checkpoint")
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(out) if stage.resume else []
+    if checkpoints:
+        changed = check_resume(checkpoints[-1], run_fingerprint, name, allow_change)
+        if changed:
+            log(f"[{name}] resuming under changed settings (--allow-config-change): {'; '.join(changed)}")
+    return checkpoints
+
+
+def _precheck(stage: StageConfig, samples: list[Sample], encoder: ChatEncoder, model: VisionLanguageModel,
+              problems: Problems, truncated: Problems) -> tuple[list[Sample], list[int]]:
+    """The precheck, run in a process pool by the first process of each machine and shared with the others
+    through OUTPUT_DIR/.precheck.json (reused on resume while data and encoding settings are unchanged)."""
+    state = process_state()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = max(stage.data.num_workers, default_workers(local))
+    data = Path(stage.data.path).stat()
+    key = hashlib.sha256(json.dumps([
+        str(Path(stage.data.path).resolve()), data.st_size, data.st_mtime_ns, stage.data.image_folder,
+        [s.id for s in samples], stage.format, stage.system_prompt, encoder.max_length, encoder.num_image_tokens,
+        encoder.tokenizer.name_or_path, len(encoder.tokenizer), repr(model.layout), stage.data.verify_images,
+        vistune.__version__]).encode()).hexdigest()
+    outcomes = shared_outcomes(
+        partial(check_samples, samples, encoder, workers, layout=model.layout, verify_images=stage.data.verify_images),
+        Path(stage.output_dir) / ".precheck.json", key, state.is_local_main_process, state.wait_for_everyone)
+    return apply_outcomes(samples, outcomes, stage.data.on_bad_sample == "skip", problems, truncated,
+                          stage.data.on_truncated == "drop")
+
+
+def _validator(name: str, stage: StageConfig, samples: list[Sample], encoder: ChatEncoder, processor: object,
+               model_cfg: ModelConfig, model: VisionLanguageModel, problems: Problems,
+               accelerator: Accelerator) -> Validator | None:
+    """The held-out set's loss, or None without one. Its samples are checked like the training ones."""
+    if not samples:
+        return None
+    skip = stage.data.on_bad_sample == "skip"
+    lengths = None
+    if stage.data.precheck:
+        samples, lengths = apply_outcomes(samples, check_samples(samples, encoder, layout=model.layout), skip,
+                                          problems)
+    dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess, skip, lengths,
+                                layout=model.layout)
+    log(f"[{name}] validation: {len(samples)} held-out samples, loss every {stage.val_every} steps")
+    return Validator(dataset, stage.micro_batch_size, encoder.tokenizer.pad_token_id, accelerator.process_index,
+                     accelerator.num_processes, stage.val_every, stage.loss_chunk_size)
+
+
+def _hinted(batches: Iterator[dict], bar: tqdm) -> Iterator[dict]:
+    """The loader's batches; a bad sample it meets ends the progress bar first (the error gets its own
+    line) and its error says how to skip such samples or find them before training."""
+    try:
+        yield from batches
+    except DataError as e:
+        bar.close()
+        raise DataError(f"{e} (set data.on_bad_sample=skip to drop such samples; data.verify_images=true finds "
+                        "unreadable images before training)", e.reason) from None
+
+
+def _stopped(name: str, out: Path, progress: Progress, signum: int | None, resumable: bool) -> None:
+    """End of an invocation stopped before its last step: by stop_after_steps (returns) or a signal (raises)."""
+    saved = list_checkpoints(out)
+    where = (f"saved {saved[-1]}; run the same command again to resume from step {progress.step}"
+             if resumable and saved else "no resume checkpoint (DeepSpeed runs do not write them yet)")
+    if signum is None:
+        log(f"[{name}] stopped after step {progress.step} (stop_after_steps); {where}")
+        return None
+    raise TrainingInterrupted(signum, f"[{name}] stopped by {signal.Signals(signum).name} at step {progress.step}: "
+                                      f"{where}")

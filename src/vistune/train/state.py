@@ -46,6 +46,7 @@ class Progress:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_seen: list[str] = field(default_factory=list)  # messages of records counted (once, whatever the epochs)
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -69,8 +70,10 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 
 def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
-                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int) -> Path:
-    """Write a checkpoint from `gather_state`'s result (main process only)."""
+                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int,
+                fingerprint: dict | None = None) -> Path:
+    """Write a checkpoint from `gather_state`'s result (main process only), with the run's fingerprint
+    (provenance.py) beside it."""
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
@@ -83,6 +86,8 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
     torch.save(rng, tmp / "rng.pt")
+    if fingerprint is not None:
+        (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
     state = asdict(progress)
     state["python_random"] = random.getstate()
     # progress.json last: its presence marks the checkpoint complete.
@@ -93,6 +98,16 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove `checkpoints/.tmp-*` left by a process killed while saving (resume never reads them; they
+    can hold a full copy of weights and optimizer state). Main process, before this run saves anything."""
+    root = folder / "checkpoints"
+    stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
