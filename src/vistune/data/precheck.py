@@ -144,11 +144,24 @@ def precheck(samples: list[Sample], encoder: ChatEncoder, skip_bad: bool, proble
 @dataclass
 class CountOnce(Problems):
     """Problems counting each record once: a bad image found by the loader in every epoch is one bad record.
-    `seen` holds the messages already counted (they name the record), kept in resume checkpoints."""
+    `seen`: message (it names the record) -> reason, of the records counted; kept in resume checkpoints."""
 
-    seen: set[str] = field(default_factory=set)
+    seen: dict[str, str] = field(default_factory=dict)
 
     def add(self, reason: str, message: str) -> None:
         if message not in self.seen:
-            self.seen.add(message)
+            self.seen[message] = reason
             super().add(reason, message)
+
+    def restore(self, counts: dict[str, int], seen: list[list[str]]) -> None:
+        """The counts and records of a resumed run (`Progress.skipped`, `Progress.skipped_seen`)."""
+        self.counts.update(counts)
+        for reason, message in seen:
+            if message not in self.seen:
+                self.seen[message] = reason
+                examples = self.examples.setdefault(reason, [])
+                if len(examples) < 3:
+                    examples.append(message)
+
+    def seen_pairs(self) -> list[list[str]]:
+        return [[reason, message] for message, reason in self.seen.items()]

@@ -177,8 +177,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     if checkpoints:
         progress = load_resume(checkpoints[-1], model, optimizer, scheduler)
         log(f"[{name}] resumed from {checkpoints[-1]} (step {progress.step}/{total_steps})")
-    problems.counts.update(progress.skipped)
-    problems.seen.update(progress.skipped_seen)
+    problems.restore(progress.skipped, progress.skipped_seen)
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
@@ -210,7 +209,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
                 progress.step += 1
                 progress.batches_in_epoch += len(window) * world  # every process ran as many
                 progress.tokens += tokens
-                progress.skipped, progress.skipped_seen = dict(problems.counts), sorted(problems.seen)
+                progress.skipped, progress.skipped_seen = dict(problems.counts), problems.seen_pairs()
                 val_loss = None
                 if validator and validator.due(progress.step, total_steps):
                     val_loss = validator.loss(model, accelerator)

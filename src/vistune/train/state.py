@@ -46,7 +46,7 @@ class Progress:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-    skipped_seen: list[str] = field(default_factory=list)  # messages of records counted (once, whatever the epochs)
+    skipped_seen: list[list[str]] = field(default_factory=list)  # [reason, message] of each record counted
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
