@@ -43,7 +43,7 @@ def two_stage(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, llama_di
     root = tmp_path_factory.mktemp("two_stage")
     align = stage(dataset_dir, root / "align", format="plain", max_steps=12, lr=3e-3, save_frozen=False,
                   data={"path": str(dataset_dir / "align.json")})
-    finetune = stage(dataset_dir, root / "finetune", projector_from=str(root / "align"), max_steps=12, lr=1e-2,
+    finetune = stage(dataset_dir, root / "finetune", projector_from="align", max_steps=12, lr=1e-2,
                      parts={"projector": "full", "llm": "lora"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
                      tensorboard=True)
     cfg = load_config(data=config(clip_dir, llama_dir, {"align": align, "finetune": finetune}))
