@@ -69,7 +69,7 @@ def test_partly_truncated_samples_are_counted_and_can_be_dropped(tmp_path: Path,
     train_stage(cfg.model, cfg.stages["s"], "s")
     if mode == "keep":
         report = json.loads((out / "truncated.json").read_text())
-        assert report["total"] == 1 and "sample 000000:" in report["examples"]["some reply tokens truncated"][0]
+        assert report["total"] == 1 and report["samples"][0].startswith("sample 000000: ")
         assert "1 samples lost some reply tokens" in capsys.readouterr().out
         assert not (out / "skipped.json").exists()
     else:
@@ -235,6 +235,15 @@ def test_verify_images_finds_a_corrupt_image_before_training(tmp_path: Path, cli
     with pytest.raises(DataError, match=r"sample 000003: image .*img_3.png cannot be read .*on_bad_sample=skip"):
         train_stage(cfg.model, cfg.stages["s"], "s")
     assert not (out / "metrics.jsonl").exists()  # before the first step
+
+
+def test_a_bad_image_found_by_the_loader_says_how_to_skip_it(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                            dataset_dir: Path) -> None:
+    images = _corrupt(dataset_dir, tmp_path, ["img_3.png"])
+    cfg = _cfg(clip_dir, llama_dir, {"s": _stage(dataset_dir, tmp_path / "out", max_steps=8,
+                                                 data={"image_folder": str(images)})})
+    with pytest.raises(DataError, match=r"img_3.png cannot be read .*on_bad_sample=skip.*verify_images=true"):
+        train_stage(cfg.model, cfg.stages["s"], "s")
 
 
 def test_a_bad_image_met_in_every_epoch_counts_once(tmp_path: Path, clip_dir: Path, llama_dir: Path,

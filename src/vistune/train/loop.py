@@ -8,20 +8,16 @@ overweight short samples.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import random
 import signal
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
@@ -33,10 +29,10 @@ from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import ModelConfig, RunConfig, StageConfig
 from vistune.data.dataset import SupervisedDataset, collate
-from vistune.data.precheck import CountOnce, apply_outcomes, check_samples, default_workers, shared_outcomes
-from vistune.data.records import Problems, Sample, load_samples
+from vistune.data.precheck import CountOnce
+from vistune.data.records import Problems, load_samples
 from vistune.data.sampler import GroupedBatchSampler
-from vistune.errors import ConfigError, DataError
+from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
 from vistune.model.vlm import VisionLanguageModel
 from vistune.model.llm import load_tokenizer
@@ -53,18 +49,13 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
-from vistune.train.provenance import check_resume, data_identity, fingerprint, write_run_files
+from vistune.train.console import log
+from vistune.train.provenance import data_identity, fingerprint, resume_checkpoints, write_run_files
 from vistune.train.signals import SaveClock, StopRequests, TrainingInterrupted
-from vistune.train.state import Progress, clean_stale_temps, gather_state, list_checkpoints, load_resume, save_resume
+from vistune.train.stage_data import build_validator, hint_bad_samples, precheck_stage, report_problems
+from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 from vistune.train.tracking import Metrics, accelerator_kwargs
-from vistune.train.validation import Validator, split_validation
-
-
-def log(msg: str) -> None:
-    """Progress messages, from the first process only (once per run, not once per GPU)."""
-    if PartialState._shared_state and not PartialState().is_main_process:
-        return
-    tqdm.write(msg)
+from vistune.train.validation import split_validation
 
 
 def run(cfg: RunConfig, only: list[str] | None = None, allow_config_change: bool = False) -> dict[str, Path]:
@@ -111,7 +102,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     llm_dtype = torch.bfloat16 if stage.precision == "bf16" and stage.parts.llm != "full" else torch.float32
 
     # Data first: a bad record must stop the run before minutes go into loading weights.
-    problems, truncated = CountOnce(), Problems()
+    problems, truncated = CountOnce(), CountOnce()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
     samples, val_samples = split_validation(stage, samples, problems)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
@@ -124,7 +115,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
                           "of processes) or drop save_every")
     resumable = accelerator.distributed_type != DistributedType.DEEPSPEED
     run_fingerprint = fingerprint(model_cfg, stage, data_identity(stage.data.path, [s.id for s in samples]), world)
-    checkpoints = _checkpoints_to_resume(out, stage, name, run_fingerprint, allow_config_change, accelerator)
+    checkpoints = resume_checkpoints(out, stage, name, run_fingerprint, allow_config_change, accelerator)
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -141,10 +132,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
                           stage.model_max_length)
     lengths = None
     if stage.data.precheck:
-        samples, lengths = _precheck(stage, samples, encoder, model, problems, truncated)
+        samples, lengths = precheck_stage(stage, samples, encoder, model, problems, truncated)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
-    validator = _validator(name, stage, val_samples, encoder, processor, model_cfg, model, problems, accelerator)
+    validator = build_validator(name, stage, val_samples, encoder, processor, model_cfg, model, problems, accelerator)
     if stage.data.packing:
         pack_length = stage.data.pack_length or stage.model_max_length
         epoch_batches = PackedBatchSampler(dataset.lengths(), pack_length, stage.micro_batch_size, stage.seed)
@@ -194,7 +185,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
         postfix: dict[str, str] = {}
         while progress.step < total_steps:
             sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
-            batches = _hinted(iter(loader), bar)
+            batches = hint_bad_samples(iter(loader), bar)
             while progress.step < total_steps:
                 window = [b for _, b in zip(range(accum), batches)]
                 if not window:
@@ -237,7 +228,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
                 progress.batches_in_epoch = 0
     bar.close()
     metrics.close()
-    _report(name, problems, truncated, out)
+    report_problems(name, problems, truncated, out)
     if stopped_early:
         return _stopped(name, out, progress, stop_signal, resumable)
 
@@ -346,87 +337,8 @@ def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: Vi
     )
 
 
-def _report(name: str, problems: Problems, truncated: Problems, out: Path) -> None:
-    log(f"[{name}] {problems.summary()}")
-    if problems.total:
-        out.mkdir(parents=True, exist_ok=True)
-        report = {"total": problems.total, "counts": problems.counts, "examples": problems.examples}
-        (out / "skipped.json").write_text(json.dumps(report, indent=2))
-    if truncated.total:
-        log(f"[{name}] {truncated.total} samples lost some reply tokens to model_max_length and were kept (e.g. "
-            f"{next(iter(truncated.examples.values()))[0]}); data.on_truncated=drop leaves them out; "
-            f"list: {out / 'truncated.json'}")
-        report = {"total": truncated.total, "counts": truncated.counts, "examples": truncated.examples}
-        (out / "truncated.json").write_text(json.dumps(report, indent=2))
-
-
 def _reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor.to(accelerator.device), "sum").cpu()
-
-
-def _checkpoints_to_resume(out: Path, stage: StageConfig, name: str, run_fingerprint: dict, allow_change: bool,
-                           accelerator: Accelerator) -> list[Path]:
-    """Resume checkpoints of this stage, after removing temp folders of a killed save and checking that the
-    newest was written under the same config and data (before minutes go into loading weights)."""
-    if accelerator.is_main_process:
-        for tmp in clean_stale_temps(out):
-            log(f"[{name}] removed {tmp}, left by a run killed while saving a checkpoint")
-    accelerator.wait_for_everyone()
-    checkpoints = list_checkpoints(out) if stage.resume else []
-    if checkpoints:
-        changed = check_resume(checkpoints[-1], run_fingerprint, name, allow_change)
-        if changed:
-            log(f"[{name}] resuming under changed settings (--allow-config-change): {'; '.join(changed)}")
-    return checkpoints
-
-
-def _precheck(stage: StageConfig, samples: list[Sample], encoder: ChatEncoder, model: VisionLanguageModel,
-              problems: Problems, truncated: Problems) -> tuple[list[Sample], list[int]]:
-    """The precheck, run in a process pool by the first process of each machine and shared with the others
-    through OUTPUT_DIR/.precheck.json (reused on resume while data and encoding settings are unchanged)."""
-    state = process_state()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = max(stage.data.num_workers, default_workers(local))
-    data = Path(stage.data.path).stat()
-    key = hashlib.sha256(json.dumps([
-        str(Path(stage.data.path).resolve()), data.st_size, data.st_mtime_ns, stage.data.image_folder,
-        [s.id for s in samples], stage.format, stage.system_prompt, encoder.max_length, encoder.num_image_tokens,
-        encoder.tokenizer.name_or_path, len(encoder.tokenizer), repr(model.layout), stage.data.verify_images,
-        vistune.__version__]).encode()).hexdigest()
-    outcomes = shared_outcomes(
-        partial(check_samples, samples, encoder, workers, layout=model.layout, verify_images=stage.data.verify_images),
-        Path(stage.output_dir) / ".precheck.json", key, state.is_local_main_process, state.wait_for_everyone)
-    return apply_outcomes(samples, outcomes, stage.data.on_bad_sample == "skip", problems, truncated,
-                          stage.data.on_truncated == "drop")
-
-
-def _validator(name: str, stage: StageConfig, samples: list[Sample], encoder: ChatEncoder, processor: object,
-               model_cfg: ModelConfig, model: VisionLanguageModel, problems: Problems,
-               accelerator: Accelerator) -> Validator | None:
-    """The held-out set's loss, or None without one. Its samples are checked like the training ones."""
-    if not samples:
-        return None
-    skip = stage.data.on_bad_sample == "skip"
-    lengths = None
-    if stage.data.precheck:
-        samples, lengths = apply_outcomes(samples, check_samples(samples, encoder, layout=model.layout), skip,
-                                          problems)
-    dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess, skip, lengths,
-                                layout=model.layout)
-    log(f"[{name}] validation: {len(samples)} held-out samples, loss every {stage.val_every} steps")
-    return Validator(dataset, stage.micro_batch_size, encoder.tokenizer.pad_token_id, accelerator.process_index,
-                     accelerator.num_processes, stage.val_every, stage.loss_chunk_size)
-
-
-def _hinted(batches: Iterator[dict], bar: tqdm) -> Iterator[dict]:
-    """The loader's batches; a bad sample it meets ends the progress bar first (the error gets its own
-    line) and its error says how to skip such samples or find them before training."""
-    try:
-        yield from batches
-    except DataError as e:
-        bar.close()
-        raise DataError(f"{e} (set data.on_bad_sample=skip to drop such samples; data.verify_images=true finds "
-                        "unreadable images before training)", e.reason) from None
 
 
 def _stopped(name: str, out: Path, progress: Progress, signum: int | None, resumable: bool) -> None:

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import Accelerator
 
 from vistune.config import ModelConfig, RunConfig, StageConfig
 from vistune.errors import ConfigError
+from vistune.train.console import log
+from vistune.train.state import clean_stale_temps, list_checkpoints
 
 CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
@@ -128,3 +131,19 @@ def check_resume(ckpt: Path, current: dict[str, Any], name: str, allow_changes: 
             f"To start this stage fresh, delete {ckpt.parent} (or set stages.{name}.resume=false); to continue "
             "from the checkpoint under the new settings anyway, pass --allow-config-change")
     return changed
+
+
+def resume_checkpoints(out: Path, stage: StageConfig, name: str, run_fingerprint: dict, allow_change: bool,
+                       accelerator: Accelerator) -> list[Path]:
+    """Resume checkpoints of this stage, after removing temp folders of a killed save and checking that the
+    newest was written under the same config and data (before minutes go into loading weights)."""
+    if accelerator.is_main_process:
+        for tmp in clean_stale_temps(out):
+            log(f"[{name}] removed {tmp}, left by a run killed while saving a checkpoint")
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(out) if stage.resume else []
+    if checkpoints:
+        changed = check_resume(checkpoints[-1], run_fingerprint, name, allow_change)
+        if changed:
+            log(f"[{name}] resuming under changed settings (--allow-config-change): {'; '.join(changed)}")
+    return checkpoints
