@@ -396,3 +396,12 @@ def test_projector_from_names_an_earlier_stage_and_follows_its_output_dir() -> N
     data["stages"] = {"finetune": data["stages"]["finetune"], "align": data["stages"]["align"]}
     with pytest.raises(ConfigError, match="projector_from names stage 'align', which does not run before it"):
         load_config(data=data)
+
+
+def test_the_cli_passes_allow_config_change() -> None:
+    from vistune.cli import _parser
+
+    args, _ = _parser().parse_known_args(["train", "run.yaml", "stages.s.lr=1", "--allow-config-change"])
+    assert args.allow_config_change is True and args.overrides == ["stages.s.lr=1"]
+    args, _ = _parser().parse_known_args(["train", "run.yaml"])
+    assert args.allow_config_change is False
