@@ -116,7 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path: Path
     resume, exits 128+15; the same command then continues from that step to the end."""
     out = tmp_path / "out"
     cfg = {"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
-           "stages": {"s": _stage(dataset_dir, out, max_steps=150)}}
+           "stages": {"s": _stage(dataset_dir, out, max_steps=60)}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "vistune.cli", "train", str(tmp_path / "run.yaml")]
     proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -130,12 +130,12 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path: Path
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1, stderr[-2000:]
     step = int(checkpoints[0].name.split("-")[1])
-    assert 3 <= step < 150
+    assert 3 <= step < 60
     assert f"stopped by SIGTERM at step {step}: saved {checkpoints[0]}; run the same command again" in stderr
     again = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {checkpoints[0]} (step {step}/150)" in again.stdout + again.stderr
-    assert [r["step"] for r in _rows(out)] == list(range(1, 151))
+    assert f"resumed from {checkpoints[0]} (step {step}/60)" in again.stdout + again.stderr
+    assert [r["step"] for r in _rows(out)] == list(range(1, 61))
     assert (out / "vistune.json").is_file()
 
 
@@ -187,6 +187,14 @@ def test_resume_under_another_config_stops_listing_the_differences(tmp_path: Pat
     same = _cfg(clip_dir, llama_dir, {"s": _stage(dataset_dir, out, max_steps=4, log_every=2, save_every=3)})
     assert train_stage(same.model, same.stages["s"], "s") == out
     assert [r["step"] for r in _rows(out)] == [1, 2, 4]
+
+
+def test_fingerprints_compare_what_both_sides_record() -> None:
+    from vistune.train.provenance import differences
+
+    old = {"stage": {"lr": 1e-3, "gone": 1}, "data": {"samples": 4}, "world_size": 2}
+    new = {"stage": {"lr": 1e-3, "added_later": True}, "data": {"samples": 5}, "world_size": 1}
+    assert differences(old, new) == ["data.samples: 4 -> 5"]  # not the process count, not fields of other versions
 
 
 def test_allow_config_change_resumes_anyway(tmp_path: Path, clip_dir: Path, llama_dir: Path,

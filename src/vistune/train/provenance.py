@@ -110,11 +110,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every compared field that changed."""
+    """`key: old -> new` for every compared field that changed. Fields only one side has (a vistune version
+    that added or dropped a config field) are not compared."""
     a = _flat({k: v for k, v in old.items() if k != "world_size"})
     b = _flat({k: v for k, v in new.items() if k != "world_size"})
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def check_resume(ckpt: Path, current: dict[str, Any], name: str, allow_changes: bool) -> list[str]:
