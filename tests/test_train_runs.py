@@ -152,6 +152,9 @@ def test_ctrl_c_asks_for_a_save_and_a_second_one_stops_at_once() -> None:
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored after training
+    with StopRequests() as requests:  # SLURM's warning ahead of a time limit (--signal=USR1@120)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert SaveClock(None, None, None, requests).due(3, lambda t: t) == (True, signal.SIGUSR1)
 
 
 def test_saves_by_the_clock_by_default(tmp_path: Path, clip_dir: Path, llama_dir: Path) -> None:
