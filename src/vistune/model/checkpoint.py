@@ -172,7 +172,8 @@ def _save_trained_llm(llm: torch.nn.Module, folder: Path) -> None:
 
 
 def save_checkpoint(out: str | Path, bundle: Bundle, source_vision: VisionConfig, source_llm: LLMConfig,
-                    llm_mode: Literal["frozen", "full", "lora"], save_frozen: bool, copy_lora_base: bool = True) -> Path:
+                    llm_mode: Literal["frozen", "full", "lora"], save_frozen: bool,
+                    copy_lora_base: bool = True) -> Path:
     """Write the checkpoint into `out` so that a crash midway never leaves a folder that looks complete.
     `copy_lora_base=False`: a LoRA LLM is saved as its adapter alone, its base recorded by absolute path
     (training's default: no copy of a 7B base per run; `vistune merge-lora` makes a standalone folder)."""
