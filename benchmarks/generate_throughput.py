@@ -35,12 +35,17 @@ QUESTIONS = ["What colour is the shape?", "Describe the image briefly.", "Where 
              "Describe the picture in detail.", "How many shapes are there?"]
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, sync=lambda: None) -> float:  # noqa: ANN001
+    """Median wall time of `fn` after a warm-up call. `sync` waits for the device (torch.cuda.synchronize):
+    CUDA kernels run asynchronously, so without it a timer could stop before the work it times is done, or
+    start while the previous call's work is still running."""
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         processor = AutoProcessor.from_pretrained(str(root / "hf"))
         processor.tokenizer.padding_side = "left"
         n = args.new_tokens
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
         def vistune_call(b: int) -> None:
             jobs = [Job(engine.prepare([Message("user", QUESTIONS[i % len(QUESTIONS)])], [image]),
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, args.batch):
             row = {}
             for name, call in (("transformers", hf_call), ("vistune", vistune_call)):
-                secs = timed(lambda call=call, b=b: call(b), args.repeats)
+                secs = timed(lambda call=call, b=b: call(b), args.repeats, sync)
                 row[name] = {"seconds_per_call": secs, "tokens_per_s": b * n / secs}
             row["ratio_vistune_over_transformers"] = row["vistune"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
             results[f"batch_{b}"] = row

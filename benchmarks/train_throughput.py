@@ -4,35 +4,41 @@
     python benchmarks/train_throughput.py --device cuda --shape llava-1.5-7b --llm-mode lora
     python benchmarks/train_throughput.py --device cuda --shape 1b
 
-Both systems train LLaVA-1.5's stage 2 (vision tower frozen, projector + LLM trained: `full`, or LoRA on
+Three systems train LLaVA-1.5's stage 2 (vision tower frozen, projector + LLM trained: `full`, or LoRA on
 the LLM) for one epoch over the same synthetic data set, each in its own subprocess (so peak memory is
-its own), and the parent prints and saves both and their ratio:
+its own; the parts are built in one too, so the parent never holds a model or GPU memory), and the parent
+prints and saves them and each vistune system's ratio to the baseline:
 
 - **baseline**: what a user would otherwise write. `LlavaForConditionalGeneration` (same vision config,
   same LLaMA config, same projector), the HF `Trainer`, a collator that pads each batch to its longest
   sample, no packing, no length grouping; the samples are tokenised by the same encoder as vistune's
   (so both see identical token ids), with LLaVA's `<image>` id expanded to the image-token run as
-  `LlavaProcessor` does.
-- **vistune**: `vistune.train.loop.train_stage` exactly as `vistune train` runs it, with sequence packing
-  (`data.packing`, rows of `--pack-length` tokens).
+  `LlavaProcessor` does. In LoRA mode under bf16 its frozen LLM is held in bf16, as vistune holds it.
+- **vistune-padded**: `vistune.train.loop.train_stage` exactly as `vistune train` runs it, batching as the
+  baseline does (`--batch-size` samples padded per micro-batch, no length grouping): the same work, so the
+  ratio is the code's.
+- **vistune-packed**: the same with sequence packing (`data.packing`, rows of `--pack-length` tokens, `--rows`
+  per micro-batch): the ratio adds what packing saves (no padding).
 
 The data mimic LLaVA-1.5's 665k mix: ~90% samples with one image (the vision tower's full token run:
 576 for CLIP ViT-L/14-336) and a text part of very different lengths (short VQA answers, medium
 conversations, long detailed descriptions), ~10% text-only conversations (ShareGPT), random words from
 the test tokenizer's vocabulary. Parts have random weights (throughput does not depend on them).
 
-Reported per system, over the steps after the first (which also starts the data loader):
-samples/s, tokens/s (text + image tokens, padding excluded), peak memory (CUDA: max allocated; CPU:
-peak RSS of the subprocess), and MFU. MFU counts the model FLOPs of the real tokens (never padding),
+Reported per system, over the steps after the first `--warmup-steps` (default 1, which also starts the data
+loader; 3 with --compile, whose first steps compile), dropped from every system alike: samples/s, tokens/s
+(text + image tokens, padding excluded), peak memory (CUDA: max allocated; CPU: peak RSS of the subprocess),
+and MFU. MFU counts the model FLOPs of the real tokens (never padding),
 the same for both systems, PaLM's convention (Chowdhery et al. 2022, app. B):
 
     per sample of T tokens (I of them image tokens):
       LLM         (6 if the LLM trains fully, else 4) * N_llm * T  +  12 * L * d * T^2   (attention)
       projector   6 * N_proj * I
       vision      2 * N_vis * P   per image (P patches incl. CLS; forward only, frozen)
-    FLOPs/s = mean FLOPs per sample * samples/s;  MFU = FLOPs/s / peak (bf16 dense peak of the GPU:
-    H100/H200 SXM 989 TFLOP/s, A100 312; or --peak-tflops).  A frozen LLM part still back-propagates
-    activations (4N, not 6N); LoRA's own weights are ignored (<1%).
+    FLOPs/s = mean FLOPs per sample * samples/s;  MFU = FLOPs/s / peak (dense bf16 peak of the GPU, by
+    its name, `PEAK_TFLOPS`: H100/H200 SXM 989 TFLOP/s, H100 PCIe 756, H100/H200 NVL 835, A100 312; or
+    --peak-tflops).  A frozen LLM part still back-propagates activations (4N, not 6N); LoRA's own
+    weights are ignored (<1%).
 On CPU there is no well-defined peak: MFU is only given with --peak-tflops.
 """
 
@@ -75,7 +81,22 @@ SHAPES: dict[str, dict] = {
                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),  # Vicuna-7B
                      "text_scale": 1.0, "max_len": 2048},
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+# Dense bf16 tensor-core peaks (NVIDIA datasheets; the sparse figures are twice these), matched in this order
+# against torch.cuda.get_device_name(): the PCIe and NVL cards run at lower clocks and power than the SXM ones
+# ("NVIDIA H100 80GB HBM3" is SXM; "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" name themselves).
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H800 PCIe", 756.0),
+    ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+]
+MFU_FORMULA = ("per sample of T tokens, I image tokens: (6 if the LLM trains fully else 4) * N_llm * T + 12 * L * d * "
+               "T^2 + 6 * N_proj * I, plus per image 2 * N_vis * P + 4 * L_vis * d_vis * P^2 (vision forward, P "
+               "patches); MFU = mean FLOPs per sample * samples/s / dense bf16 peak")
+SYSTEMS = ("baseline", "vistune-padded", "vistune-packed")
+
+
+def peak_tflops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA name (`PEAK_TFLOPS`), None when unknown."""
+    return next((v for k, v in PEAK_TFLOPS if k in gpu_name), None)
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -220,17 +241,22 @@ def peak_memory_mib(device: str) -> float:
     return peak_rss_mib()
 
 
-def steady(rows: list[dict]) -> dict:
-    """Rates over the steps after the first."""
-    rest = rows[1:] or rows
+def steady(rows: list[dict], warmup: int) -> dict:
+    """Rates over the steps after the first `warmup` (all steps if there are no more)."""
+    rest = rows[warmup:] or rows
     secs = sum(r["step_s"] for r in rest)
-    return {"steps": len(rows), "timed_steps": len(rest), "timed_s": secs,
-            "samples_per_s": sum(r["samples"] for r in rest) / secs,
+    samples = sum(r["samples"] for r in rest)
+    if not samples:
+        raise RuntimeError(f"no samples were counted over {len(rest)} timed steps")
+    return {"steps": len(rows), "samples_trained": sum(r["samples"] for r in rows), "timed_steps": len(rest),
+            "timed_s": secs, "samples_per_s": samples / secs,
             "tokens_per_s": sum(r["tokens"] for r in rest) / secs,
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
 def run_vistune(args: argparse.Namespace, parts: dict, data: Path, work: Path) -> dict:
+    """`vistune-packed` or `vistune-padded` (args.only)."""
+    packing = args.only == "vistune-packed"
     import shutil
 
     from vistune.config import load_config
@@ -240,7 +266,7 @@ def run_vistune(args: argparse.Namespace, parts: dict, data: Path, work: Path) -
     shutil.rmtree(work / "vistune_out", ignore_errors=True)
     stage = {
         "parts": {"projector": "full", "llm": args.llm_mode}, "format": "chat_template",
-        "data": {"path": str(data), "image_folder": str(data.parent / "images"), "packing": not args.no_packing,
+        "data": {"path": str(data), "image_folder": str(data.parent / "images"), "packing": packing,
                  "pack_length": args.pack_length, "num_workers": args.workers},
         "model_max_length": SHAPES[args.shape]["max_len"], "output_dir": str(work / "vistune_out"), "epochs": 1,
         "global_batch_size": args.rows * args.grad_accum, "micro_batch_size": args.rows, "lr": 2e-5,
@@ -248,7 +274,8 @@ def run_vistune(args: argparse.Namespace, parts: dict, data: Path, work: Path) -
         "loss_chunk_size": args.loss_chunk_size, "compile": args.compile, "tensorboard": False,
         "save_frozen": False, "lora": {"r": 128, "alpha": 256, "dropout": 0.05},
     }
-    if args.no_packing:  # padded like the baseline (same micro-batch in samples)
+    if not packing:  # batched like the baseline: same micro-batch in samples, padded, no length grouping
+        stage["data"]["group_by_modality_length"] = False
         stage["global_batch_size"], stage["micro_batch_size"] = args.batch_size * args.grad_accum, args.batch_size
     cfg = load_config(data={"model": {"vision": {"path": parts["vision"]},
                                       "llm": {"path": parts["llm"], "attn_implementation": args.attn}},
@@ -257,7 +284,7 @@ def run_vistune(args: argparse.Namespace, parts: dict, data: Path, work: Path) -
     rows = [json.loads(x) for x in (work / "vistune_out" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         r["tokens"] = r["tokens_per_s"] * r["step_s"]
-    return steady(rows)
+    return steady(rows, args.warmup_steps)
 
 
 def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) -> dict:
@@ -304,8 +331,6 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
                                                  return_tensors="pt")["pixel_values"]
             return item
 
-    counters = {"samples": 0, "tokens": 0}
-
     def collate(items: list[dict]) -> dict:  # pad to the longest in the batch (right), no packing
         n = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), n), tok.pad_token_id)
@@ -315,8 +340,6 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
             k = len(it["input_ids"])
             ids[i, :k], labels[i, :k], mask[i, :k] = it["input_ids"], it["labels"], 1
         pixels = [it["pixel_values"] for it in items if "pixel_values" in it]
-        counters["samples"] += len(items)
-        counters["tokens"] += int(mask.sum())
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
@@ -331,6 +354,11 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
     with torch.device(args.device):
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.requires_grad_(False)
+    if args.llm_mode == "lora" and args.precision == "bf16":
+        # vistune holds a frozen (LoRA) LLM in bf16 and the tower in float32: the same here, or the baseline
+        # would pay for float32 weights that nothing trains.
+        model.model.language_model.to(torch.bfloat16)
+        model.lm_head.to(torch.bfloat16)
     if args.llm_mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -339,6 +367,15 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
 
     rows: list[dict] = []
+    # Counted where the batches are trained, in this process: the collator runs in the loader's worker
+    # processes when --workers > 0, where counters would stay at 0 here.
+    counters = {"samples": 0, "tokens": 0}
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, *rest, **kw):  # noqa: ANN001, ANN202 (Trainer's own signature)
+            counters["samples"] += len(inputs["input_ids"])
+            counters["tokens"] += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, *rest, **kw)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -361,8 +398,9 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
         save_strategy="no", report_to=[], dataloader_num_workers=args.workers, remove_unused_columns=False,
         gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.device == "cpu", seed=0,
         disable_tqdm=True)
-    Trainer(model=model, args=targs, train_dataset=LazyDataset(), data_collator=collate, callbacks=[Timer()]).train()
-    return steady(rows)
+    CountingTrainer(model=model, args=targs, train_dataset=LazyDataset(), data_collator=collate,
+                    callbacks=[Timer()]).train()
+    return steady(rows, args.warmup_steps)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -383,7 +421,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--loss-chunk-size", type=int, default=None, help="vistune's chunked cross-entropy")
     p.add_argument("--compile", action="store_true", help="vistune: torch.compile the LLM")
-    p.add_argument("--no-packing", action="store_true", help="vistune pads like the baseline (to isolate packing)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps left out of the rates of every system (default: 1; 3 with --compile)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for both")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device, for MFU")
@@ -392,11 +432,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="keep parts and runs here (default: a temp folder)")
     p.add_argument("--output", type=Path, default=None,
                    help="default: benchmarks/results/train_throughput-<device>-<shape>.json")
-    p.add_argument("--only", choices=["vistune", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["parts", *SYSTEMS], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     args.samples = args.samples or (192 if args.shape == "tiny" else 2048)
     args.pack_length = args.pack_length or SHAPES[args.shape]["max_len"]
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (3 if args.compile else 1)
+    args.systems = args.systems.split(",")
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown or "baseline" not in args.systems:
+        p.error(f"--systems: {', '.join(unknown) or 'baseline missing'}; valid: {', '.join(SYSTEMS)} (baseline needed)")
     return args
 
 
@@ -407,13 +452,60 @@ def child(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.workdir
+    if args.only == "parts":
+        (work / "parts.json").write_text(json.dumps(build_parts(work / "parts", args.shape, args.device)))
+        return 0
     parts = json.loads((work / "parts.json").read_text())
     data = work / "data" / "train.json"
-    run = run_vistune if args.only == "vistune" else run_baseline
+    run = run_baseline if args.only == "baseline" else run_vistune
     result = run(args, parts, data, work)
     result["peak_memory_mib"] = peak_memory_mib(args.device)
+    result["gpu"] = torch.cuda.get_device_name() if args.device == "cuda" else None
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def _subprocess(args: argparse.Namespace, argv: list[str] | None, only: str, extra: list[str]) -> str:
+    """Run this script with `--only ONLY` in a child process; its stdout."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
+           "--only", only, "--workdir", str(args.workdir), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        sys.exit(f"{only} run failed (exit {proc.returncode})")
+    return proc.stdout
+
+
+def run_systems(args: argparse.Namespace, argv: list[str] | None) -> dict[str, list[dict]]:
+    """Every system `--repeats` times, alternating, so that a slow spell of a shared machine hits them all."""
+    runs: dict[str, list[dict]] = {name: [] for name in args.systems}
+    for _ in range(args.repeats):
+        for system in runs:
+            t = time.perf_counter()
+            out = _subprocess(args, argv, system, ["--rows", str(args.rows)])
+            line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{system} run printed no result:\n{out[-3000:]}")
+            runs[system].append({**json.loads(line.removeprefix("RESULT ")), "wall_s": time.perf_counter() - t})
+            print(f"  {system}: {runs[system][-1]['samples_per_s']:.2f} samples/s", flush=True)
+    return runs
+
+
+def summarise(args: argparse.Namespace, runs: dict[str, list[dict]], flops: float) -> tuple[dict, dict, float | None]:
+    """Each system's fastest run (the least disturbed one) with its MFU, and each vistune system's ratios."""
+    results = {k: max(v, key=lambda r: r["samples_per_s"]) for k, v in runs.items()}
+    gpu = results["baseline"].get("gpu")
+    peak = args.peak_tflops or (peak_tflops(gpu) if gpu else None)
+    for r in results.values():
+        r["model_tflops_per_s"] = flops * r["samples_per_s"] / 1e12
+        r["mfu"] = r["model_tflops_per_s"] / peak if peak else None
+    base = results["baseline"]
+    ratios = {name: {"samples_per_s": r["samples_per_s"] / base["samples_per_s"],
+                     "tokens_per_s": r["tokens_per_s"] / base["tokens_per_s"],
+                     "peak_memory": r["peak_memory_mib"] / base["peak_memory_mib"]}
+              for name, r in results.items() if name != "baseline"}
+    return results, ratios, peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from train_tiny import environment
 
+    # No CUDA call here beyond this check (it creates no context): the parent holds no GPU memory while
+    # the children run.
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
     tmp = None
@@ -433,8 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not (work / "parts.json").is_file():
-        parts = build_parts(work / "parts", args.shape, args.device)
-        (work / "parts.json").write_text(json.dumps(parts))
+        _subprocess(args, argv, "parts", [])
     parts = json.loads((work / "parts.json").read_text())
     data = build_data(work / "data", args.shape, args.samples, args.seed)
     lengths = sample_lengths(parts, data, SHAPES[args.shape]["max_len"])
@@ -445,53 +538,29 @@ def main(argv: list[str] | None = None) -> int:
           f"(min {min(t for t, _ in lengths)}, max {max(t for t, _ in lengths)}); parts and data in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
-    runs: dict[str, list[dict]] = {"baseline": [], "vistune": []}
-    for _ in range(args.repeats):  # alternating, so a slow spell of a shared machine hits both
-        for system in runs:
-            cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
-                   "--only", system, "--workdir", str(work), "--rows", str(args.rows)]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-            t = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-                sys.exit(f"{system} run failed (exit {proc.returncode})")
-            runs[system].append({**json.loads(line.removeprefix("RESULT ")), "wall_s": time.perf_counter() - t})
-            print(f"  {system}: {runs[system][-1]['samples_per_s']:.2f} samples/s", flush=True)
-    # Each system's fastest run (the least disturbed one); all runs are kept in the record.
-    results = {k: max(v, key=lambda r: r["samples_per_s"]) for k, v in runs.items()}
-
+    runs = run_systems(args, argv)
     flops = flops_per_sample(parts, lengths, args.llm_mode)
-    peak = args.peak_tflops
-    if peak is None and args.device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    for r in results.values():
-        r["model_tflops_per_s"] = flops * r["samples_per_s"] / 1e12
-        r["mfu"] = r["model_tflops_per_s"] / peak if peak else None
-    ratio = {k: results["vistune"][k] / results["baseline"][k] for k in ("samples_per_s", "tokens_per_s")}
-    ratio["peak_memory"] = results["vistune"]["peak_memory_mib"] / results["baseline"]["peak_memory_mib"]
+    results, ratios, peak = summarise(args, runs, flops)
 
-    print(f"\n{'':10}{'samples/s':>12}{'tokens/s':>12}{'peak MiB':>11}{'MFU':>8}{'loss first→last':>20}")
+    print(f"\n{'':16}{'samples/s':>12}{'tokens/s':>12}{'peak MiB':>11}{'MFU':>8}{'loss first→last':>20}")
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{name:10}{r['samples_per_s']:12.2f}{r['tokens_per_s']:12.0f}{r['peak_memory_mib']:11.0f}{mfu:>8}"
+        print(f"{name:16}{r['samples_per_s']:12.2f}{r['tokens_per_s']:12.0f}{r['peak_memory_mib']:11.0f}{mfu:>8}"
               f"{r['loss_first']:>10.3f}→{r['loss_last']:.3f}")
-    print(f"vistune / baseline: {ratio['samples_per_s']:.2f}x samples/s, {ratio['tokens_per_s']:.2f}x tokens/s, "
-          f"{ratio['peak_memory']:.2f}x peak memory")
+    for name, ratio in ratios.items():
+        print(f"{name} / baseline: {ratio['samples_per_s']:.2f}x samples/s, {ratio['tokens_per_s']:.2f}x tokens/s, "
+              f"{ratio['peak_memory']:.2f}x peak memory")
 
     machine, versions = environment()
-    if args.device == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name()
+    machine["gpu"] = results["baseline"].get("gpu")
     record = {
         "benchmark": "train_throughput", "device": args.device, "shape": args.shape,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("only", "workdir", "output")},
         "data": {"samples": len(lengths), "with_image": sum(1 for _, i in lengths if i), "mean_tokens": mean_len,
                  "image_tokens": _num_image_tokens(parts), "max_tokens": max(t for t, _ in lengths)},
-        "model_flops_per_sample": flops, "peak_tflops": peak,
-        "results": results, "all_runs": runs, "ratio_vistune_over_baseline": ratio,
+        "model_flops_per_sample": flops, "peak_tflops": peak, "mfu_formula": MFU_FORMULA,
+        "results": results, "all_runs": runs, "ratios_over_baseline": ratios,
         "machine": machine, "versions": versions,
         "command": shlex.join([sys.executable, *sys.argv]),
     }

@@ -110,6 +110,221 @@ def test_a_two_process_checkpoint_resumes_on_one(runs: dict, dataset_dir: Path, 
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+# Run under torchrun: records which files under a resume checkpoint each process opens (Python's `open`
+# audit event covers torch.load; safetensors opens files in Rust, so its `safe_open` is wrapped), then
+# runs `vistune train`.
+_RECORD_READS = """
+import json, os, sys
+import safetensors.torch
+
+reads = []
+sys.addaudithook(lambda event, args: reads.append(str(args[0])) if event == "open" else None)
+_safe_open = safetensors.torch.safe_open
+def _recording_safe_open(path, *args, **kwargs):
+    reads.append(str(path))
+    return _safe_open(path, *args, **kwargs)
+safetensors.torch.safe_open = _recording_safe_open
+
+from vistune.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    mine = sorted({os.path.basename(r) for r in reads if "/checkpoints/step-" in r})
+    with open(os.environ["READS_DIR"] + "/rank" + os.environ["RANK"] + ".json", "w") as f:
+        json.dump(mine, f)
+sys.exit(code)
+"""
+
+
+def test_two_processes_resume_with_one_reader(runs: dict, dataset_dir: Path, tmp_path: Path) -> None:
+    """Item 1 of issue 22: the 2-process run's step-2 checkpoint, resumed on 2 processes, ends exactly where
+    the uninterrupted run ends, and only rank 0 read its weights and optimizer state (the others got them
+    by broadcast)."""
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["root"] / "ddp" / "checkpoints", out / "checkpoints")
+    (tmp_path / "record.py").write_text(_RECORD_READS)
+    cfg = {"model": runs["model"], "stages": {"ddp": _stage(dataset_dir, out)}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "READS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "record.py"), "train", str(tmp_path / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reads = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert {"trainable.safetensors", "optimizer.pt"} <= set(reads[0]), reads
+    assert not {"trainable.safetensors", "optimizer.pt"} & set(reads[1]), reads
+    assert [r["step"] for r in _rows(out)] == [3, 4]
+    uninterrupted = _rows(runs["root"] / "ddp")
+    for a, b in zip(uninterrupted[2:], _rows(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    w1, w2 = _weights(runs["root"] / "ddp"), _weights(out)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+# Two processes over gloo with torch's FSDP2 (`fully_shard`, which accelerate applies on GPUs; torch runs it on
+# CPU too): train 2 steps, save a resume checkpoint, train 2 more; then a freshly built sharded model resumes
+# from the checkpoint and trains the same 2 steps. Prints rank 0's comparison and each rank's checkpoint reads.
+_FSDP_RESUME = """
+import json, os, sys
+import safetensors.torch
+import torch, torch.distributed as dist
+from pathlib import Path
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+reads = []
+sys.addaudithook(lambda event, args: reads.append(str(args[0])) if event == "open" else None)
+_safe_open = safetensors.torch.safe_open
+def _recording_safe_open(path, *args, **kwargs):
+    reads.append(str(path))
+    return _safe_open(path, *args, **kwargs)
+safetensors.torch.safe_open = _recording_safe_open
+from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
+
+dist.init_process_group("gloo")
+rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
+
+def build(seed):
+    torch.manual_seed(0)  # the frozen part comes from its source, as a frozen tower or LLM does
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)  # sharded beside the trained part
+    torch.manual_seed(seed)
+    model[2].reset_parameters()  # the trained part starts elsewhere: only the checkpoint can bring it back
+    for unit in (model[0], model[2], model):
+        fully_shard(unit, mesh=mesh)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+def step(model, optimizer, k):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * k + rank))
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+def full(model):
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+out = Path(sys.argv[1])
+model, optimizer, scheduler = build(0)
+for k in range(2):
+    step(model, optimizer, k)
+state = gather_state(model, optimizer)
+if rank == 0:
+    save_resume(out, state, scheduler, Progress(step=2), keep=1)
+dist.barrier()
+for k in range(2, 4):
+    step(model, optimizer, k)
+reference = full(model)
+reads.clear()
+resumed, optimizer, scheduler = build(1)
+load_resume(list_checkpoints(out)[-1], resumed, optimizer, scheduler)
+mine = sorted({os.path.basename(r) for r in reads if "/checkpoints/step-" in r})
+for k in range(2, 4):
+    step(resumed, optimizer, k)
+got = full(resumed)
+found = [None] * dist.get_world_size()
+dist.all_gather_object(found, mine)
+if rank == 0:
+    same = sorted(reference) == sorted(got) and all(torch.equal(reference[k], got[k]) for k in reference)
+    print("FOUND " + json.dumps({"same": same, "keys": len(reference), "reads": found}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_resume_reads_on_rank_0_and_continues_exactly(tmp_path: Path) -> None:
+    """Item 1 of issue 22 under FSDP2 (as accelerate shards on GPUs, here with gloo on CPU): a sharded model
+    resumes exactly (weights after 2 more steps equal the uninterrupted run's), and only rank 0 read the
+    checkpoint's weights and optimizer state."""
+    (tmp_path / "fsdp.py").write_text(_FSDP_RESUME)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "fsdp.py"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    found = json.loads(proc.stdout.split("FOUND ", 1)[1].splitlines()[0])
+    assert found["same"] and found["keys"] == 4, found
+    assert {"trainable.safetensors", "optimizer.pt"} <= set(found["reads"][0]), found
+    assert not {"trainable.safetensors", "optimizer.pt"} & set(found["reads"][1]), found
+
+
+_ONE_PROCESS_LAUNCH = """
+import json, sys
+import torch, torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from vistune.config import load_config
+from vistune.train.distributed import reset_engine
+from vistune.train.loop import run
+
+run(load_config(sys.argv[1]))  # its one stage is already finished: only the processes join
+backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+found = {"timeout_s": backend.options._timeout.total_seconds(), "joined": PartialState().distributed_type.value}
+PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as a stage's FSDP Accelerator leaves it
+reset_engine()
+found["after_reset"] = PartialState().distributed_type.value
+print("FOUND " + json.dumps(found))
+"""
+
+
+def test_one_process_launch_keeps_its_timeout_and_launched_engine(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                                  dataset_dir: Path) -> None:
+    """Items 2 and 5 of issue 22: the run's collective timeout reaches the process group, and after a stage
+    under FSDP/DeepSpeed in a one-process torchrun the next stage still sees a launched run (not NO, which made
+    accelerate ignore its engine plugin and the engine check fail)."""
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "vistune.json").write_text("{}")
+    cfg = {"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+           "stages": {"s": _stage(dataset_dir, out)}, "collective_timeout_minutes": 7}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "probe.py").write_text(_ONE_PROCESS_LAUNCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(tmp_path / "probe.py"), str(tmp_path / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    found = json.loads(proc.stdout.split("FOUND ", 1)[1])
+    assert found == {"timeout_s": 7 * 60.0, "joined": "MULTI_CPU", "after_reset": "MULTI_CPU"}
+
+
+def test_fsdp_reduces_in_fp32_and_shards_tower_and_embeddings(clip_dir: Path, llama_dir: Path) -> None:
+    """Item 9 of issue 22 (FSDP itself runs on GPUs only, see test_gpu.py): under bf16 the plugin gathers weights
+    in bf16 but reduces gradients in fp32, also after accelerate applies the stage's precision to it; the vision
+    tower and the embedding tables are units of their own, named by classes the model has; tied embeddings
+    (one parameter for input and output) are left to the root unit."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vistune.model.checkpoint import build_model
+    from vistune.train.distributed import fsdp_plugin, fsdp_unit_names
+
+    plugin = fsdp_plugin("bf16")
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with the plugin
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp_plugin("no").mixed_precision_policy is None
+
+    cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+                            "stages": {"s": _stage(Path("."), Path("."))}})
+    model = build_model(cfg.model.vision, cfg.model.llm, cfg.model.projector, torch.float32, torch.float32)
+    names = fsdp_unit_names(model.llm)
+    assert names == ["LlamaDecoderLayer", "VisionTower", "Embedding"]
+    found = {name: get_module_class_from_name(model, name) for name in names}
+    assert all(found.values()), found
+    assert found["Embedding"] is type(model.llm.get_input_embeddings())
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))
+    assert fsdp_unit_names(tied) == ["LlamaDecoderLayer", "VisionTower"]
+
+
 def test_an_engine_accelerate_did_not_set_up_is_an_error() -> None:
     from accelerate.utils import DistributedType
 

@@ -122,7 +122,11 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used by the precheck).")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes per training process (also used by the precheck). "
+        "None: on CUDA, the CPU cores per process minus one, at most 8, so JPEG decoding, resizing and tokenizing "
+        "keep up with the GPU; on CPU-only runs 0 (the cores are busy computing)."
+    )
     precheck: bool = Field(
         True, description="Tokenize every sample before training: labels checked and exact lengths, so a bad "
         "sample stops the run at its start, not hours in (about 1-2 ms per sample per process)."
@@ -270,6 +274,11 @@ class RunConfig(_Strict):
 
     model: ModelConfig
     stages: dict[str, StageConfig] = Field(description="Stage name -> stage, run in the order written.")
+    collective_timeout_minutes: int = Field(
+        120, gt=0, description="How long a process waits in a collective (barrier, all-reduce) before the launch "
+        "fails. Generous, because the other processes wait at a barrier while the first writes a checkpoint (tens "
+        "of GB at 7B; torch's own default is 10 minutes)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -343,6 +352,29 @@ def _section_model(parts: list[str]) -> type[BaseModel] | None:
     return model
 
 
+# Hugging Face Trainer / LLaVA TrainingArguments names that people type into a stage, with the vistune
+# field for each. Deliberately hints, not aliases: two names for one field is two ways to do one thing,
+# and the batch names do not map one to one (vistune's batch is global: the accumulation steps follow
+# from it, the processes and the micro batch, so a run keeps its batch when the GPU count changes).
+_HF_STAGE_NAMES = {
+    "learning_rate": "did you mean 'lr'?",
+    "num_train_epochs": "did you mean 'epochs'?",
+    "per_device_train_batch_size": "did you mean 'micro_batch_size' (samples per forward pass per process)? "
+                                   "vistune also needs 'global_batch_size' (samples per optimizer step over all "
+                                   "processes)",
+    "gradient_accumulation_steps": "vistune derives it: set 'global_batch_size' = per_device_train_batch_size x "
+                                   "gradient_accumulation_steps x processes, and 'micro_batch_size' = "
+                                   "per_device_train_batch_size",
+    "lr_scheduler_type": "did you mean 'lr_schedule'?",
+    "warmup_steps": "vistune takes 'warmup_ratio' (a fraction of the steps)",
+    "save_steps": "did you mean 'save_every'?",
+    "save_total_limit": "did you mean 'keep_checkpoints'?",
+    "logging_steps": "did you mean 'log_every'?",
+    "bf16": "did you mean 'precision: bf16'?",
+    "mm_projector_lr": "did you mean 'projector_lr'?",
+}
+
+
 def _suggest(loc: str) -> str:
     """Name the valid fields of the section an unknown key sits in, and the closest one."""
     parts = loc.split(".")
@@ -352,6 +384,8 @@ def _suggest(loc: str) -> str:
     valid = sorted(model.model_fields)
     close = difflib.get_close_matches(parts[-1], valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if model is StageConfig and parts[-1] in _HF_STAGE_NAMES:
+        hint = f" ({_HF_STAGE_NAMES[parts[-1]]})"
     return f"{hint}; valid fields: {', '.join(valid)}"
 
 

@@ -3,7 +3,7 @@
 A sample whose labels cannot be built (LabelError) or whose replies are all cut off by
 `model_max_length` would otherwise be found when the loader reaches it, possibly hours in. Checking
 costs about 1-2 ms per conversation per core, so large sets are checked in a pool of processes (one per
-CPU of this process's share of the machine), once per machine: the other processes read the result
+CPU), once per machine: the other processes read the result
 (`shared_outcomes`). The exact token counts also make length-grouped batching exact. Samples that lose
 only some reply tokens to truncation are counted (and dropped if asked); with `verify_images` every
 image is decoded once here, so a corrupt file is found (and counted once) before training.
@@ -56,11 +56,10 @@ def _check_chunk(encoder: ChatEncoder, samples: list[Sample], layout: ImageLayou
     return out
 
 
-def default_workers(local_processes: int = 1) -> int:
-    """The CPUs this process may use, shared among the processes of this machine (the precheck is
-    CPU-bound: tokenizing and, with verify_images, decoding)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, local_processes))
+def default_workers() -> int:
+    """The CPUs this process may use (the precheck is CPU-bound: tokenizing and, with verify_images,
+    decoding; it runs in one process per machine while the others wait)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check_samples(samples: list[Sample], encoder: ChatEncoder, workers: int = 0, pool_min: int = _POOL_MIN,

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Literal, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch.utils.data import Sampler
 
+from vistune.config import RunConfig
 from vistune.errors import ConfigError
 
 Engine = Literal["ddp", "fsdp", "zero2", "zero3"]
@@ -60,10 +62,32 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return len(self.batches(self.epoch)[self.skip:][self.rank:: self.world])
 
 
-def process_state() -> PartialState:
+# Collective timeout when the run config gives none (RunConfig.collective_timeout_minutes). torch's default
+# (10 minutes) is shorter than rank 0's save of a 7B full finetune (tens of GB) on slow shared storage, while
+# the other ranks wait at a barrier: they would time out and kill rank 0 mid-save, and a rerun would too.
+DEFAULT_TIMEOUT_MINUTES = RunConfig.model_fields["collective_timeout_minutes"].default
+
+
+def process_state(timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> PartialState:
     """The processes of this run (accelerate's). Without CUDA, processes started by torchrun or
-    `accelerate launch` join over gloo on the CPU (accelerate would otherwise run each one alone)."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    `accelerate launch` join over gloo on the CPU (accelerate would otherwise run each one alone).
+    `timeout_minutes` bounds every collective (barriers included); it applies when the processes first
+    join, i.e. at the first call in a launch."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))
+    return PartialState(cpu=not torch.cuda.is_available(), **timeout.to_kwargs())
+
+
+def loader_workers(configured: int | None) -> int:
+    """DataLoader workers for this process: `configured`, or by default (None) the CPU cores available to each
+    process on this machine minus one for the training loop itself, at most 8 (more rarely pays: by then the
+    GPU waits on nothing); 0 without CUDA, where the cores run the model."""
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, per_process - 1))
 
 
 def reset_engine() -> None:
@@ -76,8 +100,11 @@ def reset_engine() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
     state = process_state()
     if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # An engine was set up, so the run was launched (accelerate sets engines up on launched runs only),
+        # and PartialState had the multi-process type, even for one process (torchrun --nproc_per_node 1):
+        # restore that, not NO, or the next stage's FSDP/DeepSpeed plugin would be ignored.
         base = DistributedType.MULTI_GPU if state.device.type == "cuda" else DistributedType.MULTI_CPU
-        PartialState._shared_state["distributed_type"] = base if state.num_processes > 1 else DistributedType.NO
+        PartialState._shared_state["distributed_type"] = base
 
 
 def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_size: int,
@@ -97,7 +124,7 @@ def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_siz
     if not launched or engine == "ddp":
         accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, **trackers)
     elif engine == "fsdp":
-        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin(), **trackers)
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin(mixed), **trackers)
     else:
         accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, deepspeed_plugin=deepspeed_plugin(
             engine, accum, micro_batch_size, max_grad_norm, mixed), **trackers)
@@ -118,27 +145,43 @@ def check_engine(engine: Engine, distributed_type: DistributedType) -> None:
                           "use distributed: ddp or fsdp here, or launch on GPUs")
 
 
-def fsdp_plugin() -> object:
-    """FSDP2 (torch's `fully_shard`), full sharding, one unit per LLM decoder layer (set in `wrap_policy_for`).
-    FSDP2 shards frozen and trained parameters side by side, as LLaVA's stages need."""
+def fsdp_plugin(mixed: str = "no") -> object:
+    """FSDP2 (torch's `fully_shard`), full sharding, units set in `wrap_policy_for`. FSDP2 shards frozen and
+    trained parameters side by side, as LLaVA's stages need. Under bf16, weights are gathered in bf16 but
+    gradients are reduced in fp32 (accelerate's default reduces in bf16): a sum over hundreds of ranks and
+    micro-batches loses bits in bf16's 8-bit mantissa, and DDP/ZeRO reduce the fp32 gradients too."""
     from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed == "bf16" else None
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                           auto_wrap_policy="transformer_based_wrap",
-                                          state_dict_type="FULL_STATE_DICT")
+                                          state_dict_type="FULL_STATE_DICT", mixed_precision_policy=policy)
 
 
 def wrap_policy_for(accelerator: Accelerator, llm: object) -> None:
-    """Point FSDP's auto-wrap at the LLM's decoder layers (transformers lists them in `_no_split_modules`)."""
+    """Point FSDP's auto-wrap at its units (`fsdp_unit_names`)."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return
-    plugin = accelerator.state.fsdp_plugin
+    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_unit_names(llm)
+
+
+def fsdp_unit_names(llm: object) -> list[str]:
+    """Module classes that become FSDP units: the LLM's decoder layers (transformers lists them in
+    `_no_split_modules`), the vision tower, and the embedding tables. Whatever no unit claims stays in the
+    root unit, whose weights are gathered for the whole forward and backward; at LLaVA-1.5-7B the tower and the
+    token embeddings are ~0.45B parameters there otherwise (the projector and lm_head remain)."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     names = list(getattr(base, "_no_split_modules", None) or [])
     if not names:
         raise ConfigError(f"distributed: fsdp needs the LLM's layer class to shard by, and {type(base).__name__} "
                           "lists none in _no_split_modules; use ddp or zero2/zero3")
-    plugin.transformer_cls_names_to_wrap = names
+    units = [*names, "VisionTower"]
+    out_emb = base.get_output_embeddings()
+    # Tied input/output embeddings are one parameter, which FSDP cannot shard into two units (lm_head stays in root).
+    if out_emb is None or out_emb.weight is not base.get_input_embeddings().weight:
+        units.append("Embedding")
+    return units
 
 
 def deepspeed_plugin(engine: Engine, accum: int, micro_batch_size: int, max_grad_norm: float | None,

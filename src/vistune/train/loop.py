@@ -41,6 +41,7 @@ from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
     is_sharded,
+    loader_workers,
     loss_scale,
     make_accelerator,
     process_state,
@@ -50,6 +51,7 @@ from vistune.train.distributed import (
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
 from vistune.train.console import log
+from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
 from vistune.train.provenance import data_identity, fingerprint, resume_checkpoints, write_run_files
 from vistune.train.signals import SaveClock, StopRequests, TrainingInterrupted
 from vistune.train.stage_data import build_validator, hint_bad_samples, precheck_stage, report_problems
@@ -65,6 +67,7 @@ def run(cfg: RunConfig, only: list[str] | None = None, allow_config_change: bool
     unknown = [n for n in only or [] if n not in cfg.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
+    process_state(cfg.collective_timeout_minutes)  # the processes join here, with the run's timeout
     outputs = {}
     for name, stage in cfg.stages.items():
         if only and name not in only:
@@ -107,13 +110,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     samples, val_samples = split_validation(stage, samples, problems)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
                                    stage.max_grad_norm, **accelerator_kwargs(stage.report_to, out))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and (stage.save_every or stage.stop_after_steps):
-        # DeepSpeed keeps optimizer state in its own partitioned objects, which the name-keyed resume
-        # checkpoints (state.py) cannot read yet.
-        raise ConfigError(f"[{name}] resume checkpoints (save_every / stop_after_steps) are not written under "
-                          f"distributed: {stage.distributed} yet; use fsdp (also sharded, resumable on any number "
-                          "of processes) or drop save_every")
-    resumable = accelerator.distributed_type != DistributedType.DEEPSPEED
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # resumes through its own state
     run_fingerprint = fingerprint(model_cfg, stage, data_identity(stage.data.path, [s.id for s in samples]), world)
     checkpoints = resume_checkpoints(out, stage, name, run_fingerprint, allow_config_change, accelerator)
 
@@ -131,6 +128,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
                           stage.model_max_length)
     lengths = None
+    workers = loader_workers(stage.data.num_workers)
     if stage.data.precheck:
         samples, lengths = precheck_stage(stage, samples, encoder, model, problems, truncated)
     dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
@@ -148,7 +146,6 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     # The loader draws its worker seed from its own generator, not the global one, so that starting
     # a new epoch iterator (as a resumed run does mid-epoch) leaves the global RNG stream untouched.
     # Persistent workers keep their start-up cost to the first epoch; pinned memory speeds host->GPU copies.
-    workers = stage.data.num_workers
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(stage.seed), persistent_workers=workers > 0,
                         pin_memory=accelerator.device.type == "cuda")
@@ -156,8 +153,9 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     batches_per_epoch = len(sampler.batches(0))  # over all processes
     steps_per_epoch = math.ceil(batches_per_epoch / (accum * world))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    # Fused AdamW (one kernel for all parameters) on CUDA; the weights are moved there by `prepare`.
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay),
-                                  lr=stage.lr, betas=(0.9, 0.999))
+                                  lr=stage.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda")
     scheduler = get_scheduler(stage.lr_schedule, optimizer, math.ceil(stage.warmup_ratio * total_steps), total_steps)
     wrap_policy_for(accelerator, model.llm)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -166,13 +164,15 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
 
     progress = Progress()
     if checkpoints:
-        progress = load_resume(checkpoints[-1], model, optimizer, scheduler)
+        check_resumable(checkpoints[-1], stage.distributed, deepspeed, world)
+        progress = (load_engine_resume(accelerator, checkpoints[-1], scheduler) if deepspeed
+                    else load_resume(checkpoints[-1], model, optimizer, scheduler))
         log(f"[{name}] resumed from {checkpoints[-1]} (step {progress.step}/{total_steps})")
     problems.restore(progress.skipped, progress.skipped_seen)
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # config.yaml (step-N folders are rebuilt from it) and versions.json
         write_run_files(out, model_cfg, stage, name)
     metrics = Metrics(out, accelerator, name, stage.model_dump(mode="json"), progress.step, progress.tokens,
                       stage.log_every)
@@ -180,8 +180,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     model.train()
     stopped_early, stop_signal = False, None
     with StopRequests() as requests:  # SIGTERM/SIGUSR1/Ctrl-C: save at the next step boundary
-        clock = SaveClock(stage.save_every, stage.save_every_minutes if resumable else None, stage.stop_after_steps,
-                          requests)
+        clock = SaveClock(stage.save_every, stage.save_every_minutes, stage.stop_after_steps, requests)
         postfix: dict[str, str] = {}
         while progress.step < total_steps:
             sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
@@ -211,11 +210,16 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
                                **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
                 bar.set_postfix(postfix)
                 save, stop_signal = clock.due(progress.step, partial(_reduce_sum, accelerator))
-                if save and resumable and progress.step < total_steps:
-                    state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
-                    if accelerator.is_main_process:
-                        save_resume(out, state, scheduler, progress, stage.keep_checkpoints, run_fingerprint)
-                    accelerator.wait_for_everyone()
+                if save and progress.step < total_steps:
+                    if deepspeed:  # every process writes its partition
+                        save_engine_resume(accelerator, out, stage.distributed, scheduler, progress,
+                                           stage.keep_checkpoints, run_fingerprint)
+                    else:
+                        state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
+                        if accelerator.is_main_process:
+                            save_resume(out, state, scheduler, progress, stage.keep_checkpoints,
+                                        fingerprint=run_fingerprint)
+                        accelerator.wait_for_everyone()
                     clock.saved()
                 at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
                 if (at_stop or stop_signal) and progress.step < total_steps:
@@ -230,7 +234,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
     metrics.close()
     report_problems(name, problems, truncated, out)
     if stopped_early:
-        return _stopped(name, out, progress, stop_signal, resumable)
+        return _stopped(name, out, progress, stop_signal)
 
     unwrapped = accelerator.unwrap_model(model)
     spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
@@ -244,6 +248,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
             accelerator.wait_for_everyone()
             return out
         unwrapped = _unsharded_copy(model_cfg, stage, unwrapped, full)
+    if accelerator.is_main_process and stage.parts.llm == "full" and stage.precision == "bf16":
+        # A trained LLM is saved in the training dtype, as LLaVA does: half the bytes and the write time of its
+        # float32 master weights (13 GB instead of 27 GB at 7B). Training is over; nothing reads them after.
+        unwrapped.llm.to(torch.bfloat16)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
         save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen,
@@ -287,19 +295,24 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
             extra = {"use_cache": False}
             if b.get("position_ids") is not None:
                 extra["position_ids"] = b["position_ids"].to(device)
+            for key, value in b.get("flash_kwargs", {}).items():  # packed rows' boundaries (flatten_rows)
+                extra[key] = value.to(device) if isinstance(value, torch.Tensor) else value
             if opts.loss_chunk_size is not None:
                 extra["loss_chunk_size"] = opts.loss_chunk_size
-            out = model(
+            loss = model(
                 input_ids=b["input_ids"].to(device),
                 attention_mask=None if b["attention_mask"] is None else b["attention_mask"].to(device),
                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                 labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1),
                 image_sizes=b.get("image_sizes"), **extra,
-            )
+            ).loss
+            # Only the loss is kept: the output's logits ([B, T, vocab], 2 GB in bf16 at 16 x 2048 x 32K, plus
+            # accelerate's float32 copy of them under bf16 on one GPU / DDP) are freed before backward, which
+            # needs only what autograd saved.
             # A stage where nothing trains (every part frozen) has nothing to do here.
-            if out.loss.requires_grad:
-                accelerator.backward(out.loss * opts.loss_scale)
-        total += out.loss.detach().double()
+            if loss.requires_grad:
+                accelerator.backward(loss * opts.loss_scale)
+        total += loss.detach().double()
     return float(accelerator.reduce(total, "sum")), attended, n_samples
 
 
@@ -313,6 +326,8 @@ def _unsharded_copy(model_cfg: ModelConfig, stage: StageConfig, sharded: VisionL
                     full: dict[str, torch.Tensor]) -> VisionLanguageModel:
     """A plain model holding FSDP's gathered weights, for `save_checkpoint` (main process)."""
     llm_dtype = next(p.dtype for p in sharded.llm.parameters())
+    if stage.precision == "bf16":  # built in the dtype it is saved in: half the host memory of float32
+        llm_dtype = torch.bfloat16
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     apply_parts(model, stage.parts, stage.lora, False)
     missing, unexpected = model.load_state_dict(full, strict=False)
@@ -341,11 +356,9 @@ def _reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor.to(accelerator.device), "sum").cpu()
 
 
-def _stopped(name: str, out: Path, progress: Progress, signum: int | None, resumable: bool) -> None:
+def _stopped(name: str, out: Path, progress: Progress, signum: int | None) -> None:
     """End of an invocation stopped before its last step: by stop_after_steps (returns) or a signal (raises)."""
-    saved = list_checkpoints(out)
-    where = (f"saved {saved[-1]}; run the same command again to resume from step {progress.step}"
-             if resumable and saved else "no resume checkpoint (DeepSpeed runs do not write them yet)")
+    where = f"saved {list_checkpoints(out)[-1]}; run the same command again to resume from step {progress.step}"
     if signum is None:
         log(f"[{name}] stopped after step {progress.step} (stop_after_steps); {where}")
         return None

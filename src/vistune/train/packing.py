@@ -86,10 +86,18 @@ def collate_packed(batch_items: list[dict | Skipped], pad_token_id: int, pack_le
 
 def flatten_rows(batch: dict) -> dict:
     """[R, L] -> [1, R*L] for flash-attn varlen, which transformers only detects on a single row
-    (boundaries are already marked by the position ids, padding included)."""
+    (boundaries are already marked by the position ids, padding included). The boundaries also go in as
+    `flash_kwargs` (cu_seq_lens_q/k [S+1] int32, max_length_q/k as ints), computed once here by
+    transformers' own function: given them, its flash-attention path skips recomputing them from the
+    position ids in every layer, and a compiled model sees no data-dependent `.max()` there."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
     out = dict(batch)
     for key in ("input_ids", "labels", "position_ids"):
         out[key] = batch[key].reshape(1, -1)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(out["position_ids"])
+    out["flash_kwargs"] = {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k,
+                           "max_length_q": int(max_q), "max_length_k": int(max_k)}
     return out
 
 

@@ -22,15 +22,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
 
-from vistune.config import ModelConfig, RunConfig, StageConfig
+from vistune.config import ModelConfig, StageConfig
 from vistune.errors import ConfigError
 from vistune.train.console import log
 from vistune.train.state import clean_stale_temps, list_checkpoints
+from vistune.train.step_model import write_stage_file
 
-CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
 FINGERPRINT_FILE = "fingerprint.json"
 # Stage fields that do not change what is trained: how often to log/save/validate, where to report,
@@ -76,11 +75,9 @@ def versions() -> dict[str, str | None]:
 
 
 def write_run_files(out: Path, model: ModelConfig, stage: StageConfig, name: str) -> None:
-    """config.yaml and versions.json in `out` (main process)."""
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = RunConfig(model=model, stages={name: stage}).model_dump(mode="json")
-    write_atomic(out / CONFIG_FILE, "# written by vistune train: this stage's resolved config\n"
-                 + yaml.safe_dump(resolved, sort_keys=False))
+    """config.yaml (`write_stage_file`: step-N folders are also rebuilt from it) and versions.json in `out`
+    (main process)."""
+    write_stage_file(out, model, stage, name)
     write_atomic(out / VERSIONS_FILE, json.dumps(versions(), indent=2) + "\n")
 
 

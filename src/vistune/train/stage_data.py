@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -31,8 +30,7 @@ def precheck_stage(stage: StageConfig, samples: list[Sample], encoder: ChatEncod
     """The precheck, run in a process pool by the first process of each machine and shared with the others
     through OUTPUT_DIR/.precheck.json (reused on resume while data and encoding settings are unchanged)."""
     state = process_state()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = max(stage.data.num_workers, default_workers(local))
+    workers = default_workers()  # one process checks for the whole machine, the others wait: all its CPUs
     data = Path(stage.data.path).stat()
     key = hashlib.sha256(json.dumps([
         str(Path(stage.data.path).resolve()), data.st_size, data.st_mtime_ns, stage.data.image_folder,

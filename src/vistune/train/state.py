@@ -6,6 +6,7 @@
       scheduler.pt
       rng.pt                  torch (CPU and CUDA) generator states
       progress.json           step, epoch, batches done in the epoch, python RNG, skip counts
+      engine/                 under DeepSpeed instead of the first two files: its own state (engine_state.py)
 
 accelerate's `save_state` would write the whole model, frozen parts included, hence this small
 module. Weights and optimizer state are saved unsharded and keyed by parameter name (torch's
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -50,6 +52,7 @@ class Progress:
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+ENGINE_DIR = "engine"  # DeepSpeed's own partitioned state (engine_state.py), in place of the two files above
 
 
 def _trainable_names(model: nn.Module) -> set[str]:
@@ -63,24 +66,30 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     if any(isinstance(p, DTensor) for p in model.parameters()):
         wanted = _trainable_names(model)
         weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=_FULL).items() if n in wanted}
+    elif dist.is_initialized() and dist.get_rank() != 0:
+        weights = {}  # only the main process writes: no host copy of the weights on the others
     else:  # no gathering needed, and no copy of a frozen 7B LLM every save
         weights = {n.replace("_orig_mod.", "").removeprefix("module."): p.detach().contiguous().cpu()
                    for n, p in model.named_parameters() if p.requires_grad}
     return weights, get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
+def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int,
-                fingerprint: dict | None = None) -> Path:
+                engine_dir: Path | None = None, fingerprint: dict | None = None) -> Path:
     """Write a checkpoint from `gather_state`'s result (main process only), with the run's fingerprint
-    (provenance.py) beside it."""
+    (provenance.py) beside it. Under DeepSpeed `state` is None and `engine_dir` holds the engine's own state
+    (engine_state.py), which is moved in as `ENGINE_DIR`."""
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    weights, optim_state = state
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optim_state, tmp / "optimizer.pt")
+    if state is not None:
+        weights, optim_state = state
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
+    if engine_dir is not None:
+        os.replace(engine_dir, tmp / ENGINE_DIR)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -101,10 +110,11 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict],
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove `checkpoints/.tmp-*` left by a process killed while saving (resume never reads them; they
-    can hold a full copy of weights and optimizer state). Main process, before this run saves anything."""
+    """Remove `checkpoints/.tmp-*` (and DeepSpeed's `.engine-step-*` staging) left by a process killed while
+    saving (resume never reads them; they can hold a full copy of weights and optimizer state). Main process,
+    before this run saves anything."""
     root = folder / "checkpoints"
-    stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    stale = sorted([*root.glob(".tmp-*"), *root.glob(".engine-step-*")]) if root.is_dir() else []
     for tmp in stale:
         shutil.rmtree(tmp, ignore_errors=True)
     return stale
@@ -119,17 +129,43 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def load_resume(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
-    """Load a checkpoint into the (possibly DDP/FSDP-wrapped) model and its optimizer, on every process."""
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    wanted = _trainable_names(model)
-    if set(weights) != wanted:
-        raise CheckpointError(f"{ckpt}: its trainable parameters differ from this stage's "
-                              f"({len(set(weights) ^ wanted)} names differ); was the stage config changed?")
+    """Load a checkpoint into the (possibly DDP/FSDP-wrapped) model and its optimizer, on every process.
+
+    With several processes only the first reads the weights and optimizer state and broadcasts them, one
+    tensor at a time (torch's `broadcast_from_rank0`); FSDP shards them on the way in. A 7B full finetune's
+    are ~27 GB of fp32 weights and ~54 GB of Adam moments: read on each of 8 ranks, more host memory than
+    many 8-GPU nodes have. The small files (scheduler, RNG, progress) are read everywhere."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    reader = not several or dist.get_rank() == 0
+    weights: dict[str, torch.Tensor] = {}
+    optim_state: dict = {}
+    problem = None
+    if reader:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        wanted = _trainable_names(model)
+        if set(weights) != wanted:
+            problem = (f"{ckpt}: its trainable parameters differ from this stage's "
+                       f"({len(set(weights) ^ wanted)} names differ); was the stage config changed?")
+        else:  # mmap: pages are read as the broadcast walks the tensors, not all up front
+            optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True, mmap=True)
+    if several:  # every process must raise, or the others would wait for a broadcast that never comes
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise CheckpointError(problem)
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    # Unsharded models take the full dicts as they are; FSDP shards them on the way in.
-    options = StateDictOptions(full_state_dict=sharded, strict=False)
+    # Unsharded models on one process take the full dicts as they are; otherwise rank 0's are
+    # broadcast (and, under FSDP, sharded).
+    options = StateDictOptions(full_state_dict=sharded or several, broadcast_from_rank0=several, strict=False)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True), options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    del weights, optim_state
+    return read_progress(ckpt, scheduler)
+
+
+def read_progress(ckpt: Path, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+    """The scheduler, RNG states and progress of a checkpoint (every process reads these small files)."""
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -1,0 +1,244 @@
+"""What a 7B run needs of the loop, shown on CPU at tiny size (issue 22): logits freed before backward, the
+LLM saved in the training dtype, packed-row boundaries handed to flash-attention once, DeepSpeed resume
+refused only where it cannot work, and a loader-worker default per process."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vistune.config import load_config
+from vistune.data.records import Problems
+from vistune.errors import CheckpointError
+from vistune.train.packing import collate_packed, flatten_rows
+
+
+class _Toy(nn.Module):
+    """Logits from a linear layer and a summed cross-entropy, as the LLM computes them; nothing that backward
+    needs refers to the logits tensor itself (linear saves its input, cross-entropy its log-softmax)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 50)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int, **_: object) -> object:
+        logits = self.head(torch.ones(*input_ids.shape, 4))  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logits_are_freed_before_backward(precision: str) -> None:
+    """Item 8 of issue 22. Under bf16 the output seen here is accelerate's float32 copy of the logits
+    (`convert_outputs_to_fp32`, which forward hooks see); it must be gone by the time backward runs."""
+    from vistune.train.distributed import make_accelerator, reset_engine
+    from vistune.train.loop import _accumulate, _RunOptions
+
+    reset_engine()
+    accelerator = make_accelerator("ddp", precision, 1, 1, None)
+    model = accelerator.prepare(_Toy())
+    seen: dict[str, object] = {}
+    model.register_forward_hook(lambda m, args, out: seen.update(logits=weakref.ref(out.logits)))
+    model.head.weight.register_hook(lambda grad: seen.update(alive_in_backward=seen["logits"]() is not None))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "pixel_values": None,
+             "ids": ["a"], "skipped": []}
+    loss, _, _ = _accumulate(model, [batch], _RunOptions(accelerator, 1.0, None, False), Problems())
+    assert seen["alive_in_backward"] is False
+    assert model.head.weight.grad is not None and loss > 0
+
+
+def test_full_finetune_saves_the_llm_in_bf16(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                             dataset_dir: Path) -> None:
+    """Item 2 of issue 22: a bf16 full finetune writes the LLM in bf16 (half of float32's bytes and write time);
+    the small projector keeps its float32 weights."""
+    from vistune.train.loop import train_stage
+
+    stage = {"parts": {"projector": "full", "llm": "full"}, "format": "chat_template", "precision": "bf16",
+             "data": {"path": str(dataset_dir / "train.json"), "image_folder": str(dataset_dir / "images")},
+             "output_dir": str(tmp_path / "ft"), "max_steps": 1, "global_batch_size": 2, "micro_batch_size": 2,
+             "lr": 1e-3, "tensorboard": False, "save_frozen": False}
+    cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+                            "stages": {"ft": stage}})
+    train_stage(cfg.model, cfg.stages["ft"], "ft")
+    llm = load_file(str(tmp_path / "ft" / "llm" / "model.safetensors"))
+    assert {t.dtype for t in llm.values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "ft" / "projector.safetensors")).values()} == {torch.float32}
+
+
+def test_flattened_rows_carry_their_boundaries() -> None:
+    """Item 10 of issue 22: flash-attention's varlen boundaries, computed once per batch."""
+    def item(n: int) -> dict:
+        ids = torch.arange(1, n + 1)
+        return {"id": str(n), "input_ids": ids, "labels": ids, "pixel_values": None}
+
+    b = flatten_rows(collate_packed([item(5), item(3), item(4)], pad_token_id=0, pack_length=9))
+    # rows [5 + 4 tokens] and [3 tokens + 6 padding]; the padding is a span of its own
+    kw = b["flash_kwargs"]
+    assert kw["cu_seq_lens_q"].tolist() == [0, 5, 9, 12, 18] and kw["cu_seq_lens_q"].dtype == torch.int32
+    assert kw["cu_seq_lens_k"].tolist() == kw["cu_seq_lens_q"].tolist()
+    assert (kw["max_length_q"], kw["max_length_k"]) == (6, 6) and isinstance(kw["max_length_q"], int)
+
+
+def _checkpoint(root: Path, engine: str | None, processes: int = 2) -> Path:
+    ckpt = root / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    if engine:
+        (ckpt / "engine").mkdir()
+        (ckpt / "engine" / "vistune.json").write_text(json.dumps({"engine": engine, "processes": processes}))
+    return ckpt
+
+
+def test_deepspeed_resume_is_refused_only_where_it_cannot_work(tmp_path: Path) -> None:
+    """Item 4 of issue 22 (DeepSpeed itself needs CUDA: its save and resume run in test_gpu.py)."""
+    from vistune.train.engine_state import check_resumable
+
+    ds, plain = _checkpoint(tmp_path / "ds", "zero3"), _checkpoint(tmp_path / "plain", None)
+    check_resumable(ds, "zero3", deepspeed=True, processes=2)
+    check_resumable(plain, "fsdp", deepspeed=False, processes=3)  # name-keyed: any process count
+    with pytest.raises(CheckpointError, match="written by 2 DeepSpeed processes and this launch has 4: ZeRO's "
+                                              "optimizer state is partitioned per process"):
+        check_resumable(ds, "zero3", deepspeed=True, processes=4)
+    with pytest.raises(CheckpointError, match=r"written under DeepSpeed \(zero3.*resume it with distributed: zero3 "
+                                              "on 2 processes"):
+        check_resumable(ds, "fsdp", deepspeed=False, processes=2)
+    with pytest.raises(CheckpointError, match="written under ddp/fsdp.*DeepSpeed cannot load"):
+        check_resumable(plain, "zero2", deepspeed=True, processes=2)
+
+
+def test_loader_workers_default_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 7 of issue 22: the default splits the machine's cores among the GPU processes on it, one left for
+    each training loop, at most 8; without CUDA none (the cores compute); a configured number is kept."""
+    from vistune.train import distributed
+    from vistune.train.distributed import loader_workers
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(None) == 7  # 64 cores / 8 processes - 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(None) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert loader_workers(None) == 0
+    assert loader_workers(3) == 3
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    assert loader_workers(None) == 0 and loader_workers(2) == 2
+    assert load_config(data={"model": {"vision": {"path": "v"}, "llm": {"path": "l"}},
+                             "stages": {"s": {"data": {"path": "d.json"}, "output_dir": "o", "global_batch_size": 1,
+                                              "micro_batch_size": 1, "lr": 1.0}}}).stages["s"].data.num_workers is None
+
+
+def test_throughput_benchmark_counts_batches_made_in_loader_workers(tmp_path: Path) -> None:
+    """Item 6 of issue 22: with --workers > 0 the baseline's collator runs in worker processes; its samples are
+    still counted (they were 0, and the ratio divided by zero). The parts are built in a child process, so the
+    parent never holds a model (on CUDA: its GPU memory) while the systems run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--samples", "16", "--batch-size", "4", "--workers", "1",
+                           "--threads", "1", "--systems", "baseline,vistune-padded", "--workdir", str(tmp_path / "w"),
+                           "--output", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    record = json.loads(out.read_text())
+    for name in ("baseline", "vistune-padded"):
+        assert record["results"][name]["samples_trained"] == 16, record["results"][name]
+        assert record["results"][name]["samples_per_s"] > 0
+    assert record["ratios_over_baseline"]["vistune-padded"]["samples_per_s"] > 0
+    assert "6 if the LLM trains fully else 4" in record["mfu_formula"]
+
+
+def test_generate_benchmark_times_until_the_device_is_done() -> None:
+    """Fair benchmarks (issue 22): `generate_throughput.timed` waits for the device (CUDA runs kernels
+    asynchronously) before it stops each timer; here a device whose work takes 50 ms after the call returns."""
+    import importlib.util
+    import time
+
+    path = Path(__file__).parents[1] / "benchmarks" / "generate_throughput.py"
+    spec = importlib.util.spec_from_file_location("generate_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pending: list[float] = []
+
+    def launch() -> None:  # returns at once, as a CUDA launch does
+        pending.append(time.perf_counter() + 0.05)
+
+    def synchronize() -> None:
+        while pending:
+            time.sleep(max(0.0, pending.pop() - time.perf_counter()))
+
+    assert module.timed(launch, 3, synchronize) >= 0.05
+
+
+def test_gpu_check_runs_on_cpu_and_fits_its_time(tmp_path: Path) -> None:
+    """The prepared GPU check (issue 22): its limits add up to under 9 minutes, and its smoke runs (stop/resume vs
+    uninterrupted, frozen-LLM align, LoRA, padded vs packed, several stages in one torchrun launch) and its
+    7B-shaped step measurement pass at tiny size on CPU."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    plan = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, check=True)
+    assert int(plan.stdout.split("total limit ")[1].split()[0]) < 9 * 60
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--sections", "smoke,shape7b", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    record = json.loads(out.read_text())
+    assert proc.returncode == 0 and record["ok"], json.dumps(record, indent=1)[-4000:]
+    checks = record["sections"]["smoke"]["checks"]
+    assert checks == {"launches_ok": True, "finite": True, "resume_follows_uninterrupted": True,
+                      "packed_follows_padded": True, "llm_saved_bf16": True}
+    assert record["sections"]["smoke"]["max_weight_diff_resumed"] == 0.0  # same process count, CPU: exact
+    assert set(record["sections"]["shape7b"]) >= {"stage1", "stage2_lora", "stage2_lora_chunk4096"}
+
+
+class _DeepSpeedAccelerator:
+    """accelerate's Accelerator as the DeepSpeed resume path uses it, on one of 2 processes; its engine state is
+    one file (DeepSpeed writes one partition per process)."""
+
+    is_main_process, num_processes = True, 2
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str, **kwargs: object) -> None:
+        (Path(folder) / "pytorch_model").mkdir()
+        (Path(folder) / "pytorch_model" / "partition-0.pt").write_text("zero partition")
+        self.save_kwargs = kwargs
+
+    def load_state(self, folder: str, **kwargs: object) -> None:
+        self.loaded = (Path(folder) / "pytorch_model" / "partition-0.pt").read_text()
+        self.load_kwargs = kwargs
+
+
+def test_deepspeed_resume_checkpoint_round_trip(tmp_path: Path) -> None:
+    """Item 4 of issue 22, all but DeepSpeed itself: the engine's state goes into the checkpoint's engine/ (frozen
+    parameters left out), with the usual scheduler and progress, atomically; resuming reads it back (not strict:
+    frozen parameters come from the model as built)."""
+    from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
+    from vistune.train.state import Progress, list_checkpoints
+
+    accelerator = _DeepSpeedAccelerator()
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    optimizer.step()
+    scheduler.step()
+    final = save_engine_resume(accelerator, tmp_path, "zero3", scheduler, Progress(step=4, epoch=1), keep=2)
+    assert list_checkpoints(tmp_path) == [final] and final.name == "step-000004"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004"]  # no staging left
+    assert not (final / "trainable.safetensors").exists() and (final / "engine" / "pytorch_model").is_dir()
+    assert accelerator.save_kwargs == {"exclude_frozen_parameters": True}
+    check_resumable(final, "zero3", deepspeed=True, processes=2)
+    fresh = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    progress = load_engine_resume(accelerator, final, fresh)
+    assert (progress.step, progress.epoch) == (4, 1) and fresh.last_epoch == scheduler.last_epoch
+    assert accelerator.loaded == "zero partition" and accelerator.load_kwargs == {"load_module_strict": False}
