@@ -402,8 +402,12 @@ def test_projector_from_names_an_earlier_stage_and_follows_its_output_dir() -> N
         "finetune": {"projector_from": "align", "data": {"path": "f.json"}, "output_dir": "runs/x/ft",
                      "global_batch_size": 1, "micro_batch_size": 1, "lr": 1}}}
     cfg = load_config(data=json.loads(json.dumps(data)), overrides=["stages.align.output_dir=/scratch/align"])
-    assert cfg.resolved().stages["finetune"].projector_from == "/scratch/align"
-    assert cfg.stages["finetune"].projector_from == "align"  # resolving returns a copy
+    assert cfg.stages["finetune"].projector_from == "/scratch/align"
+    from vistune.config import RunConfig
+
+    built = RunConfig.model_validate(json.loads(json.dumps(data)))  # built directly: run() resolves it
+    assert built.stages["finetune"].projector_from == "align"
+    assert built.resolved().stages["finetune"].projector_from == "runs/x/align"
     data["stages"] = {"finetune": data["stages"]["finetune"], "align": data["stages"]["align"]}
     with pytest.raises(ConfigError, match="projector_from names stage 'align', which does not run before it"):
         load_config(data=data)

@@ -122,6 +122,11 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
+    image_placement: Literal["front", "keep"] = Field(
+        "front", description="`front`: a turn with one `<image>` has it moved to the front (`<image>\\n` + text), as "
+        "LLaVA-1.5's preprocess_multimodal does, so training matches evaluation prompts; turns with several "
+        "images keep their order. `keep`: placeholders stay where the data puts them."
+    )
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes per training process (also used by the precheck). "
         "None: on CUDA, the CPU cores per process minus one, at most 8, so JPEG decoding, resizing and tokenizing "
@@ -174,9 +179,15 @@ class StageConfig(_Strict):
         "included) or a vistune checkpoint folder, whose projector starts this stage."
     )
     data: DataConfig
-    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llama_2, chat_template.")
+    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llava_v1, llama_2, "
+                        "chat_template.")
     system_prompt: str | None = Field(None, description="Overrides the format's default system prompt.")
     model_max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
+    image_preprocess: Literal["pad", "processor"] | None = Field(
+        None, description="This stage's image preprocessing; None: the model's `vision.image_preprocess`. "
+        "LLaVA-1.5 aligns with `processor` (resize + centre crop; pretrain.sh sets no image_aspect_ratio, i.e. "
+        "`square`) and finetunes with `pad`. The saved model records what its last stage used."
+    )
     output_dir: str = Field(description="Where the final checkpoint folder and resume checkpoints go.")
 
     epochs: float = Field(1.0, gt=0)
@@ -202,6 +213,10 @@ class StageConfig(_Strict):
         "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
     )
     compile: bool = Field(False, description="torch.compile the LLM (pays off on long CUDA runs).")
+    tf32: bool = Field(
+        True, description="On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (LLaVA's --tf32 True); "
+        "no effect elsewhere. false keeps full float32 precision."
+    )
 
     seed: int = 42
     log_every: int = Field(1, gt=0)
@@ -299,6 +314,11 @@ class RunConfig(_Strict):
         return self.model_copy(update={"stages": stages})
 
 
+def stage_image_preprocess(model: ModelConfig, stage: StageConfig) -> Literal["pad", "processor"]:
+    """The image preprocessing `stage` trains with: its own, else the model's."""
+    return stage.image_preprocess or model.vision.image_preprocess
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -391,7 +411,8 @@ def _suggest(loc: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config, apply `key.path=value` overrides, validate. Paths stay as written."""
+    """Read a YAML run config, apply `key.path=value` overrides, validate, resolve stage references
+    (`projector_from: align`). Paths stay as written."""
     tree: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -411,6 +432,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    return cfg.resolved()  # `projector_from: <stage>` -> that stage's output_dir, after the overrides
