@@ -175,7 +175,7 @@ class StageConfig(_Strict):
         None, gt=0, description="Compute the LM head and cross-entropy this many tokens at a time, never holding "
         "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
     )
-    compile: bool = Field(False, description="torch.compile the LLM (pays off on long CUDA runs).")
+    compile: bool = Field(False, description="torch.compile each LLM decoder layer (not yet measured on a GPU to pay).")
 
     seed: int = 42
     log_every: int = Field(1, gt=0)
