@@ -16,6 +16,7 @@ from vistune.datagen.context import symbolic_context
 from vistune.datagen.instruct import run_instruct
 from vistune.datagen.jsonl import JsonlAppender, rejects_path
 from vistune.datagen.mix import convert_vqa, run_mix
+from vistune.datagen.outputs import sidecar_path
 from vistune.datagen.parse import Rejected, parse_reply
 from vistune.datagen.sources import Box, ImageRecord, read_coco, read_jsonl
 from vistune.datagen.teachers import get_teacher
@@ -204,7 +205,7 @@ def test_instruct_rejects_duplicate_record_ids_and_unknown_kinds(tmp_path: Path)
 def test_appender_refuses_foreign_lines(tmp_path: Path) -> None:
     p = tmp_path / "x.jsonl"
     p.write_text('{"no_id": 1}\n')
-    with pytest.raises(ValueError, match="not resuming"):
+    with pytest.raises(DataError, match="x.jsonl:1: not a JSON record with an `id`.*not resuming"):
         JsonlAppender(p)
 
 
@@ -376,3 +377,187 @@ def test_cli_datagen_convert_mix_align_instruct(tmp_path: Path, capsys: pytest.C
     assert len(json.loads((tmp_path / "m.json").read_text())) == 3
     assert main(["datagen", "instruct", "--jsonl", str(src), "--teacher", "gpt4", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "valid: template, openai:MODEL, hf:PATH" in capsys.readouterr().err
+
+
+# -- malformed COCO entries are named, not tracebacks (issue 17 item 13) -------------------------
+
+COCO_IMAGE = {"id": 1, "file_name": "000000000001.jpg", "width": 640, "height": 480}
+COCO_CAPTION = {"id": 7, "image_id": 1, "caption": "A dog."}
+
+
+@pytest.mark.parametrize("image,caption,in_instances,message", [
+    ({"id": 1, "width": 640, "height": 480}, COCO_CAPTION, False,
+     r"captions.json: images\[0\] \(id 1\) needs .* `file_name`"),
+    ({**COCO_IMAGE, "width": 0}, COCO_CAPTION, False, "captions.json: image 1: width 0 and height 480 must be"),
+    ({**COCO_IMAGE, "width": 0}, COCO_CAPTION, True, "instances.json: image 1: width 0 and height 480 must be"),
+    ({"id": 1, "file_name": "1.jpg", "height": 480}, COCO_CAPTION, True,
+     "instances.json: image 1: width null and height 480"),
+    (COCO_IMAGE, {**COCO_CAPTION, "caption": None}, False,
+     r"captions.json: annotations\[0\] \(id 7, image 1\) has caption null, not a non-empty string"),
+    (COCO_IMAGE, {"id": 7, "image_id": 1}, False, r"annotations\[0\] \(id 7, image 1\) has caption null"),
+])
+def test_read_coco_names_the_bad_entry(tmp_path: Path, image: dict, caption: dict, in_instances: bool,
+                                       message: str) -> None:
+    captions = _write(tmp_path / "captions.json", {"images": [image], "annotations": [caption]})
+    instances = _write(tmp_path / "instances.json", {
+        "images": [image], "categories": [{"id": 1, "name": "dog"}],
+        "annotations": [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]}) if in_instances else None
+    with pytest.raises(DataError, match=message):
+        read_coco(captions, instances)
+
+
+def test_read_coco_without_sizes_in_the_captions_file_and_jsonl_zero_width(tmp_path: Path) -> None:
+    captions = _write(tmp_path / "captions.json", {"images": [{"id": 1, "file_name": "1.jpg"}],
+                                                   "annotations": [COCO_CAPTION]})
+    assert [(r.id, r.image, r.captions) for r in read_coco(captions)] == [("1", "1.jpg", ("A dog.",))]
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(json.dumps({"image": "a.jpg", "width": 0, "height": 3,
+                                 "boxes": [{"category": "dog", "bbox": [1, 1, 2, 2]}]}) + "\n")
+    with pytest.raises(DataError, match="r.jsonl:1: width 0 and height 3 must be positive"):
+        read_jsonl(lines)
+
+# -- RefCOCO's pickle runs no code (issue 17 item 5) ---------------------------------------------
+
+# refs(unc).p as the refer API's Python 2 cPickle wrote it (protocol 0: `S` byte strings, `I`/`L` numbers).
+PY2_REFS = (b"(lp0\n(dp1\nS'ref_id'\np2\nI0\nsS'ann_id'\np3\nL11L\nsS'image_id'\np4\nI581857\nsS'split'\np5\n"
+            b"S'train'\np6\nsS'sent_ids'\np7\n(lp8\nI0\nasS'sentences'\np9\n(lp10\n(dp11\nS'sent'\np12\n"
+            b"S'man in red'\np13\nsS'tokens'\np14\n(lp15\nS'man'\np16\naS'in'\np17\naS'red'\np18\nasS'sent_id'\np19\n"
+            b"I0\nsasa.")
+REFCOCO_INSTANCES = {"images": [{"id": 581857, "width": 200, "height": 100}],
+                     "annotations": [{"id": 11, "image_id": 581857, "bbox": [20, 10, 80, 40], "category_id": 1}]}
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_refcoco_pickle_loads_plain_data_only(tmp_path: Path) -> None:
+    import pickle
+
+    inst = _write(tmp_path / "instances.json", REFCOCO_INSTANCES)
+    refs = [{"ref_id": 0, "ann_id": 11, "image_id": 581857, "split": "train", "sent_ids": [0],
+             "sentences": [{"sent": "man in red", "tokens": ["man", "in", "red"], "sent_id": 0}]}]
+    assert pickle.loads(PY2_REFS) == refs
+    outputs = []
+    for i, data in enumerate([PY2_REFS, pickle.dumps(refs, protocol=2), pickle.dumps(refs)]):
+        (tmp_path / f"refs{i}.p").write_bytes(data)
+        convert_vqa("refcoco", tmp_path / f"refs{i}.p", inst, tmp_path / f"o{i}.jsonl", seed=0)
+        outputs.append((tmp_path / f"o{i}.jsonl").read_text())
+    assert outputs[0] == outputs[1] == outputs[2] and "man in red" in outputs[0]
+
+    marker = tmp_path / "PWNED"
+    for payload in ([_Payload(marker)], refs + [{"sentences": _Payload(marker)}]):
+        (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(payload, protocol=2))
+        with pytest.raises(DataError) as refused:
+            convert_vqa("refcoco", tmp_path / "refs(unc).p", inst, tmp_path / "evil.jsonl")
+        assert not marker.exists(), "the pickle ran code"
+        assert re.search(r"refs\(unc\).p: not loaded as a plain-data pickle .*system", str(refused.value))
+        assert not (tmp_path / "evil.jsonl").exists()
+
+# -- never write over someone else's file (issue 17 item 3) --------------------------------------
+
+def _foreign_files(tmp_path: Path) -> dict[str, bytes]:
+    """Files a user could pass as --out by mistake: a LLaVA set written by json.dump on one line (no
+    trailing newline, so old code took it all for a torn line), the same indented, and a JSONL set."""
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    records = [{"id": str(i), "image": f"{i}.jpg", "conversations": turns} for i in range(1000)]
+    return {"one_line.jsonl": json.dumps(records).encode(),
+            "indented.jsonl": json.dumps(records[:3], indent=1).encode(),
+            "llava.jsonl": "".join(json.dumps(r) + "\n" for r in records[:50]).encode()}
+
+
+@pytest.mark.parametrize("name", ["one_line.jsonl", "indented.jsonl", "llava.jsonl"])
+def test_instruct_refuses_an_existing_file_it_did_not_write(tmp_path: Path, name: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / name
+    content = _foreign_files(tmp_path)[name]
+    out.write_bytes(content)
+    with pytest.raises(DataError, match=f"{name} already exists and was not written by `vistune datagen instruct`"):
+        run_instruct([NO_BOXES], KINDS, get_teacher("template"), out, progress=False)
+    assert out.read_bytes() == content  # byte-identical
+    assert not rejects_path(out).exists() and not sidecar_path(out).exists()
+    src = tmp_path / "r.jsonl"
+    src.write_text(json.dumps({"id": "r1", "image": "r1.jpg", "captions": ["A red circle."]}) + "\n")
+    assert main(["datagen", "instruct", "--jsonl", str(src), "--teacher", "template", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "choose another --out" in err
+    assert out.read_bytes() == content
+
+
+def test_instruct_refuses_a_json_out_and_a_foreign_rejects_file(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"  # training would read it as one JSON list; instruct appends lines
+    content = _foreign_files(tmp_path)["one_line.jsonl"]  # the issue's 1000-record train.json
+    out.write_bytes(content)
+    with pytest.raises(DataError, match="give a .jsonl name"):
+        run_instruct([NO_BOXES], KINDS, get_teacher("template"), out, progress=False)
+    assert out.read_bytes() == content and not sidecar_path(out).exists()
+    out = tmp_path / "fresh.jsonl"
+    rejects_path(out).write_text("my notes\n")
+    with pytest.raises(DataError, match="fresh.rejects.jsonl already exists"):
+        run_instruct([NO_BOXES], KINDS, get_teacher("template"), out, progress=False)
+    assert rejects_path(out).read_text() == "my notes\n" and not out.exists()
+
+
+def test_instruct_resumes_only_its_own_output(tmp_path: Path) -> None:
+    out = tmp_path / "mine.jsonl"
+    run_instruct([NO_BOXES], KINDS, get_teacher("template"), out, progress=False)
+    assert json.loads(sidecar_path(out).read_text())["command"] == "instruct"
+    again = run_instruct([NO_BOXES, COCO_LIKE], KINDS, get_teacher("template"), out, progress=False)
+    assert again.skipped == 3 and again.n_written == 3
+    # Even with our sidecar, a file replaced by something that is not our JSONL is left alone.
+    content = _foreign_files(tmp_path)["one_line.jsonl"]
+    out.write_bytes(content)
+    with pytest.raises(DataError, match="neither a record nor a torn one of ours"):
+        run_instruct([NO_BOXES], KINDS, get_teacher("template"), out, progress=False)
+    assert out.read_bytes() == content
+
+
+def test_whole_file_builders_replace_only_their_own_output(tmp_path: Path) -> None:
+    src = [COCO_LIKE, NO_BOXES]
+    q = _write(tmp_path / "gqa_q.json", {"1": {"imageId": "n1", "question": "Q?", "answer": "a"}})
+    builders = {"align": lambda out: run_align(src, out), "convert": lambda out: convert_vqa("gqa", q, None, out),
+                "mix": lambda out: run_mix([(tmp_path / "a.jsonl", 1.0)], out)}
+    run_align(src, tmp_path / "a.jsonl")
+    for command, build in builders.items():
+        for name, content in _foreign_files(tmp_path).items():
+            out = tmp_path / command / name
+            out.parent.mkdir(exist_ok=True)
+            out.write_bytes(content)
+            with pytest.raises(DataError, match=f"not written by `vistune datagen {command}`"):
+                build(out)
+            assert out.read_bytes() == content
+        own = tmp_path / command / "own.json"
+        build(own)
+        build(own)  # a rerun replaces the command's own output
+        assert json.loads(own.read_text())
+    with pytest.raises(DataError, match="written by `vistune datagen align`, not `mix`"):
+        run_mix([(tmp_path / "a.jsonl", 1.0)], tmp_path / "align" / "own.json")
+
+
+def test_scienceqa_never_replaces_llavas_own_file(tmp_path: Path) -> None:
+    from vistune.datagen.scienceqa import convert_scienceqa
+
+    (tmp_path / "problems.json").write_text(json.dumps({"1": {"question": "Q?", "choices": ["a", "b"], "answer": 0}}))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"train": ["1"]}))
+    theirs = tmp_path / "llava_train_QCM-LEA.json"  # the name LLaVA's own download has
+    theirs.write_text('[{"id": "theirs"}]')
+    with pytest.raises(DataError, match="not written by `vistune datagen scienceqa`"):
+        convert_scienceqa(tmp_path, "train")
+    assert theirs.read_text() == '[{"id": "theirs"}]'
+
+
+def test_instruct_resumes_an_output_written_before_sidecars(tmp_path: Path) -> None:
+    out = tmp_path / "old.jsonl"
+    run_instruct([NO_BOXES, COCO_LIKE], KINDS, get_teacher("template"), out, progress=False)
+    lines = out.read_text().splitlines()
+    sidecar_path(out).unlink()  # as an interrupted run of an earlier version left it
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    again = run_instruct([NO_BOXES, COCO_LIKE], KINDS, get_teacher("template"), out, progress=False)
+    assert again.skipped == 4 and again.n_written == 2 and sorted(out.read_text().splitlines()) == sorted(lines)

@@ -48,10 +48,15 @@ def good_reply(kind: str, context: str) -> str:
 class FaultServer:
     """Chat completions with faults keyed by `[fault=NAME]` in the context. Records every request."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, key: str | None = None, models: tuple[str, ...] | None = None,
+                 refuse: tuple[int, bytes] | None = None) -> None:
         self.delay = delay
+        self.key = key  # when set, any other bearer token gets OpenAI's 401
+        self.models = models  # when set, any other model gets OpenAI's 404 model_not_found
+        self.refuse = refuse  # when set, every request gets this (status, body)
         self.attempts: dict[tuple[str, str], int] = {}
         self.times: dict[tuple[str, str], list[float]] = {}
+        self.requests = 0
         self.lock = threading.Lock()
         server = self
 
@@ -81,6 +86,17 @@ class FaultServer:
             pass
 
     def handle(self, h: BaseHTTPRequestHandler, body: dict) -> None:
+        with self.lock:
+            self.requests += 1
+        if self.key is not None and h.headers.get("Authorization") != f"Bearer {self.key}":
+            return self.send(h, 401, b'{"error": {"message": "Incorrect API key provided: sk-wr**ng.", '
+                                     b'"type": "invalid_request_error", "code": "invalid_api_key"}}')
+        if self.models is not None and body["model"] not in self.models:
+            message = f"The model `{body['model']}` does not exist or you do not have access to it."
+            return self.send(h, 404, json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                                           "code": "model_not_found"}}).encode())
+        if self.refuse is not None:
+            return self.send(h, *self.refuse)
         messages = body["messages"]
         kind = _kind(messages[0]["content"])
         context = messages[-1]["content"]
@@ -99,6 +115,8 @@ class FaultServer:
             return self.send(h, 500, b'{"error": {"message": "boom"}}')
         if fault == "timeout" and n == 1:
             time.sleep(1.5)  # longer than the client's timeout
+        if fault == "slow" and n <= 2:
+            time.sleep(1.0)  # longer than the client's timeout, twice
         if fault == "malformed":
             return self.send(h, 200, b'{"id": "x", "choices": [{"message": ')
         if fault == "500":
@@ -228,3 +246,85 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path) -> Non
 
     assert records(out) == records(full)
     assert len(records(full)) == 3 * n
+
+
+# -- a teacher that refuses everything stops the run, recording nothing (issue 17 item 7) ---------
+
+@pytest.mark.parametrize("case", ["wrong key", "unknown model", "forbidden", "no quota"])
+def test_a_refusing_teacher_stops_the_run_at_once_and_records_nothing(tmp_path: Path, case: str) -> None:
+    from vistune.datagen.teachers import TeacherUnusable
+
+    refuse = {"forbidden": (403, b'{"error": {"message": "Project does not have access to model"}}'),
+              "no quota": (429, b'{"error": {"message": "You exceeded your current quota", "type": '
+                                b'"insufficient_quota", "code": "insufficient_quota"}}')}.get(case)
+    server = FaultServer(key="right-key", models=("fake-model",), refuse=refuse)
+    records = _records(["none"] * 30)
+    out = tmp_path / "out.jsonl"
+    try:
+        def teacher(key: str, model: str):  # noqa: ANN202
+            return get_teacher(f"openai:{model}", base_url=server.url, api_key=key, timeout=5,
+                               retry=RetryPolicy(max_retries=3, base_delay=0.01, max_delay=0.05))
+
+        bad = teacher("wrong-key" if case == "wrong key" else "right-key", "gpt-nope" if case == "unknown model"
+                      else "fake-model")
+        expect = {"wrong key": "http 401 .*check OPENAI_API_KEY", "unknown model": "http 404 .*model not found",
+                  "forbidden": "http 403 .*may not use this model", "no quota": "insufficient_quota"}[case]
+        with pytest.raises(TeacherUnusable, match=expect):
+            run_instruct(records, KINDS, bad, out, concurrency=4, progress=False)
+        assert server.requests <= 4, "the run went on after the teacher refused"
+        assert _ids(out) == [] and _ids(rejects_path(out)) == []  # nothing recorded as done
+        server.key, server.models, server.refuse = None, None, None  # the key, model, account fixed
+        summary = run_instruct(records, KINDS, teacher("right-key", "fake-model"), out, concurrency=4, progress=False)
+        assert summary.skipped == 0 and summary.n_written + summary.n_rejected == 90 and summary.n_written > 0
+    finally:
+        server.close()
+
+
+def test_cli_wrong_key_is_one_line_and_the_rerun_does_everything(tmp_path: Path) -> None:
+    src = tmp_path / "records.jsonl"
+    src.write_text("".join(json.dumps({"id": f"im{i}", "image": f"im{i}.jpg", "captions": [f"Scene {i}: a cat."]})
+                           + "\n" for i in range(3)))
+    server = FaultServer(key="right-key")
+    try:
+        args = ["--jsonl", str(src), "--teacher", "openai:fake", "--base-url", server.url, "--out",
+                str(tmp_path / "o.jsonl"), "--no-progress", "--max-retries", "1"]
+        proc = subprocess.run([sys.executable, "-m", "vistune.cli", "datagen", "instruct", *args], capture_output=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC), "OPENAI_API_KEY": "wrong"}, timeout=60)
+        err = proc.stderr.decode().strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+        assert "http 401" in err and "OPENAI_API_KEY" in err and "run the same command again" in err
+        server.key = "test-key"  # the key `_cli` passes: the right one
+        again = _cli(args)
+        assert again.wait(60) == 0, again.stderr.read().decode()  # type: ignore[union-attr]
+        out = again.stdout.read().decode()  # type: ignore[union-attr]
+        assert "written 9, rejected 0, skipped (already done) 0" in out
+    finally:
+        server.close()
+
+
+def test_unanswered_requests_are_left_for_the_rerun(server: FaultServer, tmp_path: Path) -> None:
+    records = _records(["none", "slow"])
+    teacher = get_teacher("openai:fake-model", base_url=server.url, timeout=0.3,
+                          retry=RetryPolicy(max_retries=1, base_delay=0.01, max_delay=0.02))
+    out = tmp_path / "out.jsonl"
+    summary = run_instruct(records, KINDS, teacher, out, progress=False)
+    assert summary.unfinished == 3 and "unfinished (no reply; run again to retry) 3" in summary.text()
+    assert sorted(_ids(out)) == [f"0-{k}" for k in sorted(KINDS)] and _ids(rejects_path(out)) == []
+    again = run_instruct(records, KINDS, teacher, out, progress=False)  # the third try is answered
+    assert again.skipped == 3 and again.n_written == 3 and again.unfinished == 0
+
+
+def test_nothing_listening_stops_the_run(tmp_path: Path) -> None:
+    import socket
+
+    from vistune.datagen.teachers import TeacherUnusable
+
+    with socket.socket() as s:  # a port that was free a moment ago: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    teacher = get_teacher("openai:fake", base_url=f"http://127.0.0.1:{port}/v1", timeout=2,
+                          retry=RetryPolicy(max_retries=1, base_delay=0.01, max_delay=0.02))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(TeacherUnusable, match="connection failed 2 times; check that the server is running"):
+        run_instruct(_records(["none"] * 5), KINDS, teacher, out, concurrency=2, progress=False)
+    assert _ids(out) == [] and _ids(rejects_path(out)) == []

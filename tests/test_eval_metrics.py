@@ -117,6 +117,9 @@ def test_mme_scores_sum_acc_and_acc_plus() -> None:
     ("The answer is A. The answer is B.", 4, None),  # two matches: FAILED
     ("a", 4, None), ("", 4, None), ("B.Paris", 4, None),  # "X. " needs the space
     ("FAILED", 4, None),
+    # issue 18 item 6: only a single option letter passes the exact check (the official `--options`
+    # is a list); "AB" or "BCD" were substrings of "ABCDE" and came back as the answer.
+    ("AB", 4, None), ("BCD", 4, None), ("AB. cat", 4, None),
 ])
 def test_scienceqa_parse(reply: str, n: int, parsed: str | None) -> None:
     assert scienceqa_parse(reply, n) == parsed

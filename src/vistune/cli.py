@@ -31,31 +31,54 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int |
     return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
+def _open_images(paths: list[Path] | None) -> list:
+    """The --image files, decoded now: a wrong path fails before the model loads, not at the first message."""
+    from vistune.data.dataset import load_image
+
+    images = []
+    for path in paths or []:
+        if not path.is_file():
+            raise VistuneError(f"--image {path}: no such file")
+        images.append(load_image(path, f"--image {path}"))
+    return images
+
+
+EMPTY_REPLY_HINT = ("vistune: the reply is empty: the model ended its turn at once. Models after the align stage "
+                    "alone, or trained for few steps, often do; ask a finetuned checkpoint, or sample "
+                    "(--temperature 0.7)")
+
+
 def ask(model: Path, question: str, image: list[Path] | None, max_new_tokens: int, temperature: float, top_p: float,
-        seed: int | None, device: str | None) -> None:
+        seed: int | None, device: str | None, vision: Path | None = None, llm: Path | None = None,
+        base: Path | None = None) -> None:
     """Print only the answer to one question about an image, or several (--image repeated; `<image>` in the
     question places them, else they go first), for scripts."""
     from vistune.chat.formats import Message
     from vistune.infer.engine import load
 
-    engine = load(model, device)
+    images = _open_images(image)
+    engine = load(model, device, vision=vision, llm=llm, base=base)
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
-    print(engine.generate([[Message("user", question)]], [list(image or [])], sampling)[0])
+    reply = engine.generate([[Message("user", question)]], [images], sampling)[0]
+    print(reply)
+    if not reply:
+        print(EMPTY_REPLY_HINT, file=sys.stderr)
 
 
 def chat(model: Path, image: list[Path] | None, max_new_tokens: int, temperature: float, top_p: float,
-         seed: int | None, device: str | None) -> None:
+         seed: int | None, device: str | None, vision: Path | None = None, llm: Path | None = None,
+         base: Path | None = None) -> None:
     """Multi-turn chat about an image or several (--image repeated), answers streamed. Empty line or Ctrl-D
     ends it; /reset starts over."""
     from vistune.chat.formats import Message
     from vistune.infer.engine import load
 
-    engine = load(model, device)
+    images = _open_images(image)
+    engine = load(model, device, vision=vision, llm=llm, base=base)
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
     history: list[Message] = []
-    images = list(image or [])
     print(f"vistune chat: {model} ({engine.bundle.spec.conversation_format} format)"
-          f"{', images ' + ', '.join(map(str, images)) if images else ''}. Empty line or Ctrl-D to quit, "
+          f"{', images ' + ', '.join(map(str, image or [])) if images else ''}. Empty line or Ctrl-D to quit, "
           "/reset to start over.")
     while True:
         try:
@@ -87,8 +110,10 @@ def info(model: Path, vision: Path | None = None, llm: Path | None = None, base:
 
     from vistune.convert.api import load_any
     from vistune.convert.llava_hf import EXPORT_FILE
+    from vistune.infer.load import check_model_folder
     from vistune.train.parts import count
 
+    check_model_folder(model)
     bundle, detected = load_any(model, vision=vision, llm=llm, base=base, merge=False)
     spec = bundle.spec
     native = detected.format == "vistune"
@@ -162,20 +187,24 @@ def demo(out: Path, llm: str, seed: int, size: str, config: Path | None) -> None
     run_demo(out, llm=llm, seed=seed, size=size, config=config)
 
 
-def eval_tasks(tasks: str, model: Path | None, data: Path, out: Path, batch_size: int, max_new_tokens: int | None,
-               limit: int | None, judge: str | None, judge_base_url: str | None, judge_retries: int,
-               option: list[str] | None, device: str | None) -> None:
+def eval_tasks(tasks: str | None, model: Path | None, data: Path, out: Path, batch_size: int,
+               max_new_tokens: int | None, limit: int | None, judge: str | None, judge_base_url: str | None,
+               judge_retries: int, option: list[str] | None, device: str | None, tasks_option: str | None = None,
+               vision: Path | None = None, llm: Path | None = None, base: Path | None = None) -> None:
     """Run benchmarks (comma-separated tasks) and score them as their official tools do."""
     from vistune.eval.run import run_eval
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if (tasks is None) == (tasks_option is None):
+        raise VistuneError("name the tasks once: `vistune eval pope,mme ...` or `vistune eval --tasks pope,mme ...`")
+    task_list = [t.strip() for t in (tasks or tasks_option or "").split(",") if t.strip()]
     judge_obj = None
     if judge:
         from vistune.eval.judge import get_judge
 
         judge_obj = get_judge(judge, judge_base_url, cache=out / "judge_cache.jsonl", max_retries=judge_retries)
     results = run_eval(task_list, model, data, out, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                       judge=judge_obj, task_options=_task_options(option or []), device=device)
+                       judge=judge_obj, task_options=_task_options(option or []), device=device,
+                       parts={"vision": vision, "llm": llm, "base": base})
     if results:
         print((out / "results.md").read_text(), end="")
         print(f"metrics: {out / 'metrics.json'}" + (f" (judge calls this run: {judge_obj.calls})" if judge_obj else ""))
@@ -235,8 +264,21 @@ def ui(model: Path, host: str, port: int, api_key: str | None, device: str | Non
           allow_image_host=None, ui=True)
 
 
+MODEL_HELP = "model folder: vistune, a mid-run checkpoints/step-N, llava-hf, llava-next or original LLaVA"
+
+
+def parts(sp: argparse.ArgumentParser) -> None:
+    """Flags for the parts an original-LLaVA folder only names by hub id."""
+    sp.add_argument("--vision", type=Path, help="original LLaVA: local copy of the vision tower it names")
+    sp.add_argument("--llm", type=Path, help="original LLaVA stage 1 (mm_projector.bin): local copy of its LLM")
+    sp.add_argument("--base", type=Path, help="original LLaVA LoRA: local copy of the base LLM")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from vistune import __version__
+
     p = argparse.ArgumentParser(prog="vistune", description="Visual instruction tuning (LLaVA, LLaVA-1.5).")
+    p.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help=train.__doc__, description=train.__doc__)
@@ -252,20 +294,17 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
     a = sub.add_parser("ask", help=ask.__doc__, description=ask.__doc__)
-    a.add_argument("model", type=Path, help="vistune checkpoint folder")
+    a.add_argument("model", type=Path, help=MODEL_HELP)
     a.add_argument("question")
     a.add_argument("--image", type=Path, action="append", default=None, help="an image (repeat for several)")
     generation(a)
 
     c = sub.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
-    c.add_argument("model", type=Path, help="vistune checkpoint folder")
+    c.add_argument("model", type=Path, help=MODEL_HELP)
     c.add_argument("--image", type=Path, action="append", default=None, help="an image (repeat for several)")
     generation(c)
-
-    def parts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--vision", type=Path, help="original LLaVA: local copy of the vision tower it names")
-        sp.add_argument("--llm", type=Path, help="original LLaVA stage 1 (mm_projector.bin): local copy of its LLM")
-        sp.add_argument("--base", type=Path, help="original LLaVA LoRA: local copy of the base LLM")
+    for sp in (a, c):
+        parts(sp)
 
     i = sub.add_parser("info", help=info.__doc__, description=info.__doc__)
     i.add_argument("model", type=Path, help="checkpoint folder (vistune, llava-hf or original LLaVA)")
@@ -291,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
 
     datagen_cli.add_parser(sub)
     sv = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
-    sv.add_argument("model", type=Path, help="vistune checkpoint folder")
+    sv.add_argument("model", type=Path, help=MODEL_HELP)
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set $VISTUNE_API_KEY)")
@@ -309,7 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     u = sub.add_parser("ui", help=ui.__doc__, description=ui.__doc__)
-    u.add_argument("model", type=Path, help="vistune checkpoint folder")
+    u.add_argument("model", type=Path, help=MODEL_HELP)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--api-key", default=None, help="require this key (the page asks for it)")
@@ -325,14 +364,17 @@ def _parser() -> argparse.ArgumentParser:
                         "vizwiz, scienceqa, textvqa, pope, mme, mmbench, mmbench_cn, seed, llava_bench, "
                         "llava_bench_coco, mmvet, demo. Shard over GPUs with `torchrun --nproc-per-node N -m "
                         "vistune.cli eval ...`.")
-    ev.add_argument("tasks", help="comma-separated task keys, e.g. pope,mme,scienceqa")
-    ev.add_argument("--model", type=Path, help="vistune checkpoint folder (not needed to rescore saved predictions)")
+    ev.add_argument("tasks", nargs="?", default=None, help="comma-separated task keys, e.g. pope,mme,scienceqa")
+    ev.add_argument("--tasks", dest="tasks_option", metavar="TASKS", default=None, help="the same, as lmms-eval takes them")
+    ev.add_argument("--model", type=Path, help=MODEL_HELP + " (not needed to rescore saved predictions)")
+    parts(ev)
     ev.add_argument("--data", type=Path, required=True, help="folder with one subfolder per task "
                     "(vqav2, gqa, pope, MME, ... as LLaVA's playground/data/eval), or one task's folder")
     ev.add_argument("--out", type=Path, required=True, help="output folder: TASK/predictions.jsonl, metrics.json, results.md")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default per task (128 short answers, 1024 judged)")
-    ev.add_argument("--limit", type=int, default=None, help="first N items of each task (smoke tests)")
+    ev.add_argument("--limit", type=int, default=None, help="first N items of each task, of each pass for tasks "
+                    "asked in several (demo: with the image, blind) (smoke tests)")
     ev.add_argument("--judge", default=None, help="openai:MODEL, for llava_bench, llava_bench_coco and mmvet; "
                     "mmbench's option matcher; the scienceqa ensembles' teacher")
     ev.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint (key: $OPENAI_API_KEY)")

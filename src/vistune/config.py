@@ -285,6 +285,29 @@ def _section_model(parts: list[str]) -> type[BaseModel] | None:
     return model
 
 
+# Hugging Face Trainer / LLaVA TrainingArguments names that people type into a stage, with the vistune
+# field for each. Deliberately hints, not aliases: two names for one field is two ways to do one thing,
+# and the batch names do not map one to one (vistune's batch is global: the accumulation steps follow
+# from it, the processes and the micro batch, so a run keeps its batch when the GPU count changes).
+_HF_STAGE_NAMES = {
+    "learning_rate": "did you mean 'lr'?",
+    "num_train_epochs": "did you mean 'epochs'?",
+    "per_device_train_batch_size": "did you mean 'micro_batch_size' (samples per forward pass per process)? "
+                                   "vistune also needs 'global_batch_size' (samples per optimizer step over all "
+                                   "processes)",
+    "gradient_accumulation_steps": "vistune derives it: set 'global_batch_size' = per_device_train_batch_size x "
+                                   "gradient_accumulation_steps x processes, and 'micro_batch_size' = "
+                                   "per_device_train_batch_size",
+    "lr_scheduler_type": "did you mean 'lr_schedule'?",
+    "warmup_steps": "vistune takes 'warmup_ratio' (a fraction of the steps)",
+    "save_steps": "did you mean 'save_every'?",
+    "save_total_limit": "did you mean 'keep_checkpoints'?",
+    "logging_steps": "did you mean 'log_every'?",
+    "bf16": "did you mean 'precision: bf16'?",
+    "mm_projector_lr": "did you mean 'projector_lr'?",
+}
+
+
 def _suggest(loc: str) -> str:
     """Name the valid fields of the section an unknown key sits in, and the closest one."""
     parts = loc.split(".")
@@ -294,6 +317,8 @@ def _suggest(loc: str) -> str:
     valid = sorted(model.model_fields)
     close = difflib.get_close_matches(parts[-1], valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if model is StageConfig and parts[-1] in _HF_STAGE_NAMES:
+        hint = f" ({_HF_STAGE_NAMES[parts[-1]]})"
     return f"{hint}; valid fields: {', '.join(valid)}"
 
 

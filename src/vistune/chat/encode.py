@@ -50,6 +50,10 @@ class ChatEncoder:
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         probe = tokenizer("a").input_ids
+        # As transformers' processors do (format hf_processor): `<image>` is a token of the tokenizer, and the
+        # text after it is tokenized as the rest of one prompt (no fresh word-start piece).
+        self.image_in_place = (getattr(fmt, "image_in_place", False)
+                               and IMAGE_PLACEHOLDER in tokenizer.get_added_vocab())
         self.bos: list[int] = (
             [tokenizer.bos_token_id]
             if fmt.adds_tokenizer_bos and tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
@@ -64,8 +68,11 @@ class ChatEncoder:
                 ids.append(tok)
         return ids
 
-    def _tokenize_run(self, texts: list[str], sample: str) -> list[list[int]]:
-        """Ids for consecutive texts, such that their concatenation is the tokenization of ''.join(texts)."""
+    def _tokenize_run(self, texts: list[str], sample: str, after_image: bool = False) -> list[list[int]]:
+        """Ids for consecutive texts, such that their concatenation is the tokenization of ''.join(texts)
+        (with `image_in_place`, of that text following `<image>`)."""
+        if after_image and self.image_in_place:
+            return self._tokenize_run([IMAGE_PLACEHOLDER, *texts], sample)[1:]
         if len(texts) == 1:
             return [self.tokenizer(texts[0], add_special_tokens=False).input_ids]
         if self.tokenizer.is_fast:
@@ -149,7 +156,8 @@ class ChatEncoder:
                 input_ids += [IMAGE_TOKEN_ID] * n
                 labels += [IGNORE_INDEX] * n
                 continue
-            for seg, ids in zip(run, self._tokenize_run([s.text for s in run], sample) if run else []):
+            pieces = self._tokenize_run([s.text for s in run], sample, bool(image_runs)) if run else []
+            for seg, ids in zip(run, pieces):
                 if seg.supervised:
                     decoded = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                     if decoded.strip() != (seg.reply or "").strip():

@@ -10,6 +10,8 @@ Formats (exact keys):
 - `vicuna_v1`: LLaVA-1.5's format and system prompt: "SYSTEM USER: q ASSISTANT: a</s>USER: ...".
 - `llama_2`: LLaVA's Llama-2 format: "[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nq [/INST] a </s><s>[INST] ...".
 - `chat_template`: the tokenizer's own Jinja chat template (ChatML for Qwen2 and SmolLM2, ...).
+- `hf_processor`: a llava-hf folder's processor template, rendered and tokenized as transformers'
+  processor does (what `vistune convert` gives a converted llava-hf / llava-next model).
 In `vicuna_v1` and `llama_2` the end-of-turn "</s>" is the tokenizer's own EOS token, so the formats
 also work with LLMs whose EOS is spelled differently.
 """
@@ -145,7 +147,8 @@ class _TurnFormat:
 
     def render(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase,
                add_generation_prompt: bool) -> list[Segment]:
-        system, turns = _split_system(messages, self.system or self.default_system)
+        # `system=""` is the empty system prompt (llava-hf's templates have none), not "use the default".
+        system, turns = _split_system(messages, self.default_system if self.system is None else self.system)
         _check_alternation(turns, self.name)
         segments: list[Segment] = []
         prompt = self.preamble(system)
@@ -249,7 +252,19 @@ class ChatTemplate:
         return stops
 
 
-FORMAT_KEYS = ("plain", "vicuna_v1", "llama_2", "chat_template")
+@dataclass(frozen=True)
+class ProcessorTemplate(ChatTemplate):
+    """A transformers processor's chat template, as a llava-hf / llava-next folder ships it (carried into
+    the tokenizer by `vistune convert`, see convert/templates.py), used the way the processor uses it:
+    the tokenizer's BOS is added to the rendered prompt, and the text after each `<image>` is tokenized
+    as the continuation of the prompt (`image_in_place`), not on its own as LLaVA does."""
+
+    name: ClassVar[str] = "hf_processor"
+    adds_tokenizer_bos: bool = True
+    image_in_place: ClassVar[bool] = True
+
+
+FORMAT_KEYS = ("plain", "vicuna_v1", "llama_2", "chat_template", "hf_processor")
 
 
 def check_format_key(name: str) -> str:
@@ -267,4 +282,6 @@ def get_format(name: str, system: str | None = None) -> ConversationFormat:
         return VicunaV1(system)
     if name == "llama_2":
         return Llama2(system)
+    if name == "hf_processor":
+        return ProcessorTemplate(system)
     return ChatTemplate(system)

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from jinja2 import TemplateError
 from transformers import (
     AddedToken,
     AutoImageProcessor,
+    AutoProcessor,
     BaseImageProcessor,
     GenerationConfig,
     LlavaConfig,
@@ -38,13 +40,14 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    PreTrainedTokenizerBase,
 )
 
 from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import IMAGE_PLACEHOLDER, check_format_key, get_format
 from vistune.config import LLMConfig, VisionConfig
 from vistune.convert.assemble import assemble, causal_lm_from_state
-from vistune.convert.templates import processor_chat_template
+from vistune.convert.templates import carry_processor_template, processor_chat_template
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import Bundle
 from vistune.model.llm import load_tokenizer
@@ -190,7 +193,8 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
 def read_llava_hf(src: str | Path, conversation_format: str | None = None, system_prompt: str | None = None,
                   dtype: torch.dtype | None = None) -> Bundle:
     """A llava-hf folder as a vistune Bundle (in its stored dtype unless `dtype`). The conversation format comes from
-    `conversation_format`, else from `vistune_export.json`, else `vicuna_v1` (llava-1.5-hf's)."""
+    `conversation_format`, else from `vistune_export.json`, else from the folder's processor chat template (see
+    `_prompt_format`), else `vicuna_v1`."""
     src = Path(src)
     export: dict[str, Any] = json.loads((src / EXPORT_FILE).read_text()) if (src / EXPORT_FILE).is_file() else {}
     model_type = json.loads((src / "config.json").read_text()).get("model_type")
@@ -232,7 +236,8 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
     if getattr(processor, "do_pad", False):
         # vistune pads before calling the processor (model/vision.py); the processor must not pad again.
         processor.do_pad = False
-    fmt = check_format_key(conversation_format or export.get("conversation_format") or "vicuna_v1")
+    tokenizer = load_tokenizer(src)
+    fmt = _prompt_format(src, tokenizer, conversation_format, export)
     projector_state = {"0.weight": hf.model.multi_modal_projector.linear_1.weight,
                        "0.bias": hf.model.multi_modal_projector.linear_1.bias,
                        "2.weight": hf.model.multi_modal_projector.linear_2.weight,
@@ -246,11 +251,40 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
                           image_preprocess=preprocess, **anyres)
     return assemble(
         encoder, vision, HF_PROJECTOR, {k: v.detach() for k, v in projector_state.items()}, llm,
-        LLMConfig(path=str(src)), load_tokenizer(src), processor, fmt,
+        LLMConfig(path=str(src)), tokenizer, processor, fmt,
         system_prompt if system_prompt is not None else export.get("system_prompt"),
         int(export.get("model_max_length") or getattr(text_config, "max_position_embeddings", 2048)),
         {"converted_from": str(src.resolve()), "source_format": "llava-next" if anyres else "llava-hf"}, src,
     )
+
+
+def _prompt_format(src: Path, tokenizer: PreTrainedTokenizerBase, conversation_format: str | None,
+                   export: dict[str, Any]) -> str:
+    """The conversation format of a llava-hf folder: the one asked for, else the one a vistune export
+    recorded, else the folder's own processor chat template, carried into `tokenizer` (format
+    `hf_processor`), so vistune prompts the model exactly as transformers does; `vicuna_v1` only when the
+    folder has no template at all."""
+    if conversation_format or export.get("conversation_format"):
+        return check_format_key(conversation_format or export["conversation_format"])
+    try:
+        processor = AutoProcessor.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{src}: its processor could not be loaded ({e}); pass --format to choose the "
+                              "conversation format yourself") from None
+    template = getattr(processor, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return "vicuna_v1"
+    try:
+        probe = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                                              add_generation_prompt=True)
+    except TemplateError as e:
+        raise CheckpointError(f"{src}: its processor chat template does not render a one-question conversation "
+                              f"({e}); pass --format to choose the conversation format yourself") from None
+    tokenizer.chat_template = carry_processor_template(template)
+    if tokenizer.bos_token and probe.startswith(tokenizer.bos_token):
+        # The template writes BOS itself, so the processor adds none: the tokenizer's template format does the same.
+        return "chat_template"
+    return "hf_processor"
 
 
 def _prefix(text_config: Any) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vistune.datagen.jsonl import write_jsonl_atomic
+from vistune.datagen.outputs import write_records
 from vistune.datagen.prompts import load_instructions, place_image
 from vistune.datagen.sources import ImageRecord
 from vistune.datagen.summary import Summary
@@ -110,12 +110,5 @@ def run_align(records: list[ImageRecord], out: Path, *, seed: int = 0, per_capti
             {"from": "human", "value": place_image(rng.choice(instructions), rng)},
             {"from": "gpt", "value": caption}]})
     summary.wrote("align", len(data))
-    out = Path(out)
-    if out.suffix == ".json":
-        import json
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    else:
-        write_jsonl_atomic(out, data)
+    write_records(Path(out), data, "align")
     return summary

@@ -31,6 +31,11 @@ def datagen_instruct(out: Path, teacher: str, kinds: str, captions: Path | None,
                            out, seed=seed, concurrency=concurrency, progress=not no_progress, prompts_dir=prompts,
                            reask=reask)
     print(summary.text())
+    if summary.unfinished:
+        from vistune.errors import VistuneError
+
+        raise VistuneError(f"{summary.unfinished} samples got no reply from the teacher and were not recorded; "
+                           "run the same command again to retry them")
 
 
 def datagen_align(out: Path, captions: Path | None, jsonl: Path | None, limit: int | None, seed: int,
@@ -100,7 +105,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     di.add_argument("--teacher", required=True, help="template | openai:MODEL | hf:PATH (a folder or a .gguf file)")
     di.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (key: $OPENAI_API_KEY)")
     di.add_argument("--gguf-file", help="hf teacher: GGUF file name inside PATH")
-    di.add_argument("--out", type=Path, required=True, help="output .jsonl; rejects go to OUT.rejects.jsonl")
+    di.add_argument("--out", type=Path, required=True, help="output .jsonl; rejects go to OUT.rejects.jsonl; "
+                    "an existing OUT is resumed only when this command wrote it")
     di.add_argument("--limit", type=int, help="first N images only")
     di.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     di.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@
 Sample ids are `{record id}-{kind}`. Every sample ends in exactly one of the output file (valid) or
 the rejects file beside it (with a reason); both are append-only (see `jsonl`), and a rerun of the
 same command skips the ids found in either, so a killed run completes without loss or duplicates.
+Only a file this command wrote (known by its sidecar, see `outputs`) is ever resumed into.
 Delete the rejects file to try its samples again. Randomness (instruction drawn, image before or
 after the question) comes from `(seed, sample id)`, so the result does not depend on the order in
 which concurrent replies arrive, nor on where a run was interrupted.
@@ -11,11 +12,13 @@ which concurrent replies arrive, nor on where a run was interrupted.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 from typing import Any
 
-from vistune.datagen.jsonl import JsonlAppender, rejects_path
+from vistune.datagen.jsonl import JsonlAppender, is_torn_line, rejects_path
+from vistune.datagen.outputs import claim_output
 from vistune.datagen.parse import KINDS, Rejected, parse_reply
 from vistune.datagen.prompts import WITH_BOXES, load_instructions, load_kind, place_image
 from vistune.datagen.sources import ImageRecord
@@ -40,6 +43,24 @@ def to_llava(sid: str, record: ImageRecord, kind: str, pairs: list[tuple[str, st
     return {"id": sid, "image": record.image, "kind": kind, "conversations": conversations}
 
 
+def _written_by_instruct(path: Path) -> bool:
+    """True when every complete line is a sample of ours (`{record id}-{kind}` with its `kind`): an
+    output or rejects file of a run from before the sidecar existed, which may still be resumed."""
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                return is_torn_line(line)
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except ValueError:
+                return False
+            if not (isinstance(d, dict) and d.get("kind") in KINDS and str(d.get("id")).endswith(f"-{d['kind']}")):
+                return False
+    return True
+
+
 def run_instruct(records: list[ImageRecord], kinds: list[str], teacher: Teacher, out: Path, *, seed: int = 0,
                  concurrency: int = 8, limit: int | None = None, progress: bool = True,
                  prompts_dir: Path | None = None, reask: int = 0) -> Summary:
@@ -59,6 +80,10 @@ def run_instruct(records: list[ImageRecord], kinds: list[str], teacher: Teacher,
     prompts = {k: load_kind(k, prompts_dir) for k in kinds}
     detail_instructions = load_instructions("detail", prompts_dir)
     out = Path(out)
+    if out.suffix == ".json":
+        raise DataError(f"--out {out}: instruct appends JSONL (one record a line) and training reads a .json file as "
+                        "one JSON list; give a .jsonl name")
+    claim_output(out, "instruct", (rejects_path(out),), adopt=_written_by_instruct)
     summary = Summary()
     with JsonlAppender(out) as good, JsonlAppender(rejects_path(out)) as bad:
         done = good.ids | bad.ids
@@ -88,6 +113,10 @@ async def _run(todo: list[tuple[ImageRecord, str]], prompts: dict, detail_instru
             try:
                 reply = await teacher.complete(request)
             except TeacherError as e:
+                if e.unanswered:  # no reply at all: not done, a rerun asks again
+                    summary.unfinished += 1
+                    bar.update()
+                    return
                 reason = e.reason
                 break
             summary.prompt_tokens += reply.prompt_tokens
@@ -113,7 +142,11 @@ async def _run(todo: list[tuple[ImageRecord, str]], prompts: dict, detail_instru
         for record, kind in pending:
             await one(record, kind)
 
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*tasks)  # the first TeacherUnusable ends up here...
     finally:
+        for task in tasks:  # ...and stops the other requests at once, before they record anything
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()

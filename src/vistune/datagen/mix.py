@@ -10,7 +10,7 @@ Converters read each set in its published layout (`layout`, exact keys):
 | `ocrvqa` | `dataset.json`: `{image_id: {questions: [...], answers: [...], ...}}` | - | short answer |
 | `aokvqa` | `aokvqa_v1p0_train.json`: `[{image_id, question_id, question, choices, correct_choice_idx, ...}]` | - | option letter |
 | `textcaps` | `TextCaps_0.1_train.json`: `{"data": [{image_id, caption_str, ...}]}` | - | one-sentence caption |
-| `refcoco` | `refs(unc).p` (pickle) or the same list as JSON: `[{ref_id, ann_id, image_id, split, sentences: [{sent}]}]` | COCO `instances.json` (boxes, image sizes) | region description or box |
+| `refcoco` | `refs(unc).p` (pickle, plain data only) or the same list as JSON: `[{ref_id, ann_id, image_id, split, sentences: [{sent}]}]` | COCO `instances.json` (boxes, image sizes) | region description or box |
 | `vg` | `region_descriptions.json`: `[{id, regions: [{image_id, x, y, width, height, phrase}]}]` | `image_data.json`: `[{image_id, width, height, url}]` | region description or box |
 
 Short answer: "Answer the question using a single word or phrase."; option letter: the choices as
@@ -38,7 +38,7 @@ from typing import Any
 
 from vistune.chat.formats import IMAGE_PLACEHOLDER
 from vistune.data.records import read_records
-from vistune.datagen.jsonl import write_jsonl_atomic
+from vistune.datagen.outputs import write_records
 from vistune.datagen.summary import Summary
 from vistune.errors import DataError, RegistryKeyError
 
@@ -66,13 +66,32 @@ def _load(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
-    if path.suffix == ".p":  # RefCOCO's refs(unc).p, as distributed; a pickle runs code: trusted files only
-        with path.open("rb") as f:
-            return pickle.load(f)
+    if path.suffix == ".p":  # RefCOCO's refs(unc).p, as distributed
+        return _load_plain_pickle(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only what pickle's own opcodes build (lists, dicts, tuples, str, bytes, int, float, bool,
+    None): `find_class` is the one door through which a pickle reaches code (os.system, eval, any
+    class), and it admits nothing. refs(unc).p (the refer API's file, a Python 2 pickle) is a list of
+    dicts of strings, numbers and lists, so it loads; a crafted file fails before anything runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}; only plain lists, dicts, strings and numbers "
+                                     "are accepted")
+
+
+def _load_plain_pickle(path: Path) -> Any:
+    with path.open("rb") as f:
+        try:  # Python 2 byte strings decode as UTF-8 (a superset of the ASCII the refer files hold)
+            return _PlainUnpickler(f, encoding="utf-8").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not loaded as a plain-data pickle ({e}); refusing it, as a pickle can run code. "
+                            "Convert the file to JSON with the same list of refs, from a Python you trust") from None
 
 
 def _need(annotations: Path | None, layout: str) -> Path:
@@ -230,18 +249,8 @@ def convert_vqa(layout: str, questions: Path, annotations: Path | None, out: Pat
             records.append({"id": rid, "image": image, "conversations": conv})
     summary = Summary()
     summary.wrote(layout, len(records))
-    _write(Path(out), records)
+    write_records(Path(out), records, "convert")
     return summary
-
-
-def _write(out: Path, records: list[dict[str, Any]]) -> None:
-    if out.suffix == ".json":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-        tmp.replace(out)
-    else:
-        write_jsonl_atomic(out, records)
 
 
 def run_mix(inputs: list[tuple[Path, float]], out: Path, *, seed: int = 0) -> Summary:
@@ -273,5 +282,5 @@ def run_mix(inputs: list[tuple[Path, float]], out: Path, *, seed: int = 0) -> Su
         if len(records) > k:
             summary.reject(f"{Path(path).name}: left out by ratio {ratio}", len(records) - k)
     rng.shuffle(merged)
-    _write(Path(out), merged)
+    write_records(Path(out), merged, "mix")
     return summary

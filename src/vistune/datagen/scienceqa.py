@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vistune.datagen.outputs import claim_output
 from vistune.errors import DataError
 
 OPTIONS = "ABCDE"  # build_prompt_chatbot's default option letters
@@ -109,7 +110,7 @@ def convert_scienceqa(root: Path, split: str = "train", prompt_format: str = "QC
                             "conversations": [{"from": "human", "value": f"{text_in}\n<image>"},
                                               {"from": "gpt", "value": text_out}]})
     path = out or root / f"llava_{split}_{prompt_format}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(path, "scienceqa")  # LLaVA's own file of this name may sit there: never replace it
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(records, indent=2), encoding="utf-8")
     os.replace(tmp, path)

@@ -10,6 +10,7 @@ class Summary:
     written: dict[str, int] = field(default_factory=dict)  # per kind (or per source for mix)
     rejected: dict[str, int] = field(default_factory=dict)  # per reason
     skipped: int = 0  # already in the output (or rejects) file from an earlier run: resume
+    unfinished: int = 0  # no reply came (timeouts): neither written nor rejected, a rerun asks again
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0  # transport retries (429, 5xx, timeouts, malformed responses)
@@ -30,7 +31,8 @@ class Summary:
         return sum(self.rejected.values())
 
     def text(self) -> str:
-        lines = [f"written {self.n_written}, rejected {self.n_rejected}, skipped (already done) {self.skipped}"]
+        lines = [f"written {self.n_written}, rejected {self.n_rejected}, skipped (already done) {self.skipped}"
+                 + (f", unfinished (no reply; run again to retry) {self.unfinished}" if self.unfinished else "")]
         lines += [f"  {k:<40}{n:>8}" for k, n in sorted(self.written.items())]
         if self.rejected:
             lines.append("rejected by reason:")

@@ -2,8 +2,11 @@
 
 A teacher gets a `Request` (the chat messages built from `prompts/`, plus the record and kind, which
 only the template teacher reads) and returns a `Reply` with the text, the finish reason and token
-usage. Transport failures that outlast the retries raise `TeacherError`; the pipeline records them
-as rejections with the error as reason, so a flaky endpoint never loses a sample silently.
+usage. Failures that outlast the retries raise `TeacherError`; the pipeline records them as
+rejections with the error as reason (5xx, malformed bodies, other 4xx), except timeouts, which no
+reply ever answered: those are left undone for a rerun. A teacher that refuses every request alike
+(a wrong key, no access, an unknown model, no quota, nothing listening) raises `TeacherUnusable`,
+which stops the run at once with nothing recorded for the requests it did not answer.
 """
 
 from __future__ import annotations
@@ -41,11 +44,41 @@ class Reply:
 
 
 class TeacherError(VistuneError):
-    """The teacher gave no usable response even after retries; `reason` is what the summary counts."""
+    """The teacher gave no usable response even after retries; `reason` is what the summary counts.
+    `unanswered`: no reply came at all (timeouts), so the sample is left for a rerun, not rejected."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, unanswered: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.unanswered = unanswered
+
+
+class TeacherUnusable(VistuneError):
+    """Every request would fail alike (wrong key, no access, unknown model, no quota, no server): stop the run."""
+
+
+# Statuses that say the key, the account or the model is wrong, not this one request.
+_FATAL_STATUS = {
+    401: "the API key was refused: check OPENAI_API_KEY (or the key the server expects)",
+    402: "payment required: check the account's billing",
+    403: "the API key may not use this model or endpoint: check its permissions",
+    404: "model or endpoint not found: check the model name after `openai:` and that --base-url ends in /v1",
+}
+
+
+def _fatal_reason(error: Any) -> str | None:
+    """What to tell the user when an HTTP error means no request can succeed; None for a per-request error."""
+    status, code = error.status_code, str(getattr(error, "code", None) or "")
+    body = error.body if isinstance(error.body, dict) else {}
+    text = " ".join(str(body.get("message", "")).split())[:200]  # the server's words, one line, bounded
+    if code == "insufficient_quota":  # OpenAI sends it as a 429, but waiting does not help
+        return f"http {status} insufficient_quota ({text}): the account has no quota left"
+    if code == "model_not_found" or (status == 400 and "model" in text.lower()
+                                     and ("not found" in text.lower() or "does not exist" in text.lower())):
+        return f"http {status} ({text}): model not found: check the model name after `openai:`"
+    if status in _FATAL_STATUS:
+        return f"http {status}{f' ({text})' if text else ''}: {_FATAL_STATUS[status]}"
+    return None
 
 
 class Teacher(Protocol):
@@ -124,6 +157,7 @@ class OpenAITeacher:
         self.retry = retry or RetryPolicy()
         self.prices = prices
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self._where = f" at {base_url}" if base_url else ""
         self._rng = random.Random(seed)  # jitter only; never affects the data
 
     async def complete(self, request: Request) -> Reply:
@@ -145,10 +179,14 @@ class OpenAITeacher:
             except openai.APIStatusError as e:
                 status = e.status_code
                 last = f"http {status}"
+                fatal = _fatal_reason(e)
+                if fatal is not None:
+                    raise TeacherUnusable(f"teacher {self.name}{self._where}: {fatal}; stopped, nothing recorded "
+                                          "for unanswered requests: fix it and run the same command again") from None
                 if status not in (408, 409, 429) and status < 500:
                     raise TeacherError(f"teacher error: http {status}") from None  # our request is wrong
                 retry_after = _retry_after(e.response.headers)
-            except openai.APITimeoutError:
+            except openai.APITimeoutError:  # before APIConnectionError, its parent class
                 last = "timeout"
             except openai.APIConnectionError:
                 last = "connection error"
@@ -157,7 +195,11 @@ class OpenAITeacher:
                 last = f"malformed response ({type(e).__name__})"
             if attempt < self.retry.max_retries:
                 await asyncio.sleep(self.retry.delay(attempt, retry_after, self._rng))
-        raise TeacherError(f"teacher error: {last} after {self.retry.max_retries + 1} tries")
+        tries = self.retry.max_retries + 1
+        if last == "connection error":  # nothing listens there: every other request would fail the same way
+            raise TeacherUnusable(f"teacher {self.name}{self._where}: connection failed {tries} times; check that the "
+                                  "server is running and --base-url; stopped, run the same command again to continue")
+        raise TeacherError(f"teacher error: {last} after {tries} tries", unanswered=last == "timeout")
 
 
 class HFTeacher:

@@ -240,7 +240,9 @@ def mme_scores(rows: Iterable[tuple[str, str, str, str]]) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 OPTION_LETTERS = "ABCDEFGHIJ"
-_SQA_OPTIONS = "ABCDE"
+# A tuple, as the official script's `--options` list: membership is whole-letter equality, never a
+# substring test ("AB" in "ABCDE" would pass).
+_SQA_OPTIONS = ("A", "B", "C", "D", "E")
 _SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 

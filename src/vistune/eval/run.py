@@ -1,8 +1,10 @@
 """The eval runner: tasks -> batched greedy generation through the engine -> scores and files.
 
 For each task, under OUT/TASK/: `predictions.jsonl` (one {id, prompt, reply} per item, appended
-batch by batch, so an interrupted run resumes where it stopped), the server submission files, and
-OUT/metrics.json + OUT/results.md for every task run into OUT so far.
+batch by batch, so an interrupted run resumes where it stopped), `generation.json` (the model, by path and
+fingerprint, and the settings that wrote them: a run with another model into the same OUT is refused
+rather than credited with these replies), the server submission files, and OUT/metrics.json +
+OUT/results.md for every task run into OUT so far.
 
 Sharding: under torchrun (RANK / WORLD_SIZE set) each process takes every WORLD_SIZE-th item, on
 cuda:LOCAL_RANK when there is a GPU, and writes `predictions.rank{R}-of-{W}.jsonl`; after a barrier
@@ -50,6 +52,60 @@ def drop_torn_tail(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         write_text_atomic(path, text[: text.rfind("\n") + 1])
+
+
+def limit_items(task: Task, items: Sequence[Item], limit: int | None) -> list[Item]:
+    """The first `limit` items of each of the task's batch groups, in order (all items when None).
+
+    A task asked in several passes (the demo: every question with its image, then blind) lists one
+    pass after the other; the first N of the whole list would hold only the first pass, and scores
+    that compare the passes would have nothing to compare with."""
+    if limit is None:
+        return list(items)
+    taken: dict[str | None, int] = {}
+    kept = []
+    for it in items:
+        group = task.batch_group(it)
+        if taken.get(group, 0) < limit:
+            taken[group] = taken.get(group, 0) + 1
+            kept.append(it)
+    return kept
+
+
+GENERATION_FILE = "generation.json"
+
+
+def generation_record(engine: Engine | None, task: Task, max_new_tokens: int | None) -> dict[str, Any] | None:
+    """What the replies in a task's folder depend on: the model (path + fingerprint) and the decoding
+    settings. None for an engine built in memory (nothing to tell models apart by)."""
+    identity = getattr(engine, "identity", None)
+    if identity is None:
+        return None
+    return {**identity.as_dict(), "max_new_tokens": max_new_tokens or task.max_new_tokens, "temperature": 0.0}
+
+
+def check_generation(folder: Path, record: dict[str, Any] | None, has_replies: bool, write: bool = True) -> None:
+    """Refuse to add to or rescore replies written by another model or with other settings (they would be
+    scored and reported as this model's); record who writes them otherwise."""
+    path = folder / GENERATION_FILE
+    if record is None:
+        return
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    if stored is None and has_replies:
+        raise DataError(f"{folder} holds replies with no record of the model that wrote them ({GENERATION_FILE}); "
+                        "give another --out, or delete the folder to generate them with this model")
+    if stored is not None and stored != record:
+        diff = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in record.items() if stored.get(k) != v)
+        raise DataError(f"{folder} holds replies of another model or other settings ({diff}); give another --out "
+                        "for this model, or delete the folder to replace them")
+    if stored is None and write:
+        write_text_atomic(path, json.dumps(record, indent=1))
+
+
+def recorded_model(folder: Path) -> str | None:
+    """The model that wrote a task folder's replies, as its generation record names it."""
+    path = folder / GENERATION_FILE
+    return json.loads(path.read_text()).get("model") if path.is_file() else None
 
 
 def _batches(task: Task, items: Sequence[Item], batch_size: int) -> list[list[Item]]:
@@ -130,17 +186,21 @@ def evaluate_task(task: Task, engine: Engine | None, data: Path, out: Path, batc
                   max_new_tokens: int | None = None, limit: int | None = None, judge: Judge | None = None,
                   rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> dict | None:
     """Generate what is missing for this shard, then (rank 0) merge, score and write files; returns metrics on rank 0."""
-    items = task.load(task_root(data, task))
-    if limit is not None:
-        items = items[:limit]
+    items = limit_items(task, task.load(task_root(data, task)), limit)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise DataError(f"{task.name}: item ids repeat in {task_root(data, task)}; ids key the predictions file")
     folder = out / task.name
     folder.mkdir(parents=True, exist_ok=True)
     merged = folder / "predictions.jsonl"
+    if task.answers is not None and rank == 0:  # rescoring an answer file in LLaVA's layout (eval/answers.py)
+        from vistune.eval.answers import import_answers
+
+        import_answers(task, items, merged)
     shard = merged if world_size == 1 else folder / f"predictions.rank{rank}-of-{world_size}.jsonl"
     done = {**read_predictions(merged), **read_predictions(shard)}
+    if engine is not None:  # every rank refuses alike; rank 0 writes the record
+        check_generation(folder, generation_record(engine, task, max_new_tokens), bool(done), write=rank == 0)
     todo = [it for it in items[rank::world_size] if it.id not in done]
     if todo:
         if engine is None:
@@ -180,8 +240,9 @@ def evaluate_task(task: Task, engine: Engine | None, data: Path, out: Path, batc
 def run_eval(tasks: Sequence[str], model: Path | None, data: Path, out: Path, batch_size: int = 8,
              max_new_tokens: int | None = None, limit: int | None = None, judge: Judge | None = None,
              task_options: dict[str, dict[str, Any]] | None = None, device: str | None = None,
-             engine: Engine | None = None) -> dict[str, dict]:
-    """Run `tasks` and write OUT/metrics.json and OUT/results.md; returns this run's metrics (rank 0)."""
+             engine: Engine | None = None, parts: dict[str, Path | None] | None = None) -> dict[str, dict]:
+    """Run `tasks` and write OUT/metrics.json and OUT/results.md; returns this run's metrics (rank 0).
+    `parts`: vision/llm/base folders for original-LLaVA models (see `vistune.infer.load.load_model`)."""
     task_options = task_options or {}
     for name in task_options:
         if name not in tasks:
@@ -195,7 +256,7 @@ def run_eval(tasks: Sequence[str], model: Path | None, data: Path, out: Path, ba
             import torch
 
             device = f"cuda:{os.environ.get('LOCAL_RANK', dist.rank)}" if torch.cuda.is_available() else "cpu"
-        engine = Engine.load(model, device)
+        engine = Engine.load(model, device, **(parts or {}))
     results: dict[str, dict] = {}
     for task in built:
         m = evaluate_task(task, engine, data, out, batch_size, max_new_tokens, limit,
@@ -203,7 +264,7 @@ def run_eval(tasks: Sequence[str], model: Path | None, data: Path, out: Path, ba
         if m is not None:
             results[task.name] = m
             all_metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
-            all_metrics[task.name] = m | {"model": str(model) if model else None}
+            all_metrics[task.name] = m | {"model": recorded_model(out / task.name) or (str(model) if model else None)}
             write_text_atomic(out / "metrics.json", json.dumps(all_metrics, indent=1, ensure_ascii=False))
             write_text_atomic(out / "results.md", results_table(all_metrics))
     return results

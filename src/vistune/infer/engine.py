@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from vistune.chat.formats import IMAGE_PLACEHOLDER, Message, get_format
 from vistune.data.dataset import load_image
 from vistune.errors import DataError
 from vistune.infer.rows import Completion, Row, RowSampler, RowTracker, Sampling
-from vistune.model.checkpoint import Bundle, load_checkpoint
+from vistune.infer.load import ModelIdentity, load_model, model_identity
+from vistune.model.checkpoint import Bundle
 from vistune.model.tiling import ImagePreprocessor
 
 ImageInput = Image.Image | str | Path
@@ -63,8 +64,9 @@ def _as_messages(messages: Sequence[Message | dict[str, str]]) -> list[Message]:
 class Engine:
     """Answers conversations with a loaded vistune model."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, identity: ModelIdentity | None = None) -> None:
         self.bundle = bundle
+        self.identity = identity  # which folder it was loaded from (None: built in memory)
         self.model = bundle.model
         self.tokenizer = bundle.tokenizer
         spec = bundle.spec
@@ -75,10 +77,13 @@ class Engine:
         self.device = next(self.model.llm.parameters()).device
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Engine:
+    def load(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+             vision: Path | None = None, llm: Path | None = None, base: Path | None = None) -> Engine:
+        """Any folder `vistune.infer.load.load_model` reads (vistune, step-N, llava-hf, llava-next, LLaVA)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        return cls(load_checkpoint(path, dtype=dtype, device=device))
+        bundle = load_model(path, device, dtype, vision=vision, llm=llm, base=base)
+        return cls(bundle, model_identity(path))
 
     def prepare(self, messages: Sequence[Message | dict[str, str]], images: Sequence[ImageInput] = ()) -> Prompt:
         """Tokenize a conversation (ending with a user message) and preprocess its images.
@@ -186,11 +191,24 @@ class Engine:
             return self.stream(messages, images, sampling)
         return self.generate([messages], [images], sampling)[0]
 
-    def ask(self, image: ImageInput | None, question: str, sampling: Sampling = Sampling()) -> str:
-        """One question about one image (or none)."""
-        return self.generate([[Message("user", question)]], [[image] if image is not None else []], sampling)[0]
+    def ask(self, image: ImageInput | None, question: str, sampling: Sampling | None = None,
+            **settings: Any) -> str:
+        """One question about one image (or none). Sampling settings as keywords
+        (`ask(img, "What is it?", max_new_tokens=64, temperature=0.7)`) or as a `Sampling`, not both."""
+        if settings:
+            if sampling is not None:
+                raise TypeError("give sampling settings as keywords or as a Sampling, not both")
+            unknown = sorted(set(settings) - {f.name for f in fields(Sampling)})
+            if unknown:
+                raise TypeError(f"unknown sampling setting(s) {unknown}; valid: "
+                                f"{', '.join(f.name for f in fields(Sampling))}")
+            sampling = Sampling(**settings)
+        images = [image] if image is not None else []
+        return self.generate([[Message("user", question)]], [images], sampling or Sampling())[0]
 
 
-def load(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Engine:
-    """Load a vistune checkpoint folder for inference: `vistune.load("runs/x/finetune").ask(img, "What is it?")`."""
-    return Engine.load(path, device, dtype)
+def load(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+         vision: Path | None = None, llm: Path | None = None, base: Path | None = None) -> Engine:
+    """Load a model folder for inference: `vistune.load("runs/x/finetune").ask(img, "What is it?")`. Reads vistune
+    checkpoints, mid-run `checkpoints/step-N` folders, llava-hf, llava-next and original LLaVA folders."""
+    return Engine.load(path, device, dtype, vision, llm, base)

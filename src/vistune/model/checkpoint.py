@@ -32,6 +32,7 @@ from vistune.config import LLMConfig, VisionConfig, _Strict
 from vistune.errors import CheckpointError
 from vistune.model.llm import load_llm, load_tokenizer
 from vistune.model.projector import build_projector
+from vistune.model.quiet import quiet_loading
 from vistune.model.tiling import ImageLayout
 from vistune.model.vision import VisionTower, load_image_processor, load_vision_encoder
 from vistune.model.vlm import VisionLanguageModel
@@ -126,7 +127,8 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     if spec.llm_adapter:
         from peft import PeftModel
 
-        model.llm = PeftModel.from_pretrained(model.llm, _resolve(folder, spec.llm_adapter))
+        with quiet_loading():  # peft's version-mismatch FutureWarning (see model/quiet.py)
+            model.llm = PeftModel.from_pretrained(model.llm, _resolve(folder, spec.llm_adapter))
     tokenizer = load_tokenizer(folder / spec.tokenizer)
     processor = load_image_processor(folder / spec.image_processor)
     model.to(device=device, dtype=dtype).eval()

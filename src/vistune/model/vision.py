@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, BaseImageProcessor
 
 from vistune.errors import CheckpointError
+from vistune.model.quiet import quiet_loading
 
 
 def load_image_processor(path: str | Path) -> BaseImageProcessor:
@@ -45,7 +46,8 @@ def load_vision_encoder(path: str | Path, dtype: torch.dtype = torch.float32) ->
     level = report_logger.level
     report_logger.setLevel(logging.ERROR)
     try:
-        return AutoModel.from_pretrained(str(path), config=vision_config, dtype=dtype)
+        with quiet_loading():
+            return AutoModel.from_pretrained(str(path), config=vision_config, dtype=dtype)
     finally:
         report_logger.setLevel(level)
 

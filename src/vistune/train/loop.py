@@ -170,6 +170,10 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # step-N folders are rebuilt from it (vistune.train.step_model)
+        from vistune.train.step_model import write_stage_file
+
+        write_stage_file(out, model_cfg, stage, name)
     metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
     bar = tqdm(total=total_steps, initial=progress.step, desc=name, disable=not accelerator.is_main_process)
     model.train()

@@ -33,9 +33,12 @@ def apply_parts(model: VisionLanguageModel, parts: PartsConfig, lora: LoraSettin
     if parts.llm == "lora":
         from peft import LoraConfig, get_peft_model
 
+        from vistune.model.quiet import quiet_loading
+
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
-        model.llm = get_peft_model(model.llm, config)
+        with quiet_loading():  # peft's version-mismatch FutureWarning (see model/quiet.py)
+            model.llm = get_peft_model(model.llm, config)
 
 
 def count(module: nn.Module) -> tuple[int, int]:

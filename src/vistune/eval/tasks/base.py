@@ -52,13 +52,28 @@ class Item:
 
 
 class Task:
-    """Base class: subclasses set `name`, `folder`, `headline` and implement `load` and `score`."""
+    """Base class: subclasses set `name`, `folder`, `headline` and implement `load` and `score`.
+    Every task takes the option `answers`: an answer file in LLaVA's layout to score instead of
+    generating (see `vistune.eval.answers`)."""
 
     name: str = ""
     folder: str = ""  # its folder under --data, as LLaVA's playground/data/eval/ names it
     max_new_tokens: int = 128  # LLaVA-1.5's model_vqa_loader default for short-answer tasks
     headline: tuple[str, ...] = ()  # metric keys shown in the results table
     judged: bool = False
+    answers: Path | None = None
+
+    def __init__(self, answers: str | Path | None = None) -> None:
+        self.answers = Path(answers) if answers is not None else None
+
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
+        """Key of each item in LLaVA's answer files -> item id (by default the id is LLaVA's question_id);
+        None for questions LLaVA answered that the task does not score (skipped, and counted)."""
+        return {it.id: it.id for it in items}
+
+    def llava_row_key(self, row: dict[str, Any]) -> str:
+        """The key a LLaVA answer row gives its question (matched against `llava_keys`)."""
+        return str(row["question_id"])
 
     def load(self, root: Path) -> list[Item]:
         raise NotImplementedError

@@ -68,12 +68,14 @@ class ScienceQA(Task):
 
     name, folder, headline = "scienceqa", "scienceqa", ("img_accuracy",)
 
-    def __init__(self, ensemble: str | None = None) -> None:
+    def __init__(self, ensemble: str | None = None, answers: str | Path | None = None) -> None:
         from vistune.eval.scienceqa_ensemble import ENSEMBLES
 
+        super().__init__(answers)
         if ensemble is not None and ensemble not in ENSEMBLES:
             raise DataError(f"scienceqa: unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}", "bad option")
         self.ensemble = ensemble
+        self.text_only: list[str] = []  # test pids without an image (JSON layout): LLaVA answers them too
         if ensemble:
             self.headline = ("img_accuracy", "ensemble_accuracy")
 
@@ -87,6 +89,7 @@ class ScienceQA(Task):
         if (root / "llava_test_CQM-A.json").is_file():
             llava = {str(r["id"]): r for r in read_json(root / "llava_test_CQM-A.json")}
         items = []
+        self.text_only = [pid for pid in splits["test"] if not problems[pid].get("image")]
         for pid in splits["test"]:
             p = problems[pid]
             if not p.get("image"):
@@ -97,6 +100,10 @@ class ScienceQA(Task):
                 prompt = _sqa_prompt(p)
             items.append(_sqa_item(pid, prompt, root / "images" / "test" / pid / p["image"], p))
         return items
+
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
+        # LLaVA asks every test question and reports IMG accuracy over those with an image; only those are items.
+        return {pid: None for pid in self.text_only} | {it.id: it.id for it in items}
 
     def _load_parquet(self, shards: list[Path]) -> list[Item]:
         rows = parquet.read_rows(shards, ["image", "question", "choices", "answer"], self.name, ["hint", "subject"])
@@ -155,7 +162,8 @@ class MMBench(Task):
     parquet_configs = ("en", "data", ".")  # lmms-lab/MMBench `en/`, lmms-lab/MMBench_EN `data/`
     instruction = LETTER_ANSWER
 
-    def __init__(self) -> None:
+    def __init__(self, answers: str | Path | None = None) -> None:
+        super().__init__(answers)
         self.rows: dict[int, dict[str, str]] = {}  # the TSV rows, for the submission file
 
     def load(self, root: Path) -> list[Item]:
@@ -252,20 +260,29 @@ class MMBench(Task):
                     break
         return out
 
+    def llava_row_key(self, row: dict) -> str:
+        # model_vqa_mmbench.py: question_id is the TSV index, round_id the circular shift (0 when the TSV holds the copies).
+        return str(int(row["question_id"]) + int(row.get("round_id") or 0) * CIRCULAR_STRIDE)
+
     def write_submission(self, items: Sequence[Item], replies: dict[str, str], out: Path) -> list[Path]:
-        """The xlsx the MMBench server takes: the TSV's rows (no image/hint columns) plus `prediction`."""
+        """The xlsx the MMBench server takes, as LLaVA's convert_mmbench_for_submission.py writes it: the TSV's
+        rows without the image, hint, category, source, comment and l2-category columns, `prediction`
+        inserted as the 7th column (after D), the index a number and empty cells empty."""
         try:
             from openpyxl import Workbook
         except ImportError:
             raise DataError("the MMBench submission is an .xlsx file: pip install 'vistune[eval]' (openpyxl)",
                             "missing dependency") from None
         drop = {"image", "hint", "category", "source", "comment", "l2-category"}
-        header = [c for c in next(iter(self.rows.values()), {}) if c not in drop] + ["prediction"]
+        columns = [c for c in next(iter(self.rows.values()), {}) if c not in drop]
+        at = min(6, len(columns))  # the script's `insert(6, 'prediction', None)`
         wb = Workbook()
         ws = wb.active
-        ws.append(header)
+        ws.append([*columns[:at], "prediction", *columns[at:]])
         for index, r in self.rows.items():
-            ws.append([*(r[c] for c in header[:-1]), replies.get(str(index), "")])
+            cells: list[object] = [int(index) if c == "index" else (r[c] if r[c] not in ("", "nan") else None)
+                                   for c in columns]
+            ws.append([*cells[:at], replies.get(str(index), ""), *cells[at:]])
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}_submission.xlsx"
         tmp = path.with_name(path.name + ".tmp")
@@ -275,8 +292,16 @@ class MMBench(Task):
 
 
 class MMBenchCN(MMBench):
-    name, folder = "mmbench_cn", "mmbench_cn"
-    files = ("mmbench_dev_cn_20231003.tsv", "mmbench_dev_cn*.tsv", "MMBench_DEV_CN*.tsv", "*.tsv")
+    # LLaVA's docs put the CN TSV beside the EN one in mmbench/ (a folder of its own works too): so no
+    # catch-all "*.tsv" here, which would read the EN file.
+    name, folder = "mmbench_cn", "mmbench"
+    files = ("mmbench_dev_cn_20231003.tsv", "mmbench_dev_cn*.tsv", "MMBench_DEV_CN*.tsv", "*_cn_*.tsv")
+
+    def load(self, root: Path) -> list[Item]:
+        if root.name == self.folder and (root.parent / self.name).is_dir():
+            if not any(any(root.glob(pattern)) for pattern in self.files):
+                root = root.parent / self.name
+        return super().load(root)
     parquet_configs = ("cn", "data", ".")
     instruction = LETTER_ANSWER_CN
 

@@ -3,7 +3,9 @@
 Layouts read (each from its task folder under --data):
 - vqav2: the official `v2_OpenEnded_mscoco_{subset}_questions.json` (test-dev2015 preferred, as in
   LLaVA-1.5), with `v2_mscoco_{subset}_annotations.json` when the subset has public answers; images
-  `{test2015|val2014}/COCO_{...}_{image_id:012d}.jpg`.
+  `{test2015|val2014}/COCO_{...}_{image_id:012d}.jpg`. Without it, LLaVA's docs' layout: eval.zip's
+  `llava_vqav2_mscoco_test-dev2015.jsonl` (+ `llava_vqav2_mscoco_test2015.jsonl` for the upload's full
+  id list) and `test2015/`.
 - vizwiz: the official VizWiz-VQA `test.json` (else `val.json`), images in `test/` (`val/`).
 - textvqa: the official `TextVQA_0.5.1_val.json`, OCR tokens from each entry's `ocr_tokens` or from
   `TextVQA_Rosetta_OCR_v0.2_val.json`; images `train_images/{image_id}.jpg`.
@@ -43,6 +45,7 @@ from vistune.eval.tasks.base import (
     accuracy,
     find,
     read_json,
+    read_jsonl,
     with_line,
     write_text_atomic,
 )
@@ -70,12 +73,16 @@ def _write_json(path: Path, data: object) -> Path:
 class VQAv2(Task):
     name, folder, headline = "vqav2", "vqav2", ("accuracy",)
 
-    def __init__(self) -> None:
+    def __init__(self, answers: str | Path | None = None) -> None:
+        super().__init__(answers)
         self.full_test_ids: list[int] = []  # the test2015 question ids, when that file is present
 
     def load(self, root: Path) -> list[Item]:
         if (found := parquet.find_split(root, ("testdev", "validation"))) is not None:
             return self._load_parquet(root, *found)
+        llava = root / "llava_vqav2_mscoco_test-dev2015.jsonl"
+        if llava.is_file() and not any(root.glob("v2_OpenEnded_mscoco_*_questions.json")):
+            return self._load_llava(root, llava)
         qfile = find(root, ["v2_OpenEnded_mscoco_test-dev2015_questions.json", "v2_OpenEnded_mscoco_val2014_questions.json",
                             "v2_OpenEnded_mscoco_*_questions.json"], self.name)
         subset = qfile.name.removeprefix("v2_OpenEnded_mscoco_").removesuffix("_questions.json")
@@ -95,6 +102,13 @@ class VQAv2(Task):
                               [x["answer"] for x in a["answers"]] if a else None,
                               {"answer_type": a["answer_type"] if a else None}))
         return items
+
+    def _load_llava(self, root: Path, qfile: Path) -> list[Item]:
+        """LLaVA's docs' layout: eval.zip's question files (prompts as the authors asked) + `test2015/`."""
+        full = root / "llava_vqav2_mscoco_test2015.jsonl"
+        self.full_test_ids = [int(r["question_id"]) for r in read_jsonl(full)] if full.is_file() else []
+        return [Item(str(r["question_id"]), with_line(r["text"], SHORT_ANSWER), (root / "test2015" / r["image"],),
+                     None, {"answer_type": None}) for r in read_jsonl(qfile)]
 
     def _load_parquet(self, root: Path, split: str, shards: list[Path]) -> list[Item]:
         rows = parquet.read_rows(shards, ["question_id", "question", "image"], self.name, ["answers", "answer_type"])
@@ -139,6 +153,11 @@ class VizWiz(Task):
                               {"answer_type": row.get("answer_type")}))
         return items
 
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
+        # LLaVA's llava_test.jsonl numbers the questions 0, 1, ... in test.json's order; the item id is the image
+        # name, which its upload file keys on.
+        return {str(k): it.id for k, it in enumerate(items)} | {it.id: it.id for it in items}
+
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         return _soft_scores(items, replies, "answer_type")
 
@@ -149,8 +168,10 @@ class VizWiz(Task):
 
 
 def _ocr_prompt(question: str, tokens: Sequence[str]) -> str:
-    """LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: the question, then the OCR line when there are tokens."""
-    return question + ("\nReference OCR token: " + ", ".join(tokens) if tokens else "")
+    """LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: the question capitalised as `str.capitalize` does (none of
+    its 5,000 questions keeps a capital after the first letter), then the OCR line, empty when there are no
+    tokens (115 of its prompts)."""
+    return question.strip().capitalize() + "\nReference OCR token: " + ", ".join(tokens)
 
 
 class TextVQA(Task):
@@ -188,6 +209,8 @@ class GQA(Task):
         found = parquet.find_split(root, ("testdev",), ("testdev_balanced_instructions",))
         if found is not None:
             return self._load_parquet(root, found[1])
+        if (root / "data").is_dir() and not (root / "images").is_dir():
+            root = root / "data"  # LLaVA's layout: gqa/data/ holds the official questions, images and eval.py
         qfile = find(root, ["testdev_balanced_questions.json", "*_balanced_questions.json"], self.name)
         questions = read_json(qfile)
         if not isinstance(questions, dict):

@@ -33,6 +33,18 @@ from vistune.eval.tasks import parquet
 from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, read_jsonl, with_line
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
+# LLaVA's llava_pope_test.jsonl numbers each split's POPE question_id from its own offset.
+POPE_LLAVA_OFFSETS = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
+# MME's .txt questions end with this; LLaVA's llava_mme.jsonl drops it before adding the short-answer line.
+MME_YES_NO = "Please answer yes or no."
+
+
+def mme_prompt(question: str) -> str:
+    """The prompt LLaVA-1.5 asked for an MME question (as in its llava_mme.jsonl)."""
+    question = question.strip()
+    if question.endswith(MME_YES_NO):
+        question = question[: -len(MME_YES_NO)].strip()
+    return with_line(question, SHORT_ANSWER)
 
 
 class POPE(Task):
@@ -59,6 +71,15 @@ class POPE(Task):
         if not items:
             raise DataError(f"pope: no coco_pope_{{{','.join(POPE_CATEGORIES)}}}.json in {base}", "missing file")
         return items
+
+    def llava_row_key(self, row: dict) -> str:
+        qid = int(row["question_id"])
+        offsets = {v: k for k, v in POPE_LLAVA_OFFSETS.items()}
+        base = qid - qid % 10_000_000
+        if base not in offsets:
+            raise DataError(f"pope: answer question_id {qid} is outside LLaVA's split offsets "
+                            f"{POPE_LLAVA_OFFSETS}", "bad record")
+        return f"{offsets[base]}/{qid - base}"
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         by_cat: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
@@ -95,14 +116,14 @@ class MME(Task):
             for txt in sorted(qa_dir.glob("*.txt")):
                 image = next((p for p in (img_dir / f"{txt.stem}{ext}" for ext in (".jpg", ".png", ".jpeg"))
                               if p.is_file()), None)
-                if image is None:
-                    raise DataError(f"mme: {txt} has no image {txt.stem}.jpg/.png in {img_dir}", "missing file")
+                if image is None:  # rescoring answers needs no image; asking a model fails on the missing file
+                    image = img_dir / txt.stem
                 lines = [ln for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
                 for k, line in enumerate(lines):
                     question, _, answer = line.rpartition("\t")
                     if answer.strip().lower() not in ("yes", "no"):
                         raise DataError(f"mme: {txt} line {k + 1}: answer {answer!r} is not Yes/No", "bad record")
-                    items.append(Item(f"{task}/{image.name}/{k}", with_line(question.strip(), SHORT_ANSWER), (image,),
+                    items.append(Item(f"{task}/{image.name}/{k}", mme_prompt(question), (image,),
                                       answer.strip().lower(), {"task": task, "image": image.name,
                                                                "question": question.strip()}))
         if not items:
@@ -121,10 +142,17 @@ class MME(Task):
                 raise DataError(f"mme: question {r['question_id']} has answer {r['answer']!r}, not Yes/No", "bad record")
             k = per_image[(task, image)]
             per_image[(task, image)] += 1
-            items.append(Item(f"{task}/{image}/{k}", with_line(r["question"].strip(), SHORT_ANSWER),
+            items.append(Item(f"{task}/{image}/{k}", mme_prompt(r["question"]),
                               (parquet.image_bytes(r["image"], f"mme {r['question_id']}"),), answer,
                               {"task": task, "image": image, "question": r["question"].strip()}))
         return items
+
+    def llava_keys(self, items: Sequence[Item]) -> dict[str, str | None]:
+        # LLaVA's question_id is TASK/IMAGE, the same for both questions of an image: the prompt tells them apart.
+        return {f"{it.meta['task']}/{Path(it.meta['image']).stem}\n{it.prompt}": it.id for it in items}
+
+    def llava_row_key(self, row: dict) -> str:
+        return f"{str(row['question_id']).rsplit('.', 1)[0]}\n{row.get('prompt', '')}"
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:
         rows = [(it.meta["task"], it.meta["image"], it.answer, replies.get(it.id, "")) for it in items]
