@@ -10,6 +10,12 @@ reply has a fixed length (`ignore_eos`, so both settings do the same work).
     python benchmarks/serve_load.py                          # tiny model built here, 400 requests at 32
     python benchmarks/serve_load.py --model runs/x/finetune --requests 200 --concurrency 16
 
+With --worst-case-decode it instead sends issue 17's worst case for image decoding (8 requests at
+once, each with 4 one-colour 4096x4096 PNGs) and records the server's resident memory before, at the
+peak and after; --src runs another checkout's code (e.g. the code before the decode budget):
+
+    python benchmarks/serve_load.py --worst-case-decode --name decode
+
 Results: benchmarks/results/serve_load-<name>.json (machine, versions, command, numbers).
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import json
 import os
 import platform
@@ -27,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,35 +122,82 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_and_load(model: Path, batch: int, args: argparse.Namespace) -> dict:
+@contextmanager
+def running_server(model: Path, device: str, extra: list[str],
+                   src: Path = ROOT / "src") -> Iterator[tuple[subprocess.Popen, str]]:
+    """`vistune serve` (the code under `src`) in a subprocess on a free port: (process, base URL)."""
+    import httpx
+
     port = _free_port()
-    cmd = [sys.executable, "-m", "vistune.cli", "serve", str(model), "--port", str(port), "--max-batch-size",
-           str(batch), "--max-tokens", str(args.max_tokens), "--served-model-name", "bench", "--log-level", "warning",
-           "--device", args.device]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "vistune.cli", "serve", str(model), "--port", str(port), "--served-model-name",
+           "bench", "--log-level", "warning", "--device", device, *extra]
+    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        import httpx
-
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code < 500:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not start in 180 s")
             time.sleep(0.3)
-        result = asyncio.run(run_load(f"http://127.0.0.1:{port}", "bench", args.image, args.requests,
-                                      args.concurrency, args.max_tokens))
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
-        return {"max_batch_size": batch, **result.summary(), "server": health}
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def serve_and_load(model: Path, batch: int, args: argparse.Namespace) -> dict:
+    import httpx
+
+    with running_server(model, args.device, ["--max-batch-size", str(batch), "--max-tokens", str(args.max_tokens)]) \
+            as (_, base):
+        result = asyncio.run(run_load(base, "bench", args.image, args.requests, args.concurrency, args.max_tokens))
+        stats = httpx.get(f"{base}/stats", timeout=5).json()
+    return {"max_batch_size": batch, **result.summary(), "server": stats}
+
+
+def _rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory now (VmRSS) and at its peak so far (VmHWM) of a process, in MiB (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM")}
+
+
+def worst_case_decode(model: Path, args: argparse.Namespace, src: Path = ROOT / "src") -> dict:
+    """Issue 17's worst case for image decoding: `--decode-concurrency` requests sent at once, each with
+    `--decode-images` one-colour PNGs of `--decode-side` squared pixels (a few dozen KB each, about
+    50 MB each decoded). Records the server's resident memory before, at the peak, and after."""
+    import httpx
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (args.decode_side, args.decode_side), (90, 140, 200)).save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"model": "bench", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        *[{"type": "image_url", "image_url": {"url": uri}}] * args.decode_images, {"type": "text", "text": "Colour?"}]}]}
+
+    async def send_all(base: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            answers = await asyncio.gather(*(client.post(f"{base}/v1/chat/completions", json=body)
+                                             for _ in range(args.decode_concurrency)), return_exceptions=True)
+        return [a.status_code if isinstance(a, httpx.Response) else 0 for a in answers]
+
+    with running_server(model, args.device, ["--max-batch-size", "32"], src) as (proc, base):
+        time.sleep(1.0)
+        before = _rss_mib(proc.pid)
+        start = time.perf_counter()
+        codes = asyncio.run(send_all(base))
+        wall = time.perf_counter() - start
+        after = _rss_mib(proc.pid)
+    return {"concurrency": args.decode_concurrency, "images_per_request": args.decode_images,
+            "image_side": args.decode_side, "png_bytes": len(buf.getvalue()),
+            "status_counts": {str(c): codes.count(c) for c in sorted(set(codes))}, "wall_s": round(wall, 2),
+            "rss_mib_before": before["VmRSS"], "rss_mib_peak": after["VmHWM"], "rss_mib_after": after["VmRSS"]}
 
 
 def build_tiny(root: Path) -> tuple[Path, Path]:
@@ -194,11 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default="tiny", help="results file: benchmarks/results/serve_load-NAME.json")
     p.add_argument("--output", type=Path)
+    p.add_argument("--worst-case-decode", action="store_true", help="measure server memory under issue 17's "
+                   "worst image-decoding load instead of throughput")
+    p.add_argument("--decode-concurrency", type=int, default=8)
+    p.add_argument("--decode-images", type=int, default=4, help="images per request (the default --max-images)")
+    p.add_argument("--decode-side", type=int, default=4096, help="square images of this side (default 4096)")
+    p.add_argument("--src", type=Path, action="append", default=None,
+                   help="with --worst-case-decode: the src/ folder of the code to run (repeat to compare)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             args.model, default_image = build_tiny(Path(tmp))
             args.image = args.image or default_image
+        if args.worst_case_decode:
+            return _report_decode(args, argv)
         if args.image is None:
             p.error("--image is needed with --model")
         runs = []
@@ -219,6 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0 if all(r["server_errors_5xx"] == 0 and r["lost"] == 0 for r in runs) else 1
+
+
+def _report_decode(args: argparse.Namespace, argv: list[str] | None) -> int:
+    runs = []
+    for src in args.src or [ROOT / "src"]:
+        run = {"src": str(src), **worst_case_decode(args.model, args, src)}
+        runs.append(run)
+        print(f"{src}: {run['status_counts']}, RSS {run['rss_mib_before']} MiB before, {run['rss_mib_peak']} at the "
+              f"peak, {run['rss_mib_after']} after, {run['wall_s']} s", flush=True)
+    report = {"benchmark": "serve_load --worst-case-decode", **environment(),
+              "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "runs": runs}
+    out = args.output or ROOT / "benchmarks" / "results" / f"serve_load-{args.name}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(not any(k.startswith("5") and k != "503" for k in r["status_counts"]) for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A real uvicorn server for an ASGI app, on a free loopback port, in a background thread.
 
 The socket is bound here (port 0: the OS picks a free port) and handed to uvicorn, so there is no
-race between finding a port and listening on it.
+race between finding a port and listening on it. The server is configured as `vistune serve`
+configures it (`vistune.serve.server.Config`: read deadline, connection limits).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from vistune.serve.server import Config, ServerLimits
+
 
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -23,11 +26,13 @@ def free_socket() -> socket.socket:
 
 
 @contextmanager
-def serving(make_app: Callable[[str], object], timeout_s: float = 30.0) -> Iterator[str]:
+def serving(make_app: Callable[[str], object], timeout_s: float = 30.0,
+            limits: ServerLimits = ServerLimits()) -> Iterator[str]:
     """Yield the base URL (http://127.0.0.1:PORT) of `make_app(base_url)` served by uvicorn."""
     sock = free_socket()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(make_app(base), log_level="warning", lifespan="on"))
+    port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(Config(make_app(base), "127.0.0.1", port, limits, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -147,7 +147,7 @@ def test_truncation_counts_image_tokens_and_never_splits_an_image(bpe) -> None:
 
 
 def test_unknown_format_lists_valid_keys() -> None:
-    with pytest.raises(RegistryKeyError, match="valid keys: plain, vicuna_v1, llama_2, chat_template"):
+    with pytest.raises(RegistryKeyError, match="valid keys: plain, vicuna_v1, llava_v1, llama_2, chat_template"):
         get_format("vicuna")
 
 

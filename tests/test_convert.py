@@ -83,7 +83,7 @@ def _as_parts(content: str) -> str | list[dict[str, str]]:
     return content
 
 
-@pytest.mark.parametrize("fmt", ["vicuna_v1", "llama_2", "plain", "chat_template"])
+@pytest.mark.parametrize("fmt", ["vicuna_v1", "llava_v1", "llama_2", "plain", "chat_template"])
 def test_processor_template_renders_like_the_format(fmt: str, bpe_tokenizer: Path, spm_tokenizer: Path) -> None:
     conversations = [
         [Message("user", f"<image>\n{QUESTION}")],

@@ -29,3 +29,12 @@ def test_concurrent_load_through_the_cli_server(tiny_checkpoint: Path, dataset_d
     assert run["server"]["completed"] == 32 and run["server"]["failed"] == 0 and run["server"]["running"] == 0
     assert run["server"]["largest_batch"] > 1  # requests were batched, not served one by one
     assert run["latency_p95_s"] >= run["latency_p50_s"] > 0
+
+
+def test_worst_case_decode_measures_the_server(tiny_checkpoint: Path) -> None:
+    """The memory benchmark's driver (issue 17 item 4), on small images: every request answered, and
+    the server's resident memory read before, at the peak and after."""
+    args = argparse.Namespace(device="cpu", decode_concurrency=3, decode_images=2, decode_side=256)
+    run = _bench().worst_case_decode(tiny_checkpoint, args)
+    assert run["status_counts"] == {"200": 3}, run
+    assert 0 < run["rss_mib_before"] <= run["rss_mib_peak"] and run["rss_mib_after"] <= run["rss_mib_peak"]

@@ -10,19 +10,64 @@ import argparse
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
 
+if TYPE_CHECKING:  # the config (pydantic) loads inside the commands, keeping `vistune --help` instant
+    from vistune.config import RunConfig
 
-def train(config: Path, overrides: list[str], stages: list[str] | None = None) -> None:
+
+def train(config: Path, overrides: list[str], stages: list[str] | None = None, dry_run: bool = False,
+          processes: int | None = None) -> None:
     """Train the stages of a run config in order (resuming where a previous run stopped)."""
     from vistune.config import load_config
+    from vistune.errors import ConfigError
     from vistune.train.loop import run
 
+    if processes is not None and not dry_run:
+        raise ConfigError("--processes only applies with --dry-run (a real run takes the launcher's process count)")
     cfg = load_config(config, overrides)
+    if dry_run:
+        _dry_run(cfg, stages, processes)
+        return
     outputs = run(cfg, stages)
     for name, out in outputs.items():
         print(f"{name}: {out}")
+
+
+def _dry_run(cfg: RunConfig, stages: list[str] | None, processes: int | None) -> None:
+    """Check every stage as `train` would before starting, print the resolved config, train nothing."""
+    from vistune.train.validate import check_run, launch_processes, resolved_config
+
+    n = processes or launch_processes()
+    check_run(cfg, n, stages)
+    print(resolved_config(cfg, n))
+    print(f"# dry run: every stage checked for {n} process(es); nothing trained")
+
+
+def data_show(config: Path, overrides: list[str], stage: str | None, limit: int | None, json: bool) -> None:
+    """Print each sample of a stage as it will train on it (after the data rules and the format, before
+    tokenization), supervised spans between ⟦ ⟧; --json: one {"id", "text", "supervised"} object per line."""
+    from vistune.config import load_config
+    from vistune.data.records import Problems
+    from vistune.data.show import show_stage
+    from vistune.model.llm import load_tokenizer
+
+    cfg = load_config(config, overrides)
+    tokenizer = load_tokenizer(cfg.model.llm.path, cfg.model.llm.gguf_file)
+    problems = Problems()
+    for shown in show_stage(cfg, stage, limit, tokenizer, problems):
+        if json:
+            print(shown.to_json())
+            continue
+        print(f"=== {shown.id} ({len(shown.supervised)} supervised span(s))")
+        print(shown.marked())
+        if shown.error:
+            print(f"!!! {shown.error}")
+    if problems.total:
+        print(problems.summary(), file=sys.stderr)
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):  # noqa: ANN202
@@ -228,9 +273,13 @@ def _task_options(pairs: list[str]) -> dict[str, dict]:
 def serve(model: Path, host: str, port: int, api_key: str | None, served_model_name: str | None, device: str | None,
           max_batch_size: int, max_wait_ms: float, max_body_mb: float, max_images: int, max_image_pixels: int,
           max_tokens: int, max_prompt_tokens: int | None, allow_image_host: list[str] | None, ui: bool,
-          log_level: str = "info") -> None:
-    """OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health), batched; --ui adds the chat page."""
+          log_level: str = "info", dtype: str | None = None, chat_template: str | None = None,
+          max_model_len: int | None = None, max_decode_pixels: int | None = None, decode_wait_s: float = 10.0,
+          request_timeout_s: float = 30.0, timeout_keep_alive_s: int = 5, limit_concurrency: int = 256) -> None:
+    """OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats), batched; --ui adds the chat page."""
     import os
+
+    import torch
 
     try:
         import uvicorn
@@ -240,21 +289,30 @@ def serve(model: Path, host: str, port: int, api_key: str | None, served_model_n
     from vistune.infer.engine import load
     from vistune.serve.api import create_app
     from vistune.serve.limits import Limits
+    from vistune.serve.server import Config, ServerLimits
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not call home
     api_key = api_key or os.environ.get("VISTUNE_API_KEY") or None
     limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
                     max_image_pixels=max_image_pixels, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                    allowed_image_hosts=tuple(h.lower() for h in allow_image_host or ()))
-    engine = load(model, device)
+                    allowed_image_hosts=tuple(h.lower() for h in allow_image_host or ()),
+                    max_decode_pixels=max_decode_pixels or max_images * max_image_pixels, decode_wait_s=decode_wait_s)
+    engine = load(model, device, getattr(torch, dtype) if dtype else None)
+    if chat_template is not None:
+        from vistune.serve.template import use_chat_template
+
+        engine = use_chat_template(engine, chat_template)
     name = served_model_name or model.resolve().name
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
     app = create_app(engine, name, api_key=api_key, limits=limits, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, ui_path="/ui" if ui else None, ui_api_base=f"{base}/v1")
+                     max_wait_ms=max_wait_ms, ui_path="/ui" if ui else None, ui_api_base=f"{base}/v1",
+                     max_model_len=max_model_len)
     print(f"vistune serve: {name} at {base}/v1{' (API key required)' if api_key else ''}"
           f"{f', chat page at {base}/ui' if ui else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server_limits = ServerLimits(request_timeout_s=request_timeout_s, timeout_keep_alive_s=timeout_keep_alive_s,
+                                 limit_concurrency=limit_concurrency)
+    uvicorn.Server(Config(app, host, port, server_limits, log_level=log_level)).run()
 
 
 def ui(model: Path, host: str, port: int, api_key: str | None, device: str | None) -> None:
@@ -285,6 +343,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", type=Path, help="run config YAML (see configs/)")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. stages.align.lr=2e-3 model.llm.path=/ckpt")
     t.add_argument("--stage", dest="stages", action="append", help="run only this stage (repeatable)")
+    t.add_argument("--dry-run", action="store_true", help="check every stage (paths, parts, batch arithmetic, "
+                   "engine options), print the resolved config, train nothing")
+    t.add_argument("--processes", type=int, default=None, help="--dry-run: check the batch arithmetic for this "
+                   "many processes (default: the launcher's WORLD_SIZE, else 1)")
+
+    d = sub.add_parser("data", help="inspect training data as a stage sees it")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    ds = dsub.add_parser("show", help=data_show.__doc__, description=data_show.__doc__)
+    ds.add_argument("config", type=Path, help="run config YAML (the one given to vistune train)")
+    ds.add_argument("overrides", nargs="*", help="config overrides, as for vistune train")
+    ds.add_argument("--stage", default=None, help="the stage whose data to show (needed when there are several)")
+    ds.add_argument("--limit", type=int, default=None, help="show only the first N samples")
+    ds.add_argument("--json", action="store_true", help="one JSON object per line")
 
     def generation(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512)
@@ -345,7 +416,20 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's model_max_length")
     sv.add_argument("--allow-image-host", action="append", default=None, metavar="HOST",
                     help="fetch http(s) image URLs from this host (repeatable); by default no URL is fetched")
-    sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
+    sv.add_argument("--ui", action="store_true", help="also serve the chat page at /ui (behind a login with --api-key)")
+    sv.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    sv.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                    help="a Jinja chat template (a file, or the template itself) instead of the checkpoint's format")
+    sv.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's own)")
+    sv.add_argument("--max-decode-pixels", type=int, default=None,
+                    help="image pixels decoded at once across requests (default: max-images x max-image-pixels)")
+    sv.add_argument("--decode-wait-s", type=float, default=10.0,
+                    help="how long a request waits for decode budget before a 503 with Retry-After")
+    sv.add_argument("--request-timeout-s", type=float, default=30.0,
+                    help="a request's headers and body must arrive within this (slow clients are cut off)")
+    sv.add_argument("--timeout-keep-alive-s", type=int, default=5, help="idle keep-alive connections close after this")
+    sv.add_argument("--limit-concurrency", type=int, default=256, help="open connections; more are answered 503")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     u = sub.add_parser("ui", help=ui.__doc__, description=ui.__doc__)
     u.add_argument("model", type=Path, help=MODEL_HELP)
@@ -384,6 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+DATA_COMMANDS = {"show": data_show}
 COMMANDS = {"train": train, "ask": ask, "chat": chat, "info": info, "demo": demo, "convert": convert,
             "merge-lora": merge_lora, "eval": eval_tasks, "serve": serve, "ui": ui}
 
@@ -394,12 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     # an option; stray key=value words are overrides, anything else is an error.
     namespace, extra = parser.parse_known_args(argv)
     args = vars(namespace)
-    if args["command"] == "train" and all("=" in word and not word.startswith("-") for word in extra):
+    if args["command"] in ("train", "data") and all("=" in word and not word.startswith("-") for word in extra):
         args["overrides"] = [*args["overrides"], *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = args.pop("command")
-    command = datagen_cli.COMMANDS[args.pop("datagen_command")] if name == "datagen" else COMMANDS[name]
+    if name == "data":
+        command = DATA_COMMANDS[args.pop("data_command")]
+    else:
+        command = datagen_cli.COMMANDS[args.pop("datagen_command")] if name == "datagen" else COMMANDS[name]
     try:
         command(**args)
     except VistuneError as e:

@@ -122,6 +122,11 @@ class DataConfig(_Strict):
     group_by_modality_length: bool = Field(
         True, description="Batch samples of similar length, image and text-only samples apart (LLaVA)."
     )
+    image_placement: Literal["front", "keep"] = Field(
+        "front", description="`front`: a turn with one `<image>` has it moved to the front (`<image>\\n` + text), as "
+        "LLaVA-1.5's preprocess_multimodal does, so training matches evaluation prompts; turns with several "
+        "images keep their order. `keep`: placeholders stay where the data puts them."
+    )
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes per training process (also used by the precheck). "
         "None: on CUDA, the CPU cores per process minus one, at most 8, so JPEG decoding, resizing and tokenizing "
@@ -148,9 +153,15 @@ class StageConfig(_Strict):
         None, description="A vistune checkpoint folder (e.g. the align output) whose projector starts this stage."
     )
     data: DataConfig
-    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llama_2, chat_template.")
+    format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llava_v1, llama_2, "
+                        "chat_template.")
     system_prompt: str | None = Field(None, description="Overrides the format's default system prompt.")
     model_max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
+    image_preprocess: Literal["pad", "processor"] | None = Field(
+        None, description="This stage's image preprocessing; None: the model's `vision.image_preprocess`. "
+        "LLaVA-1.5 aligns with `processor` (resize + centre crop; pretrain.sh sets no image_aspect_ratio, i.e. "
+        "`square`) and finetunes with `pad`. The saved model records what its last stage used."
+    )
     output_dir: str = Field(description="Where the final checkpoint folder and resume checkpoints go.")
 
     epochs: float = Field(1.0, gt=0)
@@ -176,6 +187,10 @@ class StageConfig(_Strict):
         "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
     )
     compile: bool = Field(False, description="torch.compile each LLM decoder layer (not yet measured on a GPU to pay).")
+    tf32: bool = Field(
+        True, description="On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (LLaVA's --tf32 True); "
+        "no effect elsewhere. false keeps full float32 precision."
+    )
 
     seed: int = 42
     log_every: int = Field(1, gt=0)
@@ -230,6 +245,11 @@ class RunConfig(_Strict):
         if not self.stages:
             raise ValueError("`stages` is empty: give at least one stage")
         return self
+
+
+def stage_image_preprocess(model: ModelConfig, stage: StageConfig) -> Literal["pad", "processor"]:
+    """The image preprocessing `stage` trains with: its own, else the model's."""
+    return stage.image_preprocess or model.vision.image_preprocess
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

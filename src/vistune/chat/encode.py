@@ -119,10 +119,12 @@ class ChatEncoder:
         return pieces
 
     def encode(self, messages: list[Message], sample: str = "?", add_generation_prompt: bool = False,
-               image_tokens: Sequence[int] | None = None) -> Encoded:
+               image_tokens: Sequence[int] | None = None, check_labels: bool = True) -> Encoded:
         """Ids and labels for a conversation. With add_generation_prompt, ids end where the reply begins.
         `image_tokens`: each image's token count, in placeholder order (`hd`/`anyres` image modes, where
-        it depends on the image's size); by default every image has `num_image_tokens`."""
+        it depends on the image's size); by default every image has `num_image_tokens`.
+        check_labels=False (inference prompts): no label is built or checked, so earlier assistant turns
+        may hold any text (e.g. "blue </s> red"); each text run is tokenized whole."""
         segments = self.format.render(messages, self.tokenizer, add_generation_prompt)
         # Split on image placeholders: text runs are tokenized on their own, as LLaVA does.
         runs: list[list[Segment] | None] = [[]]  # None marks an image
@@ -155,6 +157,12 @@ class ChatEncoder:
                 image_runs.append((len(input_ids), n))
                 input_ids += [IMAGE_TOKEN_ID] * n
                 labels += [IGNORE_INDEX] * n
+                continue
+            if not check_labels:  # one piece per run: no reply boundary to keep, nothing to check
+                whole = self._tokenize_run(["".join(seg.text for seg in run)], sample, bool(image_runs)) if run else []
+                ids = whole[0] if whole else []
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
                 continue
             pieces = self._tokenize_run([s.text for s in run], sample, bool(image_runs)) if run else []
             for seg, ids in zip(run, pieces):

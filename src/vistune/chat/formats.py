@@ -7,7 +7,10 @@ these segments token by token (see `chat.encode`), so no format needs its own ma
 Formats (exact keys):
 - `plain`: LLaVA's alignment format, the image tokens then the caption. LLaVA ends the caption with
   "\n"; vistune ends it with the tokenizer's EOS so a stage-1 model stops on its own when asked.
-- `vicuna_v1`: LLaVA-1.5's format and system prompt: "SYSTEM USER: q ASSISTANT: a</s>USER: ...".
+- `vicuna_v1`: LLaVA-1.5's format and system prompt (`--version v1`, LLaVA's `conv_vicuna_v1`):
+  "SYSTEM USER: q ASSISTANT: a</s>USER: ...".
+- `llava_v1`: the same turns with the original LLaVA's system prompt (LLaVA's `conv_llava_v1`: "curious
+  human ... human's questions"), for models trained with it.
 - `llama_2`: LLaVA's Llama-2 format: "[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nq [/INST] a </s><s>[INST] ...".
 - `chat_template`: the tokenizer's own Jinja chat template (ChatML for Qwen2 and SmolLM2, ...).
 - `hf_processor`: a llava-hf folder's processor template, rendered and tokenized as transformers'
@@ -49,7 +52,13 @@ class Segment:
         return self.reply is not None
 
 
+# LLaVA-1.5 trains and evaluates with `--version v1`, i.e. conv_vicuna_v1's "user" wording.
 VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# The original LLaVA's conv_llava_v1 ("human" wording), same separators as vicuna_v1.
+LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
@@ -182,6 +191,12 @@ class VicunaV1(_TurnFormat):
 
 
 @dataclass(frozen=True)
+class LlavaV1(VicunaV1):
+    name: ClassVar[str] = "llava_v1"
+    default_system: ClassVar[str] = LLAVA_V1_SYSTEM
+
+
+@dataclass(frozen=True)
 class Llama2(_TurnFormat):
     name: ClassVar[str] = "llama_2"
     default_system: ClassVar[str] = LLAMA_2_SYSTEM
@@ -264,7 +279,7 @@ class ProcessorTemplate(ChatTemplate):
     image_in_place: ClassVar[bool] = True
 
 
-FORMAT_KEYS = ("plain", "vicuna_v1", "llama_2", "chat_template", "hf_processor")
+FORMAT_KEYS = ("plain", "vicuna_v1", "llava_v1", "llama_2", "chat_template", "hf_processor")
 
 
 def check_format_key(name: str) -> str:
@@ -280,6 +295,8 @@ def get_format(name: str, system: str | None = None) -> ConversationFormat:
         return Plain()
     if name == "vicuna_v1":
         return VicunaV1(system)
+    if name == "llava_v1":
+        return LlavaV1(system)
     if name == "llama_2":
         return Llama2(system)
     if name == "hf_processor":

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from vistune.chat.formats import (
     IMAGE_PLACEHOLDER,
     LLAMA_2_SYSTEM,
+    LLAVA_V1_SYSTEM,
     VICUNA_SYSTEM,
     check_format_key,
 )
@@ -136,6 +137,8 @@ def processor_chat_template(format_name: str, system_prompt: str | None, tokeniz
     # `system_prompt=""` is a system prompt too: the empty one (llava-hf's templates have none).
     if format_name == "vicuna_v1":
         return _vicuna_v1(VICUNA_SYSTEM if system_prompt is None else system_prompt, eos)
+    if format_name == "llava_v1":  # vicuna_v1's turns, the original LLaVA's system prompt
+        return _vicuna_v1(LLAVA_V1_SYSTEM if system_prompt is None else system_prompt, eos)
     if format_name == "llama_2":
         return _llama_2(LLAMA_2_SYSTEM if system_prompt is None else system_prompt, bos, eos)
     if format_name == "plain":

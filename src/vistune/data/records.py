@@ -11,8 +11,8 @@ image, the i-th placeholder standing for the i-th image:
   placeholder goes; an image part may name its file itself (`{"type": "image", "image": "rel/path.jpg"}`).
 A JSON file holds a list of records, a JSONL file one record per line.
 
-The `<image>` placeholder stays where the data puts it (LLaVA-1.5's code moves it to the front of
-the first turn; the LLaVA paper itself places it before or after the question at random).
+Records are read as written; a stage then moves single-image placeholders to the front of their turn
+as LLaVA-1.5 does (`data.rules`, `data.image_placement`).
 """
 
 from __future__ import annotations

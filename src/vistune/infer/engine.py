@@ -101,7 +101,8 @@ class Engine:
             raise DataError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
         pil = [im if isinstance(im, Image.Image) else load_image(im, "prompt") for im in images]
         counts = None if self.model.layout.mode == "single" else [self.images.num_tokens(im) for im in pil]
-        enc = self.encoder.encode(messages, "prompt", add_generation_prompt=True, image_tokens=counts)
+        enc = self.encoder.encode(messages, "prompt", add_generation_prompt=True, image_tokens=counts,
+                                  check_labels=False)  # a prompt has no supervised spans to check
         if len(enc.input_ids) > self.bundle.spec.model_max_length:
             raise DataError(f"prompt is {len(enc.input_ids)} tokens, over the model's "
                             f"model_max_length {self.bundle.spec.model_max_length}", "prompt too long")

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: `create_app(engine, ...)` builds the FastAPI app.
 
-Routes: POST /v1/chat/completions (plain or server-sent events), GET /v1/models, GET /health.
-Requests are validated by the pydantic models below, in OpenAI's shapes; every error, from a bad
+Routes: POST /v1/chat/completions (plain or server-sent events), GET /v1/models, GET /health (open,
+status only), GET /stats (counters). The key, the page's login and the body cap are `serve.guard`'s.
+Requests are validated by the pydantic models of `serve.schema`, in OpenAI's shapes; every error, from a bad
 key to a model fault, is answered in OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`, so the official `openai` client raises its usual
 exceptions with a readable message. Generation goes through `serve.batcher` to the one `Engine`.
@@ -10,155 +11,73 @@ exceptions with a readable message. Generation goes through `serve.batcher` to t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vistune.chat.formats import IMAGE_PLACEHOLDER, Message
 from vistune.errors import DataError
-from vistune.infer.engine import Completion, Engine, Sampling
+from vistune.infer.engine import Completion, Engine, Prompt, Sampling
 from vistune.serve.batcher import Batcher, Ticket
-from vistune.serve.limits import Limits, RequestError
+from vistune.serve.budget import PixelBudget
+from vistune.serve.guard import Guard, error_body, error_response
+from vistune.serve.limits import Limits, RequestError, client_safe
+from vistune.serve.schema import ChatCompletionRequest, ImagePart
 
 log = logging.getLogger("vistune.serve")
 
-# ---------------------------------------------------------------------------------------------------
-# Request models: the subset of OpenAI's chat-completions request that a vistune model can honour.
-# Unknown extra fields are ignored (clients send e.g. `user`); fields we cannot honour are rejected.
-# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Parsed:
+    """A request's conversation with its images peeked (header read, limits checked, not decoded)."""
+
+    messages: list[Message]
+    images: list[Image.Image]
+    wheres: list[str]  # each image's part, e.g. messages[0].content[1], for errors
+
+    @property
+    def pixels(self) -> int:
+        return sum(im.width * im.height for im in self.images)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+def _check_role_order(roles: list[str]) -> None:
+    """An optional system message, then user and assistant turns alternating, ending with the user:
+    what every conversation format renders. Its own error code (issue 17: not a label error)."""
+    turns = roles[1:] if roles and roles[0] == "system" else roles
+    for i, role in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            at = i + (len(roles) - len(turns))
+            raise RequestError(400, f"messages[{at}] is from the {role}, expected the {want}: after an optional "
+                                    "system message, user and assistant turns must alternate", "invalid_role_order",
+                               f"messages[{at}].role")
+    if not turns or turns[-1] != "user":
+        raise RequestError(400, f"the last message is from the {roles[-1]}; it must be from the user",
+                           "invalid_messages", "messages")
 
 
-class ImageURL(BaseModel):
-    url: str
-    detail: Literal["auto", "low", "high"] | None = None  # accepted; one resolution per model
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessage(BaseModel):
-    # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part] | None = None
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; send 0 for greedy decoding
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # vLLM's extension (pass it in extra_body): fixed-length replies for benchmarks
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                    code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
-
-
-class Guard:
-    """ASGI middleware: the API key and the body-size cap, before any route runs.
-
-    Pure ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps streamed
-    responses in a way that hides client disconnects, which the batcher needs to see. The body is read
-    here up to the cap and replayed to the app, so an oversized upload is never buffered whole.
-    Paths under `open_prefix` (the web UI, which asks its user for the key) skip the key check.
-    """
-
-    def __init__(self, app: Callable, api_key: str | None, max_body_bytes: int, open_prefix: str | None) -> None:
-        self.app, self.api_key, self.max_body, self.open_prefix = app, api_key, max_body_bytes, open_prefix
-
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope.get("path", "")
-        headers = dict(scope.get("headers") or [])
-        is_open = self.open_prefix is not None and (path == self.open_prefix or path.startswith(self.open_prefix + "/"))
-        if self.api_key is not None and not is_open:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                what = "no API key was given" if not given else "the API key is not valid"
-                return await _error_response(401, f"{what}; send it as 'Authorization: Bearer KEY'",
-                                             code="invalid_api_key")(scope, receive, send)
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            return await self._too_large(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await self._too_large(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # after the body: disconnect notices
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
-        await _error_response(413, f"the request body is over this server's limit of {self.max_body:,} bytes; "
-                                   "send smaller or fewer images", code="request_too_large")(scope, receive, send)
-
-
-def _messages_and_images(req: ChatCompletionRequest, limits: Limits) -> tuple[list[Message], list]:
+def _parse(req: ChatCompletionRequest, limits: Limits) -> Parsed:
     """OpenAI messages -> vistune Messages with <image> placeholders where the image parts were, and
-    the decoded images in order. Runs in a worker thread (image decoding, allowed fetches)."""
+    the images in order, peeked only. Runs in a worker thread (allowed fetches, header reads)."""
     image_parts = [(i, p) for i, m in enumerate(req.messages) if isinstance(m.content, list)
                    for p in m.content if isinstance(p, ImagePart)]
     limits.check_image_count(len(image_parts))
-    messages, images = [], []
-    for i, m in enumerate(req.messages):
-        role = "system" if m.role == "developer" else m.role
+    roles = ["system" if m.role == "developer" else m.role for m in req.messages]
+    _check_role_order(roles)
+    messages, images, wheres = [], [], []
+    for i, (m, role) in enumerate(zip(req.messages, roles)):
         parts = [m.content or ""] if not isinstance(m.content, list) else m.content
         texts = []
         for j, part in enumerate(parts):
@@ -166,8 +85,8 @@ def _messages_and_images(req: ChatCompletionRequest, limits: Limits) -> tuple[li
             if isinstance(part, ImagePart):
                 if role != "user":
                     raise RequestError(400, f"{where}: images can only be in user messages", "invalid_image", where)
-                data = limits.image_bytes_from_url(part.image_url.url, where)
-                images.append(limits.open_image(data, where))
+                images.append(limits.peek_image(limits.image_bytes_from_url(part.image_url.url, where), where))
+                wheres.append(where)
                 texts.append(IMAGE_PLACEHOLDER)
                 continue
             text = part if isinstance(part, str) else part.text
@@ -176,20 +95,45 @@ def _messages_and_images(req: ChatCompletionRequest, limits: Limits) -> tuple[li
                                         "for images; send images as image_url parts", "invalid_content", where)
             texts.append(text)
         messages.append(Message(role, "\n".join(texts)))
-    if messages[-1].role != "user":
-        raise RequestError(400, f"the last message is from the {messages[-1].role}; it must be from the user",
-                           "invalid_messages", "messages")
-    return messages, images
+    return Parsed(messages, images, wheres)
+
+
+def _prepare(engine: Engine, parsed: Parsed) -> Prompt:
+    """Decode the images and make the model's inputs (worker thread, inside the pixel budget)."""
+    images = [Limits.decode(im, where) for im, where in zip(parsed.images, parsed.wheres)]
+    try:
+        return engine.prepare(parsed.messages, images)
+    except DataError as e:
+        code = "context_length_exceeded" if e.reason == "prompt too long" else e.reason.replace(" ", "_")
+        raise RequestError(400, client_safe(str(e)), code, "messages") from None
+
+
+def _invalid_request(e: RequestValidationError) -> JSONResponse:
+    """Pydantic's errors as one 400 naming the fields (loc without pydantic's type tags)."""
+    errors = e.errors()
+    if any(err.get("type") == "json_invalid" for err in errors):
+        first = next(err for err in errors if err.get("type") == "json_invalid")
+        return error_response(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
+                              code="invalid_json")
+
+    def field(err: dict) -> str:
+        return ".".join(str(x) for x in err["loc"][1:] if not (isinstance(x, str) and ("[" in x or x == "str")))
+
+    shown = "; ".join(f"{field(err) or 'body'}: {client_safe(err['msg'])}" for err in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return error_response(400, f"invalid request: {shown}{more}", param=(field(errors[0]) if errors else None) or None,
+                          code="invalid_request")
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, limits: Limits = Limits(),
                max_batch_size: int = 32, max_wait_ms: float = 5.0, ui_path: str | None = None,
-               ui_api_base: str | None = None) -> FastAPI:
+               ui_api_base: str | None = None, max_model_len: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. With ui_path, the Gradio chat page is
     mounted there (see `vistune.serve.ui`); it talks to this API over HTTP at ui_api_base
-    (this server's own /v1 URL)."""
+    (this server's own /v1 URL). max_model_len: a context shorter than the model's own."""
     batcher = Batcher(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-    max_length = engine.bundle.spec.model_max_length
+    budget = PixelBudget(limits.max_decode_pixels, limits.decode_wait_s)
+    max_length = min(engine.bundle.spec.model_max_length, max_model_len or engine.bundle.spec.model_max_length)
     created = int(time.time())
 
     @asynccontextmanager
@@ -199,27 +143,20 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         batcher.stop()
 
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.budget = batcher, budget
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, e: RequestError) -> JSONResponse:
-        return _error_response(e.status, e.message, e.type, e.param, e.code)
+        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+        return error_response(e.status, e.message, e.type, e.param, e.code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            first = next(err for err in errors if err.get("type") == "json_invalid")
-            return _error_response(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
-                                   code="invalid_json")
-        shown = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in errors[:3])
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        param = ".".join(str(x) for x in errors[0]["loc"][1:]) if errors else None
-        return _error_response(400, f"invalid request: {shown}{more}", param=param or None, code="invalid_request")
+        return _invalid_request(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
 
     @app.exception_handler(Exception)
     async def on_fault(_: Request, e: Exception) -> JSONResponse:
@@ -227,12 +164,24 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **vars(batcher.stats)}
+        """Open to all (load balancers, probes): nothing beyond the status."""
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        """The batcher's counters and the decode budget in use (needs the key)."""
+        return {"status": "ok", "model": model_name, **vars(batcher.stats), "decode_pixels_in_use": budget.in_use}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "vistune", "max_model_len": max_length}]}
+
+    @app.post("/v1/completions")
+    async def completions() -> JSONResponse:
+        return error_response(404, "this server has no /v1/completions (text completions without a chat "
+                                   "template); send the prompt as a user message to /v1/chat/completions",
+                              code="not_found")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
@@ -242,12 +191,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None:
             limits.check_max_tokens(asked)
-        messages, images = await run_in_threadpool(_messages_and_images, req, limits)
-        try:
-            prompt = await run_in_threadpool(engine.prepare, messages, images)
-        except DataError as e:
-            code = "context_length_exceeded" if e.reason == "prompt too long" else e.reason.replace(" ", "_")
-            raise RequestError(400, str(e), code, "messages") from None
+        parsed = await run_in_threadpool(_parse, req, limits)
+        async with budget.reserve(parsed.pixels):
+            prompt = await run_in_threadpool(_prepare, engine, parsed)
+        del parsed  # the decoded images go with it; only the model's small tensors stay
         n_prompt = len(prompt.input_ids)
         max_tokens = asked if asked is not None else max(1, min(limits.max_tokens, max_length - n_prompt))
         limits.check_prompt(n_prompt, max_tokens, max_length)
@@ -264,7 +211,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
                                      headers={"Cache-Control": "no-cache"})
         try:
             c = await _await_or_cancel(ticket, request)
-        except Exception as e:  # the model failed on this batch: answered here, so the connection stays usable
+        except Exception as e:  # the model failed on this row: answered here, so the connection stays usable
             return _fault_response(e)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
@@ -279,15 +226,14 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
 
         if ui_api_base is None:
             raise ValueError("ui_path needs ui_api_base, the URL of this server's /v1")
-        mount_ui(app, ui_path, ui_api_base, model_name, key_required=api_key is not None,
-                 max_file_bytes=limits.max_body_bytes)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, open_prefix=ui_path)
+        mount_ui(app, ui_path, ui_api_base, model_name, api_key=api_key, max_file_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, ui_prefix=ui_path)
     return app
 
 
 def _fault_response(e: Exception) -> JSONResponse:
     log.error("server fault: %s: %s", type(e).__name__, e)
-    return _error_response(500, f"the server failed on this request ({type(e).__name__}); it keeps serving, "
+    return error_response(500, f"the server failed on this request ({type(e).__name__}); it keeps serving, "
                                 "retry or report it", "server_error", code="internal_error")
 
 

@@ -37,6 +37,7 @@ class Ticket:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", str) | ("done", Completion) | ("error", exc)
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # set by the worker once "done" or "error" was sent
+    streamed: bool = False  # set by the worker once a piece of text was sent (a rerun would repeat it)
 
     def _send(self, kind: str, value: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -63,7 +64,7 @@ class Ticket:
 
 @dataclass
 class Stats:
-    """Counters shown by GET /health."""
+    """Counters shown by GET /stats."""
 
     queued: int = 0
     running: int = 0
@@ -105,7 +106,7 @@ class Batcher:
         with self._lock:
             if self.stats.queued >= self.max_queue:
                 raise RequestError(429, f"the server has {self.stats.queued} requests waiting; retry later",
-                                   "server_busy", type_="rate_limit_error")
+                                   "server_busy", type_="rate_limit_error", retry_after_s=1)
             self.stats.queued += 1
         ticket = Ticket(prompt, sampling, stream, asyncio.get_running_loop())
         self._queue.put(ticket)
@@ -154,8 +155,32 @@ class Batcher:
             self._count("cancelled" if c.finish_reason == "cancelled" else "completed")
             t._send("done", c)
 
-        return Job(t.prompt, t.sampling, (lambda piece: t._send("text", piece)) if t.stream else None, t.cancel,
-                   on_finish)
+        def on_text(piece: str) -> None:
+            t.streamed = True
+            t._send("text", piece)
+
+        return Job(t.prompt, t.sampling, on_text if t.stream else None, t.cancel, on_finish)
+
+    def _fail(self, t: Ticket, e: Exception) -> None:
+        t.finished = True
+        with self._lock:
+            self.stats.running -= 1
+        self._count("failed")
+        t._send("error", e)
+
+    def _run(self, batch: list[Ticket]) -> None:
+        """Run a batch. If the model fails on it, rerun its unfinished rows one by one, so that only the
+        row at fault fails (issue 17: one bad request failed its whole batch); a row that has already
+        streamed text cannot be rerun without repeating it, so it fails with the batch."""
+        try:
+            self.engine.run([self._job(t) for t in batch])
+        except Exception as e:  # a fault in the model: keep serving the others and the next batches
+            log.exception("batch of %d failed", len(batch))
+            for t in [t for t in batch if not t.finished]:
+                if len(batch) > 1 and not t.streamed and not t.cancel.is_set():
+                    self._run([t])
+                else:
+                    self._fail(t, e)
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -165,13 +190,4 @@ class Batcher:
                 self.stats.running += len(batch)
                 self.stats.batches += 1
                 self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-            try:
-                self.engine.run([self._job(t) for t in batch])
-            except Exception as e:  # a fault in the model: fail this batch, keep serving the next ones
-                log.exception("batch of %d failed", len(batch))
-                for t in batch:
-                    if not t.finished:
-                        with self._lock:
-                            self.stats.running -= 1
-                        self._count("failed")
-                        t._send("error", e)
+            self._run(batch)

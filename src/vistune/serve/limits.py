@@ -29,9 +29,19 @@ class RequestError(Exception):
     """A request the server will not serve; `status` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+                 type_: str = "invalid_request_error", retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+        self.retry_after_s = retry_after_s  # sent as Retry-After with 429/503
+
+
+_INTERNALS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>|(?<![\w:/])/(?:[\w.-]+/)+[\w.-]*")
+
+
+def client_safe(text: str) -> str:
+    """`text` without object reprs (`<_io.BytesIO object at 0x...>`) or absolute server paths, which
+    library messages carry and a client must not see."""
+    return _INTERNALS.sub("...", text)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,10 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the model's model_max_length
     allowed_image_hosts: tuple[str, ...] = field(default=())  # hosts whose http(s) image URLs may be fetched
     fetch_timeout_s: float = 10.0
+    # Pixels decoded at once across all requests (see serve.budget): one request of max_images at
+    # max_image_pixels, about 1 GiB at the peak. Requests over it wait up to decode_wait_s, then 503.
+    max_decode_pixels: int = 4 * 4096 * 4096
+    decode_wait_s: float = 10.0
 
     def check_max_tokens(self, max_tokens: int) -> None:
         if max_tokens > self.max_tokens:
@@ -69,22 +83,32 @@ class Limits:
 
     def open_image(self, data: bytes, where: str) -> Image.Image:
         """Decode image bytes after checking format and pixel count; `where` names the part in errors."""
+        return self.decode(self.peek_image(data, where), where)
+
+    def peek_image(self, data: bytes, where: str) -> Image.Image:
+        """The image with its header read and its format and pixel count checked; nothing decoded yet."""
         try:
             im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         except Image.DecompressionBombError as e:  # PIL's own cap (about 179 MP) fires inside open()
-            raise RequestError(400, f"{where}: {e}", "image_too_large", where) from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise RequestError(400, f"{where}: not a readable image in any of {', '.join(IMAGE_FORMATS)} ({e})",
+            raise RequestError(400, f"{where}: {client_safe(str(e))}", "image_too_large", where) from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise RequestError(400, f"{where}: not a readable image in any of {', '.join(IMAGE_FORMATS)}",
                                "invalid_image", where) from None
         w, h = im.size
         if w * h > self.max_image_pixels:
             raise RequestError(400, f"{where}: image is {w}x{h} = {w * h:,} pixels, over this server's limit of "
                                     f"{self.max_image_pixels:,}", "image_too_large", where)
+        return im
+
+    @staticmethod
+    def decode(im: Image.Image, where: str) -> Image.Image:
+        """Decode a peeked image to RGB (the memory-heavy step; see `serve.budget`)."""
         try:
             im.load()
-            return im.convert("RGB")
+            return im if im.mode == "RGB" else im.convert("RGB")  # no second copy of an RGB image
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise RequestError(400, f"{where}: the image cannot be decoded ({e})", "invalid_image", where) from None
+            raise RequestError(400, f"{where}: the image cannot be decoded ({client_safe(str(e))})", "invalid_image",
+                               where) from None
 
     def image_bytes_from_url(self, url: str, where: str) -> bytes:
         """The bytes behind an image_url: a base64 data: URI, or an http(s) URL on an allowed host."""
@@ -130,5 +154,5 @@ class Limits:
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.HTTPError as e:
-            raise RequestError(400, f"{where}: fetching {url} failed ({type(e).__name__}: {e})", "image_fetch_failed",
-                               where) from None
+            raise RequestError(400, f"{where}: fetching {url} failed ({type(e).__name__}: {client_safe(str(e))})",
+                               "image_fetch_failed", where) from None

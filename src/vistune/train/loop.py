@@ -12,7 +12,8 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,10 +29,11 @@ from transformers import get_scheduler
 import vistune
 from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
-from vistune.config import ModelConfig, RunConfig, StageConfig
+from vistune.config import ModelConfig, RunConfig, StageConfig, stage_image_preprocess
 from vistune.data.dataset import SupervisedDataset, collate
 from vistune.data.precheck import precheck
 from vistune.data.records import Problems, load_samples
+from vistune.data.rules import apply_rules
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import ConfigError
 from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
@@ -52,6 +54,7 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
+from vistune.train.validate import check_run
 from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
 from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
@@ -65,10 +68,9 @@ def log(msg: str) -> None:
 
 def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     """Train the stages in order (or only those named); a stage whose output is complete is skipped."""
-    unknown = [n for n in only or [] if n not in cfg.stages]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; this config has: {', '.join(cfg.stages)}")
-    process_state(cfg.collective_timeout_minutes)  # the processes join here, with the run's timeout
+    state = process_state(cfg.collective_timeout_minutes)  # the processes join here, with the run's timeout
+    # Every stage is checked before the first one starts: a stage-2 mistake must not wait for stage 1.
+    check_run(cfg, state.num_processes, only)
     outputs = {}
     for name, stage in cfg.stages.items():
         if only and name not in only:
@@ -82,6 +84,11 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
 
 def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage") -> Path | None:
     """Train one stage; returns its output folder, or None when it stopped early to be resumed."""
+    with tf32_matmuls(stage.tf32, torch.cuda.is_available()):
+        return _train_stage(model_cfg, stage, name)
+
+
+def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path | None:
     out = Path(stage.output_dir)
     if (out / SPEC_FILE).is_file():
         log(f"[{name}] {out} already holds a finished model; skipping (delete it or change output_dir to retrain)")
@@ -106,6 +113,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     # Data first: a bad record must stop the run before minutes go into loading weights.
     problems = Problems()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
+    samples = apply_rules(samples, stage.data.image_placement)
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
                                    stage.max_grad_norm)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # resumes through its own state
@@ -128,7 +136,7 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
     if stage.data.precheck:
         samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
                                     workers, layout=model.layout)
-    dataset = SupervisedDataset(samples, encoder, processor, model_cfg.vision.image_preprocess,
+    dataset = SupervisedDataset(samples, encoder, processor, stage_image_preprocess(model_cfg, stage),
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
     if stage.data.packing:
         pack_length = stage.data.pack_length or stage.model_max_length
@@ -241,10 +249,28 @@ def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage")
         unwrapped.llm.to(torch.bfloat16)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
-        save_checkpoint(out, bundle, model_cfg.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
+        save_checkpoint(out, bundle, spec.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
         log(f"[{name}] saved {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool, cuda: bool) -> Iterator[None]:
+    """On CUDA, float32 matmuls and convolutions in TF32 (LLaVA's --tf32 True) or in full precision, for
+    the stage only: these are torch's process-wide switches, so they are restored afterwards and code run
+    after the stage in the same process (evaluation, parity checks) keeps its own. Off CUDA: nothing."""
+    if not cuda:
+        yield
+        return
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 @dataclass(frozen=True)
@@ -365,8 +391,10 @@ class _Metrics:
 
 def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
                 progress: Progress) -> ModelSpec:
+    # The saved model records the preprocessing its (last) stage trained with: inference must match it.
+    vision = model_cfg.vision.model_copy(update={"image_preprocess": stage_image_preprocess(model_cfg, stage)})
     return ModelSpec(
-        vision=model_cfg.vision, llm=model_cfg.llm, projector=model_cfg.projector,
+        vision=vision, llm=model_cfg.llm, projector=model_cfg.projector,
         vision_hidden_size=model.vision.hidden_size,
         llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,
         num_image_tokens=model.num_image_tokens, conversation_format=stage.format,
