@@ -212,7 +212,7 @@ class StageConfig(_Strict):
         None, gt=0, description="Compute the LM head and cross-entropy this many tokens at a time, never holding "
         "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
     )
-    compile: bool = Field(False, description="torch.compile the LLM (pays off on long CUDA runs).")
+    compile: bool = Field(False, description="torch.compile each LLM decoder layer (not yet measured on a GPU to pay).")
     tf32: bool = Field(
         True, description="On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (LLaVA's --tf32 True); "
         "no effect elsewhere. false keeps full float32 precision."

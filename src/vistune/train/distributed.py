@@ -184,6 +184,22 @@ def fsdp_unit_names(llm: object) -> list[str]:
     return units
 
 
+def compile_layers(llm: object) -> int:
+    """`torch.compile` each decoder layer in place (parameter names, hence checkpoints, stay as they are); returns
+    how many. Per layer, as torchtitan compiles under FSDP2: FSDP2's all-gather and reshard hooks run around each
+    layer (its unit), so a whole-decoder graph would break at every one of them; the layers share one compiled
+    graph. Whether compiling pays on a given GPU is measured by benchmarks/gpu_check.py; it is off by default."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.get_decoder().modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"compile: {type(base).__name__} lists no decoder layer class in _no_split_modules; "
+                          "set compile: false")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def deepspeed_plugin(engine: Engine, accum: int, micro_batch_size: int, max_grad_norm: float | None,
                      mixed: str) -> object:
     """DeepSpeed ZeRO-2 or -3 with our accumulation and clipping. ZeRO-3 gathers 16-bit weights on save,

@@ -42,6 +42,7 @@ from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
+    compile_layers,
     is_sharded,
     loader_workers,
     loss_scale,
@@ -131,7 +132,7 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str, allow_co
         log(f"[{name}] projector loaded from {stage.projector_from}")
     apply_parts(model, stage.parts, stage.lora, stage.gradient_checkpointing)
     if stage.compile:
-        model.llm.get_decoder().compile()  # in place: parameter names (and checkpoints) stay as they are
+        compile_layers(model.llm)
     log(f"[{name}] what trains:\n{describe(model)}")
 
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
