@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionModel
 
-from vistune.demo.pipeline import _pixels, _regions
+from vistune.demo.standins import box_regions as _regions, load_pixels as _pixels
 
 
 def object_tokens(clip: Path, world: Path, split: str, limit: int,

@@ -36,7 +36,7 @@ def scene_questions(rng: random.Random, scene_id: int) -> tuple[str, list[tuple[
     """A random scene's left-to-right caption and its (type, question, answer) triples."""
     scene = world.sample_scene(rng, scene_id)
     caption = next(c for c in world.captions(scene, rng, 6) if c.startswith("From left"))
-    return caption, world.questions(scene, rng, 1)
+    return caption, world.questions(scene, rng)
 
 
 def main(argv: list[str] | None = None) -> None:

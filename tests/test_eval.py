@@ -311,6 +311,8 @@ def test_demo_task_gives_the_demo_evaluations_numbers(engine, tmp_path: Path) ->
     m = run_eval(["demo"], None, world, tmp_path / "out", batch_size=32, engine=engine,
                  task_options={"demo": {"per_type": 4, "seed": 0}})["demo"]
     assert m["accuracy_with_image"] == with_image["accuracy"] and m["accuracy_blind"] == blind["accuracy"]
-    assert m["per_type"] == {t: {"with_image": r["accuracy"], "blind": blind["per_type"][t]["accuracy"], "n": r["n"]}
-                             for t, r in with_image["per_type"].items()}
+    assert m["per_type"] == {t: {"with_image": r["accuracy"], "blind": blind["per_type"][t]["accuracy"], "n": r["n"],
+                                 "majority": r["majority"]} for t, r in with_image["per_type"].items()}
+    assert m["tiers"] == {t: {"with_image": r["accuracy"], "blind": blind["tiers"][t]["accuracy"], "n": r["n"]}
+                          for t, r in with_image["tiers"].items()}
     assert m["n"] == len(questions) == len(DemoTask(per_type=4).questions(world))

@@ -152,7 +152,8 @@ def test_demo_world_compare_questions(tmp_path: Path) -> None:
 
     items = DemoTask(per_type=5).load(tmp_path)
     compare = [it for it in items if it.meta["question"].type == "compare"]
-    assert len(compare) == 10 and all(len(it.images) == 2 for it in compare)  # 5 with images + 5 blind
+    # 5 // 2 per answer (first, second), each asked with the images and blind
+    assert len(compare) == 2 * 2 * (5 // 2) and all(len(it.images) == 2 for it in compare)
 
 
 

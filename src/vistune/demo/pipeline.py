@@ -1,12 +1,14 @@
 """`vistune demo`: the whole LLaVA pipeline in miniature, each step through the code a real run uses.
 
 1. world     rendered scenes in the COCO layout (+ a VQAv2-layout short-answer set)   demo.world
-2. parts     stand-ins for the pretrained CLIP and LLM, saved as HF folders           demo.standins
-3. data      instruction data from the symbolic context (template teacher), the        vistune.datagen
+2. data      instruction data from the symbolic context (template teacher), the        vistune.datagen
              alignment set, the VQA set with LLaVA-1.5's response-format prompt, mixed
+3. parts     stand-ins for the pretrained CLIP and LLM, saved as HF folders; the LLM   demo.standins
+             and its tokenizer learn the world's text, the teacher's replies included
 4. train     stage 1 (align) and stage 2 (finetune) from configs/demo/*.yaml           vistune.train
-5. eval      held-out questions with the image and blind; sample descriptions          vistune.infer
-6. report    report.json, report.md, loss_curves.png                                   demo.report
+5. eval      held-out questions (two tiers) and brief descriptions, with the image     vistune.infer
+             and blind
+6. report    report.json, report.md, loss_curves.png, examples.png                     demo.report
 
 Each step skips itself when its output is already there, so a run that was stopped goes on where it
 was (training resumes from its own checkpoints).
@@ -18,14 +20,17 @@ import json
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vistune.errors import ConfigError
+from vistune.eval.tasks.base import SHORT_ANSWER
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
 DEFAULT_OUT = Path("runs/demo")
 LLMS = ("standin", "smollm2")
+DEMO_THREADS = 2  # torch threads for every run (see _fix_threads)
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,6 @@ class DemoSize:
     train_images: int
     val_images: int
     test_images: int
-    questions_per_type_train: int
     clip_steps: int
     clip_batch: int
     lm_steps: int
@@ -44,22 +48,23 @@ class DemoSize:
     align_steps: int | None
     finetune_steps: int | None
     eval_per_type: int
-    descriptions: int
+    descriptions: int  # test images described with and without the image (the description score)
+    brief_in_finetune: float = 0.5  # share of the alignment set's brief captions mixed into stage 2
     compare_train: int = 0  # two-image "which has more circles?" samples in the finetune mix
     compare_test: int = 0  # ... and held-out ones in the benchmark (type `compare`)
     # The CLIP stand-in's patch side on the 64-px images: (64 / clip_patch)^2 image tokens. 16 px
-    # (16 tokens) answered as well in two thirds of the time, but its tokens carry much less of each
-    # object's shape (probe 0.55 vs 0.80, benchmarks/README.md): 8 keeps what a better LLM would need.
+    # (16 tokens) carries much less of each object's shape (probe 0.55 vs 0.80), and on the two-tier
+    # world it read less (readout 0.36 vs 0.53 in a reduced run; benchmarks/README.md).
     clip_patch: int = 8
 
 
 SIZES: dict[str, DemoSize] = {
-    "default": DemoSize(train_images=3000, val_images=200, test_images=400, questions_per_type_train=2,
-                        clip_steps=400, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=1,
-                        align_steps=None, finetune_steps=None, eval_per_type=100, descriptions=4,
+    "default": DemoSize(train_images=3000, val_images=200, test_images=400,
+                        clip_steps=400, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=3,
+                        align_steps=None, finetune_steps=None, eval_per_type=60, descriptions=200,
                         compare_train=300, compare_test=100),
     # The test suite's size: every step runs, nothing is expected to be learned.
-    "tiny": DemoSize(train_images=48, val_images=8, test_images=16, questions_per_type_train=1,
+    "tiny": DemoSize(train_images=48, val_images=8, test_images=16,
                      clip_steps=3, clip_batch=16, lm_steps=3, instruct_images=8, vqa_max_turns=2,
                      align_steps=3, finetune_steps=3, eval_per_type=4, descriptions=2,
                      compare_train=8, compare_test=4),
@@ -69,44 +74,6 @@ SIZES: dict[str, DemoSize] = {
 def check_choice(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
     if value not in valid:
         raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
-
-
-def _step(n: int, title: str) -> float:
-    print(f"\n== [{n}/6] {title}", flush=True)
-    return time.perf_counter()
-
-
-def _texts_for_lm(captions_file: Path, vqa_questions: Path, vqa_answers: Path, tokenizer_dir: Path,
-                  seed: int) -> list[str]:
-    """The stand-in LLM's pretraining text: each image's captions as one document (several
-    descriptions of one scene, as web pages repeat what a picture shows), and chat-formatted questions
-    answered from a description given in the prompt: the reading-comprehension skill any instruct LLM
-    brings to LLaVA. No image is ever in this text, so the blind evaluation stays blind."""
-    import random
-
-    from transformers import AutoTokenizer
-
-    from vistune.demo.evaluate import reading_request
-
-    rng = random.Random(seed)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    caps = json.loads(captions_file.read_text())
-    by_image: dict[int, list[str]] = {}
-    for a in caps["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a["caption"])
-    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
-    questions: dict[int, list[tuple[str, str]]] = {}
-    for q in json.loads(vqa_questions.read_text())["questions"]:
-        questions.setdefault(q["image_id"], []).append((q["question"], answers[q["question_id"]]))
-    texts = []
-    for image_id, captions in by_image.items():
-        texts.append(" ".join(captions))
-        for q, a in rng.sample(questions.get(image_id, []), min(4, len(questions.get(image_id, [])))):
-            messages = [{"role": "user", "content": reading_request(" ".join(captions), q)},
-                        {"role": "assistant", "content": a}]
-            texts.append(tok.apply_chat_template(messages, tokenize=False))
-    rng.shuffle(texts)
-    return texts
 
 
 def _write_compare(compare: Path, captions: Path, out: Path) -> None:
@@ -123,58 +90,6 @@ def _write_compare(compare: Path, captions: Path, out: Path) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(out)
-
-
-def _texts_for_tokenizer(captions: dict, vqa_questions: Path, vqa_answers: Path) -> list[str]:
-    """The world's text the tokenizer learns its merges from: captions, and each question with its short
-    answer on a line of its own, where replies start. Trained on captions alone, BPE only ever saw answer
-    words after a space and split a reply like "yes" into single letters."""
-    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
-
-    answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
-    return [a["caption"] for a in captions["annotations"]] + [
-        f"{q['question']}\n{SHORT_ANSWER_PROMPT}\n{answers[q['question_id']]}"
-        for q in json.loads(vqa_questions.read_text())["questions"]]
-
-
-def _pixels(image_folder: Path, file_names: list[str], image_size: int):  # noqa: ANN202
-    """All images of a split as one normalised tensor [N, 3, H, W], CLIP's published mean/std."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    out = []
-    for name in file_names:
-        with Image.open(image_folder / name) as im:
-            arr = np.asarray(im.convert("RGB").resize((image_size, image_size)), dtype=np.float32) / 255.0
-        out.append((torch.from_numpy(arr).permute(2, 0, 1) - mean) / std)
-    return torch.stack(out)
-
-
-def _regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> list[list[tuple[list[int], str]]]:
-    """Per image (in the order of `images`, COCO image records), each box of a COCO instances file as
-    (the row-major indices of the patches whose centres it covers, or the patch at its centre, and
-    the caption "A <category name>."), for the CLIP stand-in's region-text loss."""
-    inst = json.loads(instances_file.read_text())
-    categories = {c["id"]: c["name"] for c in inst["categories"]}
-    size = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
-    grid = image_size // patch_size
-    by_image: dict[int, list[tuple[list[int], str]]] = {}
-    for a in inst["annotations"]:
-        w, h = size[a["image_id"]]
-        x, y, bw, bh = a["bbox"]
-        sx, sy = image_size / w, image_size / h  # the box in the encoder's input pixels
-        x0, y0, x1, y1 = x * sx, y * sy, (x + bw) * sx, (y + bh) * sy
-        centres = [(r, c) for r in range(grid) for c in range(grid)
-                   if x0 <= (c + 0.5) * patch_size < x1 and y0 <= (r + 0.5) * patch_size < y1]
-        if not centres:
-            centres = [(min(grid - 1, int((y0 + y1) / 2 // patch_size)), min(grid - 1, int((x0 + x1) / 2 // patch_size)))]
-        name = categories[a["category_id"]]
-        by_image.setdefault(a["image_id"], []).append(
-            ([r * grid + c for r, c in centres], f"{'An' if name[0] in 'aeiou' else 'A'} {name}."))
-    return [by_image.get(im["id"], []) for im in images]
 
 
 def smollm2_gguf() -> Path:
@@ -210,6 +125,169 @@ def config_overrides(out: Path, llm: str) -> list[str]:
     return overrides
 
 
+@dataclass
+class Run:
+    """One demo run: its settings, and the facts and timings each step adds for the report."""
+
+    out: Path
+    llm: str
+    seed: int
+    size: str
+    sz: DemoSize
+    config: Path
+    facts: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    results: dict = field(default_factory=dict)  # what eval hands to report
+
+    @property
+    def world(self) -> Path:
+        return self.out / "world"
+
+    @property
+    def ann(self) -> Path:
+        return self.out / "world" / "annotations"
+
+    @property
+    def parts(self) -> Path:
+        return self.out / "parts"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+
+def step_world(run: Run) -> None:
+    """The synthetic world: rendered scenes in the COCO layout."""
+    from vistune.demo.world import build_world
+
+    done = run.ann / "done.json"
+    if not done.is_file():
+        sz = run.sz
+        counts = build_world(run.world, {"train": sz.train_images, "val": sz.val_images, "test": sz.test_images},
+                             run.seed, compare={"train": sz.compare_train, "test": sz.compare_test})
+        done.write_text(json.dumps(counts))
+    run.facts["world"] = json.loads(done.read_text())
+    print(f"   {run.world}: " + ", ".join(f"{s} {c['images']} images" for s, c in run.facts["world"].items()))
+
+
+def step_data(run: Run) -> None:
+    """Instruction data from captions + boxes (template teacher), the alignment set, VQA, the mixture."""
+    from vistune.datagen.align import run_align
+    from vistune.datagen.instruct import run_instruct
+    from vistune.datagen.mix import convert_vqa, run_mix
+    from vistune.datagen.sources import read_coco
+    from vistune.datagen.teachers import get_teacher
+
+    data, ann, sz = run.data, run.ann, run.sz
+    data.mkdir(exist_ok=True)
+    records = read_coco(ann / "captions_train.json", ann / "instances_train.json")
+    summaries = {
+        "instruct": run_instruct(records[:sz.instruct_images], ["conversation", "detail", "complex"],
+                                 get_teacher("template"), data / "instruct.jsonl", seed=run.seed, progress=True),
+        "align": run_align(records, data / "align.jsonl", seed=run.seed),
+        "vqa": convert_vqa("vqav2", ann / "vqa_questions_train.json", ann / "vqa_annotations_train.json",
+                           data / "vqa.jsonl", image_template="{image_id:012d}.png", seed=run.seed,
+                           max_turns=sz.vqa_max_turns)}
+    # Stage 2 keeps some brief captions (the alignment set's records), so "Describe the image briefly."
+    # is still answered after the LLM trains: LLaVA-1.5's mix keeps captioning data the same way.
+    mix = [(data / "instruct.jsonl", 1.0), (data / "vqa.jsonl", 1.0), (data / "align.jsonl", sz.brief_in_finetune)]
+    if (ann / "compare_train.json").is_file():
+        _write_compare(ann / "compare_train.json", ann / "captions_train.json", data / "compare.jsonl")
+        mix.append((data / "compare.jsonl", 1.0))
+    summaries["mix"] = run_mix(mix, data / "finetune.jsonl", seed=run.seed)
+    for name, s in summaries.items():
+        print(f"   {name}: {s.text().splitlines()[0]}")
+    run.facts["data"] = {name: {"written": s.written, "rejected": s.rejected} for name, s in summaries.items()}
+
+
+def step_parts(run: Run) -> None:
+    """Stand-ins for the pretrained parts: a tokenizer, a small CLIP and (unless --llm smollm2) a small LLM."""
+    from vistune.demo import standins, texts
+
+    parts, ann, sz = run.parts, run.ann, run.sz
+    captions = json.loads((ann / "captions_train.json").read_text())
+    replies = texts.replies(run.data / "instruct.jsonl")
+    if not (parts / "tokenizer" / "tokenizer.json").is_file():
+        compare = ann / "compare_train.json"
+        compare_texts = [f"{q['question']}\n{SHORT_ANSWER}\n{q['answer']}"
+                         for q in (json.loads(compare.read_text())["questions"] if compare.is_file() else [])]
+        standins.build_tokenizer(texts.texts_for_tokenizer(captions, ann / "vqa_questions_train.json",
+                                                      ann / "vqa_annotations_train.json", replies) + compare_texts,
+                                 parts / "tokenizer")
+    if not (parts / "clip" / "stats.json").is_file():
+        by_image: dict[int, list[str]] = {}
+        for a in captions["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a["caption"])
+        pixels = standins.load_pixels(run.world / "train", [im["file_name"] for im in captions["images"]], 64)
+        regions = standins.box_regions(ann / "instances_train.json", captions["images"], 64, sz.clip_patch)
+        stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
+                                    parts / "clip", image_size=64, patch_size=sz.clip_patch, steps=sz.clip_steps,
+                                    batch_size=sz.clip_batch, lr=1e-3, seed=run.seed, regions=regions)
+        (parts / "clip" / "stats.json").write_text(json.dumps(stats))
+    run.facts["clip"] = {k: v for k, v in json.loads((parts / "clip" / "stats.json").read_text()).items() if k != "losses"}
+    print(f"   CLIP: held-out image->caption top-1 {run.facts['clip']['val_retrieval_top1']:.2f} "
+          f"among {run.facts['clip']['val_images']} images")
+    if run.llm == "standin":
+        if not (parts / "lm" / "stats.json").is_file():
+            lm_texts = texts.texts_for_lm(ann / "captions_train.json", ann / "vqa_questions_train.json",
+                                     ann / "vqa_annotations_train.json", parts / "tokenizer", run.seed, replies)
+            stats = standins.train_lm(lm_texts, parts / "tokenizer", parts / "lm", hidden=192, layers=3,
+                                      steps=sz.lm_steps, seed=run.seed)
+            (parts / "lm" / "stats.json").write_text(json.dumps(stats))
+        run.facts["lm"] = {k: v for k, v in json.loads((parts / "lm" / "stats.json").read_text()).items()
+                           if k != "losses"}
+
+
+def step_train(run: Run) -> None:
+    """Stage 1 (align) and stage 2 (finetune) with `vistune train`'s own loop (resumes by itself)."""
+    from vistune.config import load_config
+    from vistune.train.loop import run as train
+
+    overrides = config_overrides(run.out, run.llm)
+    if run.sz.align_steps:
+        overrides.append(f"stages.align.max_steps={run.sz.align_steps}")
+    if run.sz.finetune_steps:
+        overrides.append(f"stages.finetune.max_steps={run.sz.finetune_steps}")
+    overrides += [f"stages.align.seed={run.seed}", f"stages.finetune.seed={run.seed}"]
+    outputs = train(load_config(run.config, overrides))
+    (run.out / "train_command.txt").write_text(
+        "vistune train " + str(run.config) + " \\\n  " + " \\\n  ".join(overrides) + "\n")
+    run.results["model"] = outputs["finetune"]
+
+
+def step_eval(run: Run) -> None:
+    """Held-out questions (readout and binding tiers) and brief descriptions, with the image and blind."""
+    from vistune.demo import texts
+    from vistune.demo.evaluate import evaluate
+
+    run.results.update(evaluate(run.results["model"], run.world, run.sz.eval_per_type, run.sz.descriptions, run.seed,
+                                reading_lm=run.parts / "lm" if run.llm == "standin" else None,
+                                vocabulary=texts.vocabulary(run.ann, run.data / "instruct.jsonl")))
+    if "answers_from_captions" in run.results:
+        run.facts["lm"]["answers_from_captions"] = run.results.pop("answers_from_captions")
+
+
+def step_report(run: Run) -> None:
+    from vistune.demo.report import write_report
+
+    wall = time.perf_counter() - run.results["t_start"]
+    peak_gib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20  # ru_maxrss is KiB on Linux
+    run.results["report"] = write_report(run.out, facts=run.facts, results=run.results, timings=run.timings,
+                                         wall_seconds=wall, peak_memory_gib=peak_gib, machine=_machine())
+
+
+#: The steps in order: (name, title, function). Each skips what is already done in `out`.
+STEPS: tuple[tuple[str, str, Callable[[Run], None]], ...] = (
+    ("world", "the synthetic world: rendered scenes in the COCO layout", step_world),
+    ("data", "data: instructions from captions + boxes (template teacher), alignment set, VQA, mixture", step_data),
+    ("parts", "stand-ins for the pretrained parts: a tokenizer, a small CLIP and a small LLM", step_parts),
+    ("train", "training: stage 1 (align) and stage 2 (finetune)", step_train),
+    ("eval", "evaluation: held-out questions and descriptions, with the image and blind", step_eval),
+    ("report", "report", step_report),
+)
+
+
 def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size: str = "default",
              config: Path | None = None) -> dict:
     """Run every step (skipping those already done in `out`) and write the report; returns it."""
@@ -223,160 +301,43 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
     if not config.is_file():
         raise ConfigError(f"demo config {config} not found (the demo's configs live in configs/demo/ of the "
                           "vistune repository; pass --config)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    facts: dict = {"size": size, "llm": llm, "seed": seed, "settings": asdict(sz)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    run = Run(Path(out), llm, seed, size, sz, config, facts={"size": size, "llm": llm, "seed": seed,
+                                                              "settings": asdict(sz)})
+    run.results["t_start"] = time.perf_counter()
+    _fix_threads()
+    for k, (name, title, fn) in enumerate(STEPS, 1):
+        print(f"\n== [{k}/{len(STEPS)}] {title}", flush=True)
+        t = time.perf_counter()
+        fn(run)
+        run.timings[name] = time.perf_counter() - t
+    _print_summary(run)
+    return run.results["report"]
 
-    # 1. The world ---------------------------------------------------------------------------------
-    t = _step(1, "the synthetic world: rendered scenes in the COCO layout")
-    from vistune.demo.world import build_world
 
-    world = out / "world"
-    done = world / "annotations" / "done.json"
-    if not done.is_file():
-        counts = build_world(world, {"train": sz.train_images, "val": sz.val_images, "test": sz.test_images}, seed,
-                             {"train": sz.questions_per_type_train},
-                             compare={"train": sz.compare_train, "test": sz.compare_test})
-        done.write_text(json.dumps(counts))
-    facts["world"] = json.loads(done.read_text())
-    print(f"   {world}: " + ", ".join(f"{s} {c['images']} images" for s, c in facts["world"].items()))
-    timings["world"] = time.perf_counter() - t
+def _fix_threads() -> None:
+    """The same thread count on every run: float sums split over threads round differently, so a
+    different count gives (slightly) different numbers. Two threads, the demo's reference machine."""
+    import torch
 
-    # 2. Stand-ins for the pretrained parts ----------------------------------------------------------
-    t = _step(2, "stand-ins for the pretrained parts: a small CLIP and a small LLM")
-    from vistune.demo import standins
-    from vistune.eval.tasks.base import SHORT_ANSWER
+    torch.set_num_threads(DEMO_THREADS)
 
-    parts = out / "parts"
-    ann = world / "annotations"
-    captions = json.loads((ann / "captions_train.json").read_text())
-    if not (parts / "tokenizer" / "tokenizer.json").is_file():
-        compare = ann / "compare_train.json"
-        compare_texts = [f"{q['question']}\n{SHORT_ANSWER}\n{q['answer']}"
-                         for q in (json.loads(compare.read_text())["questions"] if compare.is_file() else [])]
-        standins.build_tokenizer(_texts_for_tokenizer(captions, ann / "vqa_questions_train.json",
-                                                      ann / "vqa_annotations_train.json") + compare_texts,
-                                 parts / "tokenizer")
-    if not (parts / "clip" / "stats.json").is_file():
-        by_image: dict[int, list[str]] = {}
-        for a in captions["annotations"]:
-            by_image.setdefault(a["image_id"], []).append(a["caption"])
-        names = [im["file_name"] for im in captions["images"]]
-        pixels = _pixels(world / "train", names, 64)
-        regions = _regions(ann / "instances_train.json", captions["images"], 64, sz.clip_patch)
-        stats = standins.train_clip(pixels, [by_image[im["id"]] for im in captions["images"]], parts / "tokenizer",
-                                    parts / "clip", image_size=64, patch_size=sz.clip_patch, steps=sz.clip_steps,
-                                    batch_size=sz.clip_batch, lr=1e-3, seed=seed, regions=regions)
-        (parts / "clip" / "stats.json").write_text(json.dumps(stats))
-    facts["clip"] = {k: v for k, v in json.loads((parts / "clip" / "stats.json").read_text()).items() if k != "losses"}
-    print(f"   CLIP: held-out image->caption top-1 {facts['clip']['val_retrieval_top1']:.2f} "
-          f"among {facts['clip']['val_images']} images")
-    if llm == "standin":
-        if not (parts / "lm" / "stats.json").is_file():
-            lm_texts = _texts_for_lm(ann / "captions_train.json", ann / "vqa_questions_train.json",
-                                     ann / "vqa_annotations_train.json", parts / "tokenizer", seed)
-            stats = standins.train_lm(lm_texts, parts / "tokenizer", parts / "lm", hidden=192, layers=3,
-                                      steps=sz.lm_steps, seed=seed)
-            (parts / "lm" / "stats.json").write_text(json.dumps(stats))
-        facts["lm"] = {k: v for k, v in json.loads((parts / "lm" / "stats.json").read_text()).items() if k != "losses"}
-    timings["parts"] = time.perf_counter() - t
 
-    # 3. Data generation -----------------------------------------------------------------------------
-    t = _step(3, "data: instructions from captions + boxes (template teacher), alignment set, VQA, mixture")
-    from vistune.datagen.align import run_align
-    from vistune.datagen.instruct import run_instruct
-    from vistune.datagen.mix import convert_vqa, run_mix
-    from vistune.datagen.sources import read_coco
-    from vistune.datagen.teachers import get_teacher
-
-    data = out / "data"
-    data.mkdir(exist_ok=True)
-    records = read_coco(ann / "captions_train.json", ann / "instances_train.json")
-    summaries = {}
-    summaries["instruct"] = run_instruct(records[:sz.instruct_images], ["conversation", "detail", "complex"],
-                                         get_teacher("template"), data / "instruct.jsonl", seed=seed, progress=True)
-    summaries["align"] = run_align(records, data / "align.jsonl", seed=seed)
-    summaries["vqa"] = convert_vqa("vqav2", ann / "vqa_questions_train.json", ann / "vqa_annotations_train.json",
-                                   data / "vqa.jsonl", image_template="{image_id:012d}.png", seed=seed,
-                                   max_turns=sz.vqa_max_turns)
-    parts_of_mix = [(data / "instruct.jsonl", 1.0), (data / "vqa.jsonl", 1.0)]
-    if (ann / "compare_train.json").is_file():
-        _write_compare(ann / "compare_train.json", ann / "captions_train.json", data / "compare.jsonl")
-        parts_of_mix.append((data / "compare.jsonl", 1.0))
-    summaries["mix"] = run_mix(parts_of_mix, data / "finetune.jsonl", seed=seed)
-    for name, s in summaries.items():
-        print(f"   {name}: {s.text().splitlines()[0]}")
-    facts["data"] = {name: {"written": s.written, "rejected": s.rejected} for name, s in summaries.items()}
-    timings["data"] = time.perf_counter() - t
-
-    # 4. Training ------------------------------------------------------------------------------------
-    t = _step(4, f"training: stage 1 (align) and stage 2 (finetune) with {config}")
-    from vistune.config import load_config
-    from vistune.train.loop import run
-
-    overrides = config_overrides(out, llm)
-    if sz.align_steps:
-        overrides.append(f"stages.align.max_steps={sz.align_steps}")
-    if sz.finetune_steps:
-        overrides.append(f"stages.finetune.max_steps={sz.finetune_steps}")
-    overrides += [f"stages.align.seed={seed}", f"stages.finetune.seed={seed}"]
-    cfg = load_config(config, overrides)
-    outputs = run(cfg)
-    (out / "train_command.txt").write_text(
-        "vistune train " + str(config) + " \\\n  " + " \\\n  ".join(overrides) + "\n")
-    timings["train"] = time.perf_counter() - t
-
-    # 5. Evaluation ----------------------------------------------------------------------------------
-    t = _step(5, "evaluation: held-out questions with the image and blind")
-    from vistune.demo.evaluate import ask_all, ask_from_captions, describe, load_questions, score
-    from vistune.infer.engine import Engine
-
-    engine = Engine.load(outputs["finetune"], device="cpu")
-    test_images = json.loads((ann / "captions_test.json").read_text())["images"]
-    names = {im["id"]: im["file_name"] for im in test_images}
-    questions = load_questions(ann / "vqa_questions_test.json", ann / "vqa_annotations_test.json", world / "test",
-                               names, sz.eval_per_type, seed, ann / "compare_test.json")
-    with_image = ask_all(engine, questions, blind=False, desc="with image")
-    blind = ask_all(engine, questions, blind=True, desc="blind")
-    scores = {"with_image": score(questions, with_image), "blind": score(questions, blind)}
-    if llm == "standin":
-        # The ceiling the stand-in LLM sets: its answers from a perfect description (captions as text).
-        caps = json.loads((ann / "captions_test.json").read_text())
-        by_name: dict[str, list[str]] = {}
-        for a in caps["annotations"]:
-            by_name.setdefault(names[a["image_id"]], []).append(a["caption"])
-        facts["lm"]["answers_from_captions"] = score(questions, ask_from_captions(parts / "lm", questions, by_name))
-    sample_paths = [world / "test" / im["file_name"] for im in test_images[: sz.descriptions]]
-    descriptions = describe(engine, sample_paths, "Describe the image in detail.")
-    conversation = engine.chat([{"role": "user", "content": "<image>\nWhat do you see in this image?"}],
-                               [sample_paths[0]])
-    timings["eval"] = time.perf_counter() - t
-
-    # 6. Report --------------------------------------------------------------------------------------
-    t = _step(6, "report")
-    from vistune.demo.report import write_report
-
-    wall = time.perf_counter() - t_start
-    peak_gib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20  # ru_maxrss is KiB on Linux
-    report = write_report(
-        out, facts=facts, scores=scores, questions=questions, predictions=(with_image, blind),
-        samples=[(p, d) for p, d in zip(sample_paths, descriptions)], conversation=(sample_paths[0], conversation),
-        timings={**timings, "report": time.perf_counter() - t}, wall_seconds=wall, peak_memory_gib=peak_gib,
-        model_dir=outputs["finetune"], machine=_machine())
-    print(f"\nDone in {wall / 60:.1f} min (peak memory {peak_gib:.2f} GiB).")
-    print(f"accuracy with image {report['accuracy_with_image']:.3f}, blind {report['accuracy_blind']:.3f}")
-    if "answers_from_captions" in facts.get("lm", {}):
-        print(f"(the stand-in LLM alone, given the captions as text: {facts['lm']['answers_from_captions']['accuracy']:.3f})")
+def _print_summary(run: Run) -> None:
+    report, model = run.results["report"], run.results["model"]
+    print(f"\nDone in {report['wall_seconds'] / 60:.1f} min (peak memory {report['peak_memory_gib']:.2f} GiB).")
+    for tier, row in report["tiers"].items():
+        print(f"{tier:<8} with image {row['with_image']:.3f}   blind {row['blind']:.3f}   (n={row['n']})")
     for qtype, row in report["per_type"].items():
-        print(f"  {qtype:<10} with image {row['with_image']:.3f}   blind {row['blind']:.3f}   (n={row['n']})")
-    print(f"\nReport: {out / 'report.md'} (and report.json, loss_curves.png)")
+        print(f"  {qtype:<16} with image {row['with_image']:.3f}   blind {row['blind']:.3f}   "
+              f"majority answer {row['majority']:.2f}   (n={row['n']})")
+    d = report["descriptions"]
+    print(f"descriptions: object F1 {d['f1_with_image']:.3f} with image, {d['f1_blind']:.3f} blind; "
+          f"{d['with_repeated_3gram']} of {d['n']} repeat a 3-gram, {d['non_word_count']} non-words")
+    print(f"\nReport: {run.out / 'report.md'} (and report.json, loss_curves.png, examples.png)")
     print("Try the model:")
-    print(f"  vistune ask {outputs['finetune']} --image {sample_paths[0]} \"How many circles are there in the image?\"")
-    print(f"  vistune chat {outputs['finetune']} --image {sample_paths[0]}")
-    return report
+    print(f"  vistune ask {model} --image {run.results['example_image']} \"What color is the object?\"")
+    print(f"  vistune chat {model} --image {run.results['example_image']}")
 
 
 def _machine() -> dict:

@@ -12,6 +12,7 @@ inputs of the method, they are not part of it (vistune's own training loop is `t
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -75,6 +76,45 @@ def _fit(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], los
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
+
+
+def load_pixels(image_folder: Path, file_names: list[str], image_size: int):  # noqa: ANN202
+    """All images of a split as one normalised tensor [N, 3, H, W], CLIP's published mean/std."""
+    import numpy as np
+    from PIL import Image
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    out = []
+    for name in file_names:
+        with Image.open(image_folder / name) as im:
+            arr = np.asarray(im.convert("RGB").resize((image_size, image_size)), dtype=np.float32) / 255.0
+        out.append((torch.from_numpy(arr).permute(2, 0, 1) - mean) / std)
+    return torch.stack(out)
+
+
+def box_regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> list[list[tuple[list[int], str]]]:
+    """Per image (in the order of `images`, COCO image records), each box of a COCO instances file as
+    (the row-major indices of the patches whose centres it covers, or the patch at its centre, and
+    the caption "A <category name>."), for the CLIP stand-in's region-text loss."""
+    inst = json.loads(instances_file.read_text())
+    categories = {c["id"]: c["name"] for c in inst["categories"]}
+    size = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
+    grid = image_size // patch_size
+    by_image: dict[int, list[tuple[list[int], str]]] = {}
+    for a in inst["annotations"]:
+        w, h = size[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        sx, sy = image_size / w, image_size / h  # the box in the encoder's input pixels
+        x0, y0, x1, y1 = x * sx, y * sy, (x + bw) * sx, (y + bh) * sy
+        centres = [(r, c) for r in range(grid) for c in range(grid)
+                   if x0 <= (c + 0.5) * patch_size < x1 and y0 <= (r + 0.5) * patch_size < y1]
+        if not centres:
+            centres = [(min(grid - 1, int((y0 + y1) / 2 // patch_size)), min(grid - 1, int((x0 + x1) / 2 // patch_size)))]
+        name = categories[a["category_id"]]
+        by_image.setdefault(a["image_id"], []).append(
+            ([r * grid + c for r, c in centres], f"{'An' if name[0] in 'aeiou' else 'A'} {name}."))
+    return [by_image.get(im["id"], []) for im in images]
 
 
 # --------------------------------------------------------------------------------------------------
