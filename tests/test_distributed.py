@@ -254,6 +254,82 @@ def test_fsdp_resume_reads_on_rank_0_and_continues_exactly(tmp_path: Path) -> No
     assert not {"trainable.safetensors", "optimizer.pt"} & set(found["reads"][1]), found
 
 
+# Two processes over gloo: the tiny VLM sharded with torch's FSDP2 into the units `fsdp_unit_names` picks,
+# bottom-up as accelerate's auto-wrap does, then the root; one image batch; loss and gradients against the same
+# model unsharded in the same process.
+_FSDP_UNITS = """
+import json, sys
+import torch, torch.distributed as dist
+from accelerate.utils.dataclasses import get_module_class_from_name
+from torch.distributed.device_mesh import init_device_mesh
+from contextlib import nullcontext
+from torch.distributed.fsdp import fully_shard
+from vistune.config import load_config
+from vistune.model.checkpoint import build_model
+from vistune.model.vlm import IMAGE_TOKEN_ID
+from vistune.train.distributed import fsdp_plugin, fsdp_unit_names
+from vistune.train.parts import apply_parts
+
+dist.init_process_group("gloo")
+rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
+cfg = load_config(sys.argv[1])
+bf16 = cfg.stages["s"].precision == "bf16"  # then as align: LLM frozen in bf16, tower float32, bf16 autocast
+torch.manual_seed(0)
+model = build_model(cfg.model.vision, cfg.model.llm, cfg.model.projector, torch.float32,
+                    torch.bfloat16 if bf16 else torch.float32)
+mp = fsdp_plugin("bf16" if bf16 else "no").mixed_precision_policy
+autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+apply_parts(model, cfg.stages["s"].parts, cfg.stages["s"].lora, True)  # with gradient checkpointing
+ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * model.num_image_tokens + [5, 6, 7, 8, 9]] * 2)
+labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
+size = model.vision.encoder.config.image_size
+batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, use_cache=False,
+             pixel_values=torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+with autocast:
+    reference = model(**batch).loss
+reference.backward()
+grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+model.zero_grad()
+classes = tuple(get_module_class_from_name(model, n) for n in fsdp_unit_names(model.llm))
+units = [m for m in list(model.modules())[::-1] if isinstance(m, classes)]
+for unit in [*units, model]:
+    fully_shard(unit, mesh=mesh, **({"mp_policy": mp} if mp else {}))
+with autocast:
+    loss = model(**batch).loss
+loss.backward()
+diff = max(float((p.grad.full_tensor() - grads[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad)
+if rank == 0:
+    print("FOUND " + json.dumps({"units": sorted(type(m).__name__ for m in units), "loss": float(loss),
+                                 "reference": float(reference), "grad_diff": diff}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("llm,precision,tolerance", [("full", "fp32", 1e-6), ("frozen", "bf16", 2e-3)])
+def test_fsdp_units_shard_the_model_and_train_like_it_unsharded(tmp_path: Path, clip_dir: Path, llama_dir: Path,
+                                                                llm: str, precision: str, tolerance: float) -> None:
+    """Item 9 of issue 22: with the decoder layers, the vision tower and the embedding tables as their own FSDP2
+    units (the tower's embedding call and the LLM's token embedding both run outside their parents' forward),
+    a 2-process sharded model gives the unsharded model's loss and gradients (gloo on CPU). Also in align's mix
+    of dtypes (LLM frozen in bf16, tower and projector float32) under the plugin's bf16 policy."""
+    stage = _stage(tmp_path, tmp_path / "out", precision=precision, parts={"projector": "full", "llm": llm})
+    cfg = {"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}}, "stages": {"s": stage}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "units.py").write_text(_FSDP_UNITS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "units.py"), str(tmp_path / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    found = json.loads(proc.stdout.split("FOUND ", 1)[1].splitlines()[0])
+    assert found["units"] == ["FSDPEmbedding", "FSDPEmbedding", "FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer",
+                              "FSDPVisionTower"], found  # the LLM's tokens and CLIP's positions; 2 layers; the tower
+    assert found["loss"] == pytest.approx(found["reference"], rel=tolerance)
+    assert found["grad_diff"] < tolerance, found
+
+
 _ONE_PROCESS_LAUNCH = """
 import json, sys
 import torch, torch.distributed as dist

@@ -30,7 +30,7 @@ def test_llava_15_published_hyperparameters(name: str) -> None:
     assert (align.parts.projector, align.parts.llm) == ("full", "frozen")
     assert (ft.global_batch_size, ft.epochs, ft.model_max_length, ft.warmup_ratio, ft.lr_schedule, ft.weight_decay) == (
         128, 1, 2048, 0.03, "cosine", 0.0)
-    assert ft.format == "vicuna_v1" and ft.projector_from == align.output_dir
+    assert ft.format == "vicuna_v1" and cfg.resolved().stages["finetune"].projector_from == align.output_dir
     if name.endswith("lora"):
         assert ft.parts.llm == "lora" and (ft.lora.r, ft.lora.alpha, ft.projector_lr, ft.lr) == (128, 256, 2e-5, 2e-4)
     else:
@@ -42,7 +42,6 @@ def test_tiny_cpu_preset_runs(tmp_path: Path, clip_dir: Path, llama_dir: Path, d
     for st, data in (("align", "align.json"), ("finetune", "train.json")):
         overrides += [f"stages.{st}.data.path={dataset_dir / data}", f"stages.{st}.data.image_folder={dataset_dir / 'images'}",
                       f"stages.{st}.output_dir={tmp_path / st}", f"stages.{st}.max_steps=3", f"stages.{st}.tensorboard=false"]
-    overrides.append(f"stages.finetune.projector_from={tmp_path / 'align'}")
     outputs = run(load_config(CONFIGS / "tiny-cpu.yaml", overrides))
     assert set(outputs) == {"align", "finetune"} and (outputs["finetune"] / "vistune.json").is_file()
 

@@ -43,7 +43,7 @@ def two_stage(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, llama_di
     root = tmp_path_factory.mktemp("two_stage")
     align = stage(dataset_dir, root / "align", format="plain", max_steps=12, lr=3e-3, save_frozen=False,
                   data={"path": str(dataset_dir / "align.json")})
-    finetune = stage(dataset_dir, root / "finetune", projector_from=str(root / "align"), max_steps=12, lr=1e-2,
+    finetune = stage(dataset_dir, root / "finetune", projector_from="align", max_steps=12, lr=1e-2,
                      parts={"projector": "full", "llm": "lora"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
                      tensorboard=True)
     cfg = load_config(data=config(clip_dir, llama_dir, {"align": align, "finetune": finetune}))
@@ -80,7 +80,10 @@ def test_finetune_output_is_self_describing(two_stage: dict) -> None:
     out = two_stage["outputs"]["finetune"]
     spec = read_spec(out)
     assert spec.conversation_format == "chat_template" and spec.llm_adapter == "llm_adapter"
-    assert spec.vision.path == "vision" and spec.llm.path == "llm"  # save_frozen (default) copies them
+    assert spec.vision.path == "vision"  # save_frozen (default) copies the frozen tower
+    # A LoRA run saves its adapter and refers to the base LLM by path (no copy of the base per run).
+    assert Path(spec.llm.path) == two_stage["llama_dir"].resolve() and not (out / "llm").exists()
+    assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "image_processor").is_dir()
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # no pickle in a model folder
     assert list((out / "tensorboard").iterdir()), "no TensorBoard event file"

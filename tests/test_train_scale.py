@@ -242,3 +242,22 @@ def test_deepspeed_resume_checkpoint_round_trip(tmp_path: Path) -> None:
     progress = load_engine_resume(accelerator, final, fresh)
     assert (progress.step, progress.epoch) == (4, 1) and fresh.last_epoch == scheduler.last_epoch
     assert accelerator.loaded == "zero partition" and accelerator.load_kwargs == {"load_module_strict": False}
+
+
+def test_compile_wraps_each_decoder_layer(clip_dir: Path, llama_dir: Path) -> None:
+    """Item 10 of issue 22: `compile: true` compiles every decoder layer (FSDP2's units) rather than the decoder
+    whole, whose graph FSDP2's per-layer hooks would break; parameter names are unchanged. (Whether it pays is
+    measured on a GPU: tests/test_gpu.py and benchmarks/gpu_check.py.)"""
+    from vistune.model.checkpoint import build_model
+    from vistune.train.distributed import compile_layers
+
+    cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}},
+                            "stages": {"s": {"data": {"path": "d.json"}, "output_dir": "o", "global_batch_size": 1,
+                                             "micro_batch_size": 1, "lr": 1.0}}})
+    model = build_model(cfg.model.vision, cfg.model.llm, cfg.model.projector)
+    names = [n for n, _ in model.named_parameters()]
+    decoder = model.llm.get_decoder()
+    assert compile_layers(model.llm) == len(decoder.layers) == 2
+    assert all(layer._compiled_call_impl is not None for layer in decoder.layers)
+    assert decoder._compiled_call_impl is None
+    assert [n for n, _ in model.named_parameters()] == names

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 
 from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
+from vistune.train.signals import TrainingInterrupted
 
 if TYPE_CHECKING:  # the config (pydantic) loads inside the commands, keeping `vistune --help` instant
     from vistune.config import RunConfig
 
 
 def train(config: Path, overrides: list[str], stages: list[str] | None = None, dry_run: bool = False,
-          processes: int | None = None) -> None:
+          processes: int | None = None, allow_config_change: bool = False) -> None:
     """Train the stages of a run config in order (resuming where a previous run stopped)."""
     from vistune.config import load_config
     from vistune.errors import ConfigError
@@ -32,7 +33,7 @@ def train(config: Path, overrides: list[str], stages: list[str] | None = None, d
     if dry_run:
         _dry_run(cfg, stages, processes)
         return
-    outputs = run(cfg, stages)
+    outputs = run(cfg, stages, allow_config_change)
     for name, out in outputs.items():
         print(f"{name}: {out}")
 
@@ -347,6 +348,8 @@ def _parser() -> argparse.ArgumentParser:
                    "engine options), print the resolved config, train nothing")
     t.add_argument("--processes", type=int, default=None, help="--dry-run: check the batch arithmetic for this "
                    "many processes (default: the launcher's WORLD_SIZE, else 1)")
+    t.add_argument("--allow-config-change", action="store_true", help="resume from a checkpoint written under "
+                   "another config or data (by default that stops the run, listing the differences)")
 
     d = sub.add_parser("data", help="inspect training data as a stage sees it")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -494,8 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vistune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vistune: interrupted", file=sys.stderr)
+        print("vistune: interrupted (nothing saved since the last resume checkpoint, if any)", file=sys.stderr)
         return 130
+    except TrainingInterrupted as e:  # a signal during training: a checkpoint was saved at a step boundary
+        print(f"vistune: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -143,6 +143,31 @@ class DataConfig(_Strict):
     pack_length: int | None = Field(
         None, gt=0, description="Tokens per packed row (image tokens included); defaults to model_max_length."
     )
+    on_truncated: Literal["keep", "drop"] = Field(
+        "keep", description="Samples that lose some reply tokens to model_max_length (not all: those are always "
+        "dropped): `keep` trains on what fits, `drop` leaves them out. Either way they are counted and listed in "
+        "OUTPUT_DIR/truncated.json."
+    )
+    verify_images: bool = Field(
+        False, description="Decode every image in the precheck (about one image decode per image), so a corrupt "
+        "file stops the run (or is skipped, counted once) before training rather than at the step that loads it."
+    )
+    val_path: str | None = Field(
+        None, description="Held-out LLaVA-format file (images under `image_folder`); its loss is logged every "
+        "`val_every` steps."
+    )
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of `path` (drawn with the stage's seed) as the "
+        "validation set instead of `val_path`."
+    )
+
+    @model_validator(mode="after")
+    def _one_val_source(self) -> DataConfig:
+        if self.val_path is not None and self.val_fraction is not None:
+            raise ValueError("give data.val_path or data.val_fraction, not both")
+        if self.on_truncated == "drop" and not self.precheck:
+            raise ValueError("data.on_truncated=drop needs data.precheck=true (the precheck finds those samples)")
+        return self
 
 
 class StageConfig(_Strict):
@@ -150,7 +175,8 @@ class StageConfig(_Strict):
 
     parts: PartsConfig = Field(default_factory=PartsConfig)
     projector_from: str | None = Field(
-        None, description="A vistune checkpoint folder (e.g. the align output) whose projector starts this stage."
+        None, description="The name of an earlier stage of this run (e.g. `align`: its output_dir, overrides "
+        "included) or a vistune checkpoint folder, whose projector starts this stage."
     )
     data: DataConfig
     format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llava_v1, llama_2, "
@@ -186,7 +212,7 @@ class StageConfig(_Strict):
         None, gt=0, description="Compute the LM head and cross-entropy this many tokens at a time, never holding "
         "the full [tokens, vocab] logits (large vocabularies); None: the LLM's own loss."
     )
-    compile: bool = Field(False, description="torch.compile the LLM (pays off on long CUDA runs).")
+    compile: bool = Field(False, description="torch.compile each LLM decoder layer (not yet measured on a GPU to pay).")
     tf32: bool = Field(
         True, description="On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (LLaVA's --tf32 True); "
         "no effect elsewhere. false keeps full float32 precision."
@@ -194,8 +220,19 @@ class StageConfig(_Strict):
 
     seed: int = 42
     log_every: int = Field(1, gt=0)
-    tensorboard: bool = True
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers, through accelerate's tracker API as in the "
+        "HF Trainer: tensorboard (default, in OUTPUT_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, "
+        "dvclive, swanlab, trackio; [] or none for metrics.jsonl only."
+    )
+    val_every: int = Field(100, gt=0, description="Validation loss every N optimizer steps (and after the last), "
+                           "when the stage has a held-out set (data.val_path / data.val_fraction).")
     save_every: int | None = Field(None, gt=0, description="Write a resume checkpoint every N optimizer steps.")
+    save_every_minutes: float | None = Field(
+        30.0, gt=0, description="Also write a resume checkpoint when this many minutes passed since the last one, "
+        "bounding the work a crash can lose (None: only save_every). SIGTERM, SIGUSR1 and Ctrl-C always save "
+        "at the next step boundary."
+    )
     keep_checkpoints: int = Field(2, gt=0, description="Resume checkpoints kept (oldest deleted).")
     resume: bool = Field(True, description="Continue from the newest resume checkpoint in output_dir, if any.")
     stop_after_steps: int | None = Field(
@@ -204,7 +241,8 @@ class StageConfig(_Strict):
     )
     save_frozen: bool = Field(
         True, description="Copy frozen parts into the output folder (portable). False records their source path, "
-        "as LLaVA's projector-only stage-1 output does."
+        "as LLaVA's projector-only stage-1 output does. A LoRA LLM's base is never copied: the folder holds the "
+        "adapter and the base's path (`vistune merge-lora` makes a standalone folder)."
     )
 
     @field_validator("format")
@@ -213,6 +251,23 @@ class StageConfig(_Strict):
         from vistune.chat.formats import check_format_key
 
         return _registry_key(check_format_key, key)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tensorboard_key(cls, data: Any) -> Any:
+        """`tensorboard: false` (the spelling before `report_to`) still means no tracker."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            on = data.pop("tensorboard")
+            data.setdefault("report_to", ["tensorboard"] if on else [])
+        return data
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        from vistune.train.tracking import check_trackers
+
+        return _registry_key(check_trackers, value)
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
@@ -244,7 +299,19 @@ class RunConfig(_Strict):
     def _check(self) -> RunConfig:
         if not self.stages:
             raise ValueError("`stages` is empty: give at least one stage")
+        names = list(self.stages)
+        for i, (name, stage) in enumerate(self.stages.items()):
+            ref = stage.projector_from
+            if ref in self.stages and ref not in names[:i]:
+                raise ValueError(f"stages.{name}.projector_from names stage {ref!r}, which does not run before it; "
+                                 f"earlier stages: {names[:i] or 'none'}")
         return self
+
+    def resolved(self) -> RunConfig:
+        """A copy where `projector_from: <stage name>` is that stage's output_dir (the path overrides gave it)."""
+        stages = {name: stage.model_copy(update={"projector_from": self.stages[stage.projector_from].output_dir})
+                  if stage.projector_from in self.stages else stage for name, stage in self.stages.items()}
+        return self.model_copy(update={"stages": stages})
 
 
 def stage_image_preprocess(model: ModelConfig, stage: StageConfig) -> Literal["pad", "processor"]:
@@ -344,7 +411,8 @@ def _suggest(loc: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config, apply `key.path=value` overrides, validate. Paths stay as written."""
+    """Read a YAML run config, apply `key.path=value` overrides, validate, resolve stage references
+    (`projector_from: align`). Paths stay as written."""
     tree: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -364,6 +432,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    return cfg.resolved()  # `projector_from: <stage>` -> that stage's output_dir, after the overrides

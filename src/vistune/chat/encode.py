@@ -34,6 +34,7 @@ class Encoded:
     labels: list[int]
     n_images: int  # images whose tokens are in input_ids (fewer than given if truncation cut some)
     truncated: bool = False
+    supervised_cut: int = 0  # reply tokens lost to truncation
 
     @property
     def n_supervised(self) -> int:
@@ -187,4 +188,5 @@ class ChatEncoder:
             if start < cut < start + n:
                 cut = start
         kept = sum(1 for s, n in image_runs if s + n <= cut)
-        return Encoded(input_ids[:cut], labels[:cut], kept, truncated=True)
+        lost = sum(1 for x in labels[cut:] if x != IGNORE_INDEX)
+        return Encoded(input_ids[:cut], labels[:cut], kept, truncated=True, supervised_cut=lost)

@@ -174,8 +174,11 @@ def _save_trained_llm(llm: torch.nn.Module, folder: Path) -> None:
 
 
 def save_checkpoint(out: str | Path, bundle: Bundle, source_vision: VisionConfig, source_llm: LLMConfig,
-                    llm_mode: Literal["frozen", "full", "lora"], save_frozen: bool) -> Path:
-    """Write the checkpoint into `out` so that a crash midway never leaves a folder that looks complete."""
+                    llm_mode: Literal["frozen", "full", "lora"], save_frozen: bool,
+                    copy_lora_base: bool = True) -> Path:
+    """Write the checkpoint into `out` so that a crash midway never leaves a folder that looks complete.
+    `copy_lora_base=False`: a LoRA LLM is saved as its adapter alone, its base recorded by absolute path
+    (training's default: no copy of a 7B base per run; `vistune merge-lora` makes a standalone folder)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -199,7 +202,7 @@ def save_checkpoint(out: str | Path, bundle: Bundle, source_vision: VisionConfig
         _save_trained_llm(model.llm, tmp / "llm")  # safetensors
         llm = llm.model_copy(update={"path": "llm", "gguf_file": None})
     else:
-        if save_frozen:
+        if save_frozen and (llm_mode != "lora" or copy_lora_base):
             _copy_source(source_llm.path, source_llm.gguf_file, tmp / "llm")
             llm = llm.model_copy(update={"path": "llm"})
         if llm_mode == "lora":

@@ -108,12 +108,12 @@ def reset_engine() -> None:
 
 
 def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_size: int,
-                     max_grad_norm: float | None) -> Accelerator:
+                     max_grad_norm: float | None, **trackers: object) -> Accelerator:
     """An Accelerator for `engine`. The engine applies when the run was started by a launcher (torchrun,
     `accelerate launch`; one process or many); a plain `vistune train` runs one process without one, so a
     config written for 8 GPUs also runs on a laptop. DDP needs no `find_unused_parameters` (a graph walk
     every step): the model uses every trainable weight in every batch (`VisionLanguageModel.embed` sends
-    text-only batches through the projector too)."""
+    text-only batches through the projector too). `trackers`: `log_with`/`project_config` (tracking.py)."""
     mixed = "bf16" if precision == "bf16" else "no"
     cpu = not torch.cuda.is_available()
     launched = "WORLD_SIZE" in os.environ or process_state().num_processes > 1
@@ -122,12 +122,12 @@ def make_accelerator(engine: Engine, precision: str, accum: int, micro_batch_siz
     for flag in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         os.environ.pop(flag, None)
     if not launched or engine == "ddp":
-        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, **trackers)
     elif engine == "fsdp":
-        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin(mixed))
+        accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, fsdp_plugin=fsdp_plugin(mixed), **trackers)
     else:
         accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, deepspeed_plugin=deepspeed_plugin(
-            engine, accum, micro_batch_size, max_grad_norm, mixed))
+            engine, accum, micro_batch_size, max_grad_norm, mixed), **trackers)
     if launched:
         check_engine(engine, accelerator.distributed_type)
     return accelerator
@@ -182,6 +182,22 @@ def fsdp_unit_names(llm: object) -> list[str]:
     if out_emb is None or out_emb.weight is not base.get_input_embeddings().weight:
         units.append("Embedding")
     return units
+
+
+def compile_layers(llm: object) -> int:
+    """`torch.compile` each decoder layer in place (parameter names, hence checkpoints, stay as they are); returns
+    how many. Per layer, as torchtitan compiles under FSDP2: FSDP2's all-gather and reshard hooks run around each
+    layer (its unit), so a whole-decoder graph would break at every one of them; the layers share one compiled
+    graph. Whether compiling pays on a given GPU is measured by benchmarks/gpu_check.py; it is off by default."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.get_decoder().modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"compile: {type(base).__name__} lists no decoder layer class in _no_split_modules; "
+                          "set compile: false")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def deepspeed_plugin(engine: Engine, accum: int, micro_batch_size: int, max_grad_norm: float | None,

@@ -28,7 +28,8 @@ _ABOUT = "vistune.json"  # in engine/: the engine and process count that wrote i
 
 
 def save_engine_resume(accelerator: Accelerator, folder: Path, engine: str,
-                       scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int) -> Path:
+                       scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int,
+                       fingerprint: dict | None = None) -> Path:
     """Write a resume checkpoint under DeepSpeed. Every process must call this (each writes its partition)."""
     staging = folder / "checkpoints" / f".engine-step-{progress.step:06d}"  # one name on every process
     if accelerator.is_main_process:
@@ -40,7 +41,7 @@ def save_engine_resume(accelerator: Accelerator, folder: Path, engine: str,
     final = folder / "checkpoints" / f"step-{progress.step:06d}"
     if accelerator.is_main_process:
         (staging / _ABOUT).write_text(json.dumps({"engine": engine, "processes": accelerator.num_processes}))
-        final = save_resume(folder, None, scheduler, progress, keep, engine_dir=staging)
+        final = save_resume(folder, None, scheduler, progress, keep, engine_dir=staging, fingerprint=fingerprint)
     accelerator.wait_for_everyone()
     return final
 

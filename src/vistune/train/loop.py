@@ -8,10 +8,9 @@ overweight short samples.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
@@ -31,7 +30,7 @@ from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import ModelConfig, RunConfig, StageConfig, stage_image_preprocess
 from vistune.data.dataset import SupervisedDataset, collate
-from vistune.data.precheck import precheck
+from vistune.data.precheck import CountOnce
 from vistune.data.records import Problems, load_samples
 from vistune.data.rules import apply_rules
 from vistune.data.sampler import GroupedBatchSampler
@@ -43,6 +42,7 @@ from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
+    compile_layers,
     is_sharded,
     loader_workers,
     loss_scale,
@@ -53,20 +53,21 @@ from vistune.train.distributed import (
     wrap_policy_for,
 )
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
+from vistune.train.console import log
 from vistune.train.validate import check_run
 from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
+from vistune.train.provenance import data_identity, fingerprint, resume_checkpoints, write_run_files
+from vistune.train.signals import SaveClock, StopRequests, TrainingInterrupted
+from vistune.train.stage_data import build_validator, hint_bad_samples, precheck_stage, report_problems
 from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
+from vistune.train.tracking import Metrics, accelerator_kwargs
+from vistune.train.validation import split_validation
 
 
-def log(msg: str) -> None:
-    """Progress messages, from the first process only (once per run, not once per GPU)."""
-    if PartialState._shared_state and not PartialState().is_main_process:
-        return
-    tqdm.write(msg)
-
-
-def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
-    """Train the stages in order (or only those named); a stage whose output is complete is skipped."""
+def run(cfg: RunConfig, only: list[str] | None = None, allow_config_change: bool = False) -> dict[str, Path]:
+    """Train the stages in order (or only those named); a stage whose output is complete is skipped.
+    `allow_config_change`: resume even when the checkpoint was written under another config or data."""
+    cfg = cfg.resolved()  # `projector_from: align` -> align's output_dir
     state = process_state(cfg.collective_timeout_minutes)  # the processes join here, with the run's timeout
     # Every stage is checked before the first one starts: a stage-2 mistake must not wait for stage 1.
     check_run(cfg, state.num_processes, only)
@@ -74,20 +75,23 @@ def run(cfg: RunConfig, only: list[str] | None = None) -> dict[str, Path]:
     for name, stage in cfg.stages.items():
         if only and name not in only:
             continue
-        done = train_stage(cfg.model, stage, name)
+        done = train_stage(cfg.model, stage, name, allow_config_change)
         if done is None:  # stopped early (stop_after_steps): later stages need this one finished
             break
         outputs[name] = done
     return outputs
 
 
-def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage") -> Path | None:
-    """Train one stage; returns its output folder, or None when it stopped early to be resumed."""
+def train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str = "stage",
+                allow_config_change: bool = False) -> Path | None:
+    """Train one stage; returns its output folder, or None when it stopped early to be resumed (a signal
+    raises TrainingInterrupted after saving). `allow_config_change`: resume from a checkpoint written under
+    another config or data."""
     with tf32_matmuls(stage.tf32, torch.cuda.is_available()):
-        return _train_stage(model_cfg, stage, name)
+        return _train_stage(model_cfg, stage, name, allow_config_change)
 
 
-def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path | None:
+def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str, allow_config_change: bool) -> Path | None:
     out = Path(stage.output_dir)
     if (out / SPEC_FILE).is_file():
         log(f"[{name}] {out} already holds a finished model; skipping (delete it or change output_dir to retrain)")
@@ -110,12 +114,15 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path 
     llm_dtype = torch.bfloat16 if stage.precision == "bf16" and stage.parts.llm != "full" else torch.float32
 
     # Data first: a bad record must stop the run before minutes go into loading weights.
-    problems = Problems()
+    problems, truncated = CountOnce(), CountOnce()
     samples = load_samples(stage.data.path, stage.data.image_folder, stage.data.on_bad_sample == "skip", problems)
-    samples = apply_rules(samples, stage.data.image_placement)
+    samples, val_samples = split_validation(stage, samples, problems)
+    samples, val_samples = (apply_rules(part, stage.data.image_placement) for part in (samples, val_samples))
     accelerator = make_accelerator(stage.distributed, stage.precision, accum, stage.micro_batch_size,
-                                   stage.max_grad_norm)
+                                   stage.max_grad_norm, **accelerator_kwargs(stage.report_to, out))
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # resumes through its own state
+    run_fingerprint = fingerprint(model_cfg, stage, data_identity(stage.data.path, [s.id for s in samples]), world)
+    checkpoints = resume_checkpoints(out, stage, name, run_fingerprint, allow_config_change, accelerator)
 
     model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
     tokenizer = load_tokenizer(model_cfg.llm.path, model_cfg.llm.gguf_file)
@@ -125,7 +132,7 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path 
         log(f"[{name}] projector loaded from {stage.projector_from}")
     apply_parts(model, stage.parts, stage.lora, stage.gradient_checkpointing)
     if stage.compile:
-        model.llm.get_decoder().compile()  # in place: parameter names (and checkpoints) stay as they are
+        compile_layers(model.llm)
     log(f"[{name}] what trains:\n{describe(model)}")
 
     encoder = ChatEncoder(tokenizer, get_format(stage.format, stage.system_prompt), model.num_image_tokens,
@@ -133,10 +140,10 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path 
     lengths = None
     workers = loader_workers(stage.data.num_workers)
     if stage.data.precheck:
-        samples, lengths = precheck(samples, encoder, stage.data.on_bad_sample == "skip", problems,
-                                    workers, layout=model.layout)
+        samples, lengths = precheck_stage(stage, samples, encoder, model, problems, truncated)
     dataset = SupervisedDataset(samples, encoder, processor, stage_image_preprocess(model_cfg, stage),
                                 stage.data.on_bad_sample == "skip", lengths, layout=model.layout)
+    validator = build_validator(name, stage, val_samples, encoder, processor, model_cfg, model, problems, accelerator)
     if stage.data.packing:
         pack_length = stage.data.pack_length or stage.model_max_length
         epoch_batches = PackedBatchSampler(dataset.lengths(), pack_length, stage.micro_batch_size, stage.seed)
@@ -166,69 +173,78 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path 
                            flatten=stage.data.packing and model_cfg.llm.attn_implementation == "flash_attention_2")
 
     progress = Progress()
-    checkpoints = list_checkpoints(out) if stage.resume else []
     if checkpoints:
         check_resumable(checkpoints[-1], stage.distributed, deepspeed, world)
         progress = (load_engine_resume(accelerator, checkpoints[-1], scheduler) if deepspeed
                     else load_resume(checkpoints[-1], model, optimizer, scheduler))
         log(f"[{name}] resumed from {checkpoints[-1]} (step {progress.step}/{total_steps})")
-    problems.counts.update(progress.skipped)
+    problems.restore(progress.skipped, progress.skipped_seen)
     log(f"[{name}] {len(dataset)} samples, {batches_per_epoch} batches of {stage.micro_batch_size} per epoch, "
         f"{accum} per step on each of {world} processes, {total_steps} steps")
 
-    out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:  # step-N folders are rebuilt from it (vistune.train.step_model)
-        from vistune.train.step_model import write_stage_file
-
-        write_stage_file(out, model_cfg, stage, name)
-    metrics = _Metrics(out, stage, progress, accelerator.is_main_process)
+    if accelerator.is_main_process:  # config.yaml (step-N folders are rebuilt from it) and versions.json
+        write_run_files(out, model_cfg, stage, name)
+    metrics = Metrics(out, accelerator, name, stage.model_dump(mode="json"), progress.step, progress.tokens,
+                      stage.log_every)
     bar = tqdm(total=total_steps, initial=progress.step, desc=name, disable=not accelerator.is_main_process)
     model.train()
-    stopped_early = False
-    while progress.step < total_steps:
-        sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
-        batches = iter(loader)
+    stopped_early, stop_signal = False, None
+    with StopRequests() as requests:  # SIGTERM/SIGUSR1/Ctrl-C: save at the next step boundary
+        clock = SaveClock(stage.save_every, stage.save_every_minutes, stage.stop_after_steps, requests)
+        postfix: dict[str, str] = {}
         while progress.step < total_steps:
-            window = [b for _, b in zip(range(accum), batches)]
-            if not window:
+            sampler.set_epoch(progress.epoch, progress.batches_in_epoch)
+            batches = hint_bad_samples(iter(loader), bar)
+            while progress.step < total_steps:
+                window = [b for _, b in zip(range(accum), batches)]
+                if not window:
+                    break
+                loss, tokens, n_samples = _accumulate(model, window, run_opts, problems)
+                grad_norm = None
+                if stage.max_grad_norm:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batches_in_epoch += len(window) * world  # every process ran as many
+                progress.tokens += tokens
+                progress.skipped, progress.skipped_seen = dict(problems.counts), problems.seen_pairs()
+                val_loss = None
+                if validator and validator.due(progress.step, total_steps):
+                    val_loss = validator.loss(model, accelerator)
+                row = metrics.step(progress.step, progress.tokens, loss, scheduler.get_last_lr()[-1], grad_norm,
+                                   n_samples, val_loss)
+                bar.update(1)
+                postfix.update(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                               **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
+                bar.set_postfix(postfix)
+                save, stop_signal = clock.due(progress.step, partial(_reduce_sum, accelerator))
+                if save and progress.step < total_steps:
+                    if deepspeed:  # every process writes its partition
+                        save_engine_resume(accelerator, out, stage.distributed, scheduler, progress,
+                                           stage.keep_checkpoints, run_fingerprint)
+                    else:
+                        state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
+                        if accelerator.is_main_process:
+                            save_resume(out, state, scheduler, progress, stage.keep_checkpoints,
+                                        fingerprint=run_fingerprint)
+                        accelerator.wait_for_everyone()
+                    clock.saved()
+                at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
+                if (at_stop or stop_signal) and progress.step < total_steps:
+                    stopped_early = True
+                    break
+            if stopped_early:
                 break
-            loss, tokens, n_samples = _accumulate(model, window, run_opts, problems)
-            grad_norm = None
-            if stage.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batches_in_epoch += len(window) * world  # every process ran as many
-            progress.tokens += tokens
-            progress.skipped = dict(problems.counts)
-            row = metrics.step(progress, loss, scheduler.get_last_lr()[-1], grad_norm, n_samples)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
-            if ((stage.save_every and progress.step % stage.save_every == 0) or at_stop) and progress.step < total_steps:
-                if deepspeed:  # every process writes its partition
-                    save_engine_resume(accelerator, out, stage.distributed, scheduler, progress, stage.keep_checkpoints)
-                else:
-                    state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
-                    if accelerator.is_main_process:
-                        save_resume(out, state, scheduler, progress, stage.keep_checkpoints)
-                    accelerator.wait_for_everyone()
-            if at_stop and progress.step < total_steps:
-                stopped_early = True
-                break
-        if stopped_early:
-            break
-        if progress.step < total_steps:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+            if progress.step < total_steps:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
     bar.close()
     metrics.close()
-    _report(name, problems, out)
+    report_problems(name, problems, truncated, out)
     if stopped_early:
-        log(f"[{name}] stopped after step {progress.step} (stop_after_steps); run the same command again to resume")
-        return None
+        return _stopped(name, out, progress, stop_signal)
 
     unwrapped = accelerator.unwrap_model(model)
     spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
@@ -248,7 +264,8 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str) -> Path 
         unwrapped.llm.to(torch.bfloat16)
     if accelerator.is_main_process:
         bundle = Bundle(unwrapped, tokenizer, processor, spec)
-        save_checkpoint(out, bundle, spec.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen)
+        save_checkpoint(out, bundle, spec.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen,
+                        copy_lora_base=False)
         log(f"[{name}] saved {out}")
     accelerator.wait_for_everyone()
     return out
@@ -348,46 +365,6 @@ def _unsharded_copy(model_cfg: ModelConfig, stage: StageConfig, sharded: VisionL
     return model
 
 
-class _Metrics:
-    """Per-step numbers to metrics.jsonl and TensorBoard (main process only), and tokens/s."""
-
-    def __init__(self, out: Path, stage: StageConfig, progress: Progress, main_process: bool) -> None:
-        self.path = out / "metrics.jsonl"
-        self.every = stage.log_every
-        self.main = main_process
-        self.writer = None
-        if main_process:
-            # On resume, drop rows logged after the checkpoint: those steps are trained (and logged) again.
-            if self.path.is_file():
-                rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= progress.step]
-                self.path.write_text("".join(r + "\n" for r in rows))
-            if stage.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # slow import, only when wanted
-
-                self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        self.t_last, self.tokens_last = time.perf_counter(), progress.tokens
-
-    def step(self, progress: Progress, loss: float, lr: float, grad_norm: float | None, samples: int) -> dict:
-        now = time.perf_counter()
-        step_s = max(now - self.t_last, 1e-9)
-        tok_s = (progress.tokens - self.tokens_last) / step_s
-        self.t_last, self.tokens_last = now, progress.tokens
-        row = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm,
-               "samples": samples, "step_s": step_s}
-        if self.main and progress.step % self.every == 0:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.writer:
-                for key, value in row.items():
-                    if key != "step" and value is not None:
-                        self.writer.add_scalar(f"train/{key}", value, progress.step)
-        return row
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
 def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
                 progress: Progress) -> ModelSpec:
     # The saved model records the preprocessing its (last) stage trained with: inference must match it.
@@ -400,13 +377,20 @@ def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: Vi
         system_prompt=stage.system_prompt, model_max_length=stage.model_max_length,
         provenance={"stage": name, "steps": progress.step, "tokens": progress.tokens, "vistune": vistune.__version__,
                     "torch": torch.__version__, "parts": stage.parts.model_dump(),
-                    "hyperparameters": stage.model_dump(exclude={"data", "parts"})},
+                    "hyperparameters": stage.model_dump(exclude={"data", "parts"}), "data": stage.data.model_dump(),
+                    "config": "config.yaml", "versions": "versions.json"},
     )
 
 
-def _report(name: str, problems: Problems, out: Path) -> None:
-    log(f"[{name}] {problems.summary()}")
-    if problems.total:
-        out.mkdir(parents=True, exist_ok=True)
-        report = {"total": problems.total, "counts": problems.counts, "examples": problems.examples}
-        (out / "skipped.json").write_text(json.dumps(report, indent=2))
+def _reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(tensor.to(accelerator.device), "sum").cpu()
+
+
+def _stopped(name: str, out: Path, progress: Progress, signum: int | None) -> None:
+    """End of an invocation stopped before its last step: by stop_after_steps (returns) or a signal (raises)."""
+    where = f"saved {list_checkpoints(out)[-1]}; run the same command again to resume from step {progress.step}"
+    if signum is None:
+        log(f"[{name}] stopped after step {progress.step} (stop_after_steps); {where}")
+        return None
+    raise TrainingInterrupted(signum, f"[{name}] stopped by {signal.Signals(signum).name} at step {progress.step}: "
+                                      f"{where}")

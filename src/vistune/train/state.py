@@ -48,6 +48,7 @@ class Progress:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_seen: list[list[str]] = field(default_factory=list)  # [reason, message] of each record counted
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -75,9 +76,10 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, keep: int,
-                engine_dir: Path | None = None) -> Path:
-    """Write a checkpoint from `gather_state`'s result (main process only). Under DeepSpeed `state` is None and
-    `engine_dir` holds the engine's own state (engine_state.py), which is moved in as `ENGINE_DIR`."""
+                engine_dir: Path | None = None, fingerprint: dict | None = None) -> Path:
+    """Write a checkpoint from `gather_state`'s result (main process only), with the run's fingerprint
+    (provenance.py) beside it. Under DeepSpeed `state` is None and `engine_dir` holds the engine's own state
+    (engine_state.py), which is moved in as `ENGINE_DIR`."""
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
@@ -93,6 +95,8 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
     torch.save(rng, tmp / "rng.pt")
+    if fingerprint is not None:
+        (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
     state = asdict(progress)
     state["python_random"] = random.getstate()
     # progress.json last: its presence marks the checkpoint complete.
@@ -103,6 +107,17 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove `checkpoints/.tmp-*` (and DeepSpeed's `.engine-step-*` staging) left by a process killed while
+    saving (resume never reads them; they can hold a full copy of weights and optimizer state). Main process,
+    before this run saves anything."""
+    root = folder / "checkpoints"
+    stale = sorted([*root.glob(".tmp-*"), *root.glob(".engine-step-*")]) if root.is_dir() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
