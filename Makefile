@@ -17,6 +17,6 @@ test: install
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
 
-# The whole pipeline in miniature on a CPU (10 to 12 minutes on 2 cores): report in runs/demo/report.md.
+# The whole pipeline in miniature on a CPU (time and numbers: README's demo section): report in runs/demo/report.md.
 demo: install
 	$(PYTHON) -m vistune.cli demo --out runs/demo

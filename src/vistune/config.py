@@ -180,7 +180,7 @@ class StageConfig(_Strict):
     )
     data: DataConfig
     format: str = Field("vicuna_v1", description="Conversation format: plain, vicuna_v1, llava_v1, llama_2, "
-                        "chat_template.")
+                        "chat_template, hf_processor (a converted llava-hf folder's own template).")
     system_prompt: str | None = Field(None, description="Overrides the format's default system prompt.")
     model_max_length: int = Field(2048, gt=0, description="Tokens per sample, image tokens included.")
     image_preprocess: Literal["pad", "processor"] | None = Field(
