@@ -32,6 +32,42 @@ _LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>vistune
 </form></body></html>"""
 
 
+
+class BodyTooLarge(Exception):
+    """A request body grew past its limit while it was being read."""
+
+
+async def read_body(receive: Callable[[], Awaitable[dict]], limit: int | None = None) -> bytes | None:
+    """The whole body of an ASGI http request, or None when the client disconnected first.
+
+    Raises BodyTooLarge as soon as more than `limit` bytes have arrived, so an oversized body is never held whole.
+    """
+    body, more = bytearray(), True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if limit is not None and len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+def replay_once(body: bytes, receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+    """An ASGI receive that hands an already-read body over once, then passes on what follows (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     """OpenAI's error shape."""
@@ -95,27 +131,15 @@ class Guard:
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await self._too_large(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await self._too_large(scope, receive, send)
+        try:
+            body = await read_body(receive, self.max_body)
+        except BodyTooLarge:
+            return await self._too_large(scope, receive, send)
+        if body is None:  # the client went away
+            return
         if login:
-            return await self._login(scope, bytes(body))(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # after the body: disconnect notices
-
-        await self.app(scope, replay, send)
+            return await self._login(scope, body)(scope, receive, send)
+        await self.app(scope, replay_once(body, receive), send)
 
     def _login(self, scope: dict, body: bytes) -> HTMLResponse | RedirectResponse:
         """GET: the form. POST key=...: a session cookie and off to the page, or the form again (401)."""

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from vistune.serve.guard import error_response
+from vistune.serve.guard import error_response, read_body, replay_once
 from vistune.serve.limits import IMAGE_FORMATS
 
 UI_DEFAULTS = {"temperature": 0.2, "top_p": 1.0, "max_tokens": 256}  # LLaVA's demo uses 0.2
@@ -168,30 +168,13 @@ class ImageUploadsOnly:
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or not self._is_upload(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        body, more = bytearray(), True  # already capped by the Guard in front of this
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-
-        async def replay() -> dict:
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        problem = await _upload_problem(Request(scope, replay))
+        body = await read_body(receive)  # already capped by the Guard in front of this
+        if body is None:  # the client went away
+            return
+        problem = await _upload_problem(Request(scope, replay_once(body, receive)))
         if problem is not None:
             return await error_response(400, problem, code="invalid_upload")(scope, receive, send)
-        sent = False
-
-        async def replay_once() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return await replay()
-            return await receive()
-
-        await self.app(scope, replay_once, send)
+        await self.app(scope, replay_once(body, receive), send)
 
 
 async def _upload_problem(request: Request) -> str | None:
