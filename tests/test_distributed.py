@@ -41,6 +41,16 @@ def test_shards_split_each_epoch_evenly(world: int) -> None:
     assert sorted(b for s in shards for b in s) == _Fixed(10).batches(1)[world * 2: kept]
 
 
+def _torchrun(processes: int, args: list[str], timeout: int, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` on this checkout's src/ (one thread per process), output captured."""
+    src = os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), *args], env=full_env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
 def _stage(dataset_dir: Path, out: Path, **kw) -> dict:
     base = {"parts": {"projector": "full", "llm": "full"}, "format": "chat_template",
             "data": {"path": str(dataset_dir / "train.json"), "image_folder": str(dataset_dir / "images")},
@@ -67,12 +77,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path, llama_dir: Pa
     model = {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}}
     cfg = {"model": model, "stages": {"ddp": _stage(dataset_dir, root / "ddp")}}
     (root / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "vistune.cli", "train", str(root / "run.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = _torchrun(2, ["-m", "vistune.cli", "train", str(root / "run.yaml")], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     one = load_config(data={"model": model, "stages": {"one": _stage(dataset_dir, root / "one")}})
     train_stage(one.model, one.stages["one"], "one")
@@ -110,13 +115,9 @@ def test_a_two_process_checkpoint_resumes_on_one(runs: dict, dataset_dir: Path, 
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-# Run under torchrun: records which files under a resume checkpoint each process opens (Python's `open`
-# audit event covers torch.load; safetensors opens files in Rust, so its `safe_open` is wrapped), then
-# runs `vistune train`.
-_RECORD_READS = """
-import json, os, sys
-import safetensors.torch
-
+# Records the files a process opens in `reads`: Python's `open` audit event covers torch.load; safetensors
+# opens files in Rust, so its `safe_open` is wrapped. Pasted at the top of the torchrun scripts below.
+_READ_RECORDER = """
 reads = []
 sys.addaudithook(lambda event, args: reads.append(str(args[0])) if event == "open" else None)
 _safe_open = safetensors.torch.safe_open
@@ -124,7 +125,16 @@ def _recording_safe_open(path, *args, **kwargs):
     reads.append(str(path))
     return _safe_open(path, *args, **kwargs)
 safetensors.torch.safe_open = _recording_safe_open
+"""
 
+
+# Run under torchrun: records which files under a resume checkpoint each process opens, then runs
+# `vistune train`.
+_RECORD_READS = """
+import json, os, sys
+import safetensors.torch
+
+""" + _READ_RECORDER + """
 from vistune.cli import main
 try:
     code = main(sys.argv[1:])
@@ -145,12 +155,8 @@ def test_two_processes_resume_with_one_reader(runs: dict, dataset_dir: Path, tmp
     (tmp_path / "record.py").write_text(_RECORD_READS)
     cfg = {"model": runs["model"], "stages": {"ddp": _stage(dataset_dir, out)}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "READS_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "record.py"), "train", str(tmp_path / "run.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = _torchrun(2, [str(tmp_path / "record.py"), "train", str(tmp_path / "run.yaml")], timeout=300,
+                     env={"READS_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reads = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert {"trainable.safetensors", "optimizer.pt"} <= set(reads[0]), reads
@@ -177,14 +183,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-reads = []
-sys.addaudithook(lambda event, args: reads.append(str(args[0])) if event == "open" else None)
-_safe_open = safetensors.torch.safe_open
-def _recording_safe_open(path, *args, **kwargs):
-    reads.append(str(path))
-    return _safe_open(path, *args, **kwargs)
-safetensors.torch.safe_open = _recording_safe_open
-from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
+""" + _READ_RECORDER + """from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
 
 dist.init_process_group("gloo")
 rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
@@ -247,11 +246,7 @@ def test_fsdp_resume_reads_on_rank_0_and_continues_exactly(tmp_path: Path) -> No
     resumes exactly (weights after 2 more steps equal the uninterrupted run's), and only rank 0 read the
     checkpoint's weights and optimizer state."""
     (tmp_path / "fsdp.py").write_text(_FSDP_RESUME)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "fsdp.py"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    proc = _torchrun(2, [str(tmp_path / "fsdp.py"), str(tmp_path / "out")], timeout=180)
     assert proc.returncode == 0, proc.stderr[-5000:]
     found = json.loads(proc.stdout.split("FOUND ", 1)[1].splitlines()[0])
     assert found["same"] and found["keys"] == 4, found
@@ -327,11 +322,7 @@ def test_fsdp_units_shard_the_model_and_train_like_it_unsharded(tmp_path: Path, 
     cfg = {"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)}}, "stages": {"s": stage}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "units.py").write_text(_FSDP_UNITS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "units.py"), str(tmp_path / "run.yaml")],
-                          env=env, capture_output=True, text=True, timeout=180, check=False)
+    proc = _torchrun(2, [str(tmp_path / "units.py"), str(tmp_path / "run.yaml")], timeout=180)
     assert proc.returncode == 0, proc.stderr[-5000:]
     found = json.loads(proc.stdout.split("FOUND ", 1)[1].splitlines()[0])
     assert found["units"] == ["FSDPEmbedding", "FSDPEmbedding", "FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer",
@@ -371,11 +362,7 @@ def test_one_process_launch_keeps_its_timeout_and_launched_engine(tmp_path: Path
            "stages": {"s": _stage(dataset_dir, out)}, "collective_timeout_minutes": 7}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "probe.py").write_text(_ONE_PROCESS_LAUNCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           str(tmp_path / "probe.py"), str(tmp_path / "run.yaml")],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = _torchrun(1, [str(tmp_path / "probe.py"), str(tmp_path / "run.yaml")], timeout=120)
     assert proc.returncode == 0, proc.stderr[-5000:]
     found = json.loads(proc.stdout.split("FOUND ", 1)[1])
     assert found == {"timeout_s": 7 * 60.0, "joined": "MULTI_CPU", "after_reset": "MULTI_CPU"}
