@@ -16,13 +16,16 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import BaseImageProcessor, PreTrainedTokenizerBase
 from transformers import get_scheduler
 
 import vistune
@@ -221,15 +224,7 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str, allow_co
                 bar.set_postfix(postfix)
                 save, stop_signal = clock.due(progress.step, partial(_reduce_sum, accelerator))
                 if save and progress.step < total_steps:
-                    if deepspeed:  # every process writes its partition
-                        save_engine_resume(accelerator, out, stage.distributed, scheduler, progress,
-                                           stage.keep_checkpoints, run_fingerprint)
-                    else:
-                        state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
-                        if accelerator.is_main_process:
-                            save_resume(out, state, scheduler, progress, stage.keep_checkpoints,
-                                        fingerprint=run_fingerprint)
-                        accelerator.wait_for_everyone()
+                    _save_resume_point(accelerator, model, optimizer, scheduler, stage, progress, run_fingerprint)
                     clock.saved()
                 at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
                 if (at_stop or stop_signal) and progress.step < total_steps:
@@ -246,6 +241,29 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str, allow_co
     if stopped_early:
         return _stopped(name, out, progress, stop_signal)
 
+    return _save_final(accelerator, model, model_cfg, stage, name, progress, tokenizer, processor)
+
+
+def _save_resume_point(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: LRScheduler, stage: StageConfig, progress: Progress,
+                       run_fingerprint: dict[str, Any]) -> None:
+    """Write a resume checkpoint under OUTPUT_DIR/checkpoints (DeepSpeed: every process writes its partition)."""
+    out = Path(stage.output_dir)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        save_engine_resume(accelerator, out, stage.distributed, scheduler, progress, stage.keep_checkpoints,
+                           run_fingerprint)
+        return
+    state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
+    if accelerator.is_main_process:
+        save_resume(out, state, scheduler, progress, stage.keep_checkpoints, fingerprint=run_fingerprint)
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator: Accelerator, model: torch.nn.Module, model_cfg: ModelConfig, stage: StageConfig,
+                name: str, progress: Progress, tokenizer: PreTrainedTokenizerBase,
+                processor: BaseImageProcessor) -> Path:
+    """Write the finished stage's model folder (on the main process; sharded weights are gathered first)."""
+    out = Path(stage.output_dir)
     unwrapped = accelerator.unwrap_model(model)
     spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
     if is_sharded(accelerator, unwrapped):
