@@ -16,19 +16,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import BaseImageProcessor, PreTrainedTokenizerBase
 from transformers import get_scheduler
 
-import vistune
 from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import ModelConfig, RunConfig, StageConfig, stage_image_preprocess
@@ -38,15 +33,13 @@ from vistune.data.records import Problems, load_samples
 from vistune.data.rules import apply_rules
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import ConfigError
-from vistune.model.checkpoint import SPEC_FILE, Bundle, ModelSpec, build_model, load_projector, save_checkpoint
-from vistune.model.vlm import VisionLanguageModel
+from vistune.model.checkpoint import SPEC_FILE, build_model, load_projector
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts, describe, param_groups
 from vistune.train.distributed import (
     ShardedBatchSampler,
     compile_layers,
-    is_sharded,
     loader_workers,
     loss_scale,
     make_accelerator,
@@ -58,11 +51,12 @@ from vistune.train.distributed import (
 from vistune.train.packing import PackedBatchSampler, collate_packed, flatten_rows
 from vistune.train.console import log
 from vistune.train.validate import check_run
-from vistune.train.engine_state import check_resumable, load_engine_resume, save_engine_resume
+from vistune.train.engine_state import check_resumable, load_engine_resume
 from vistune.train.provenance import data_identity, fingerprint, resume_checkpoints, write_run_files
 from vistune.train.signals import SaveClock, StopRequests, TrainingInterrupted
 from vistune.train.stage_data import build_validator, hint_bad_samples, precheck_stage, report_problems
-from vistune.train.state import Progress, gather_state, list_checkpoints, load_resume, save_resume
+from vistune.train.saving import save_final, save_resume_point
+from vistune.train.state import Progress, list_checkpoints, load_resume
 from vistune.train.tracking import Metrics, accelerator_kwargs
 from vistune.train.validation import split_validation
 
@@ -224,7 +218,7 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str, allow_co
                 bar.set_postfix(postfix)
                 save, stop_signal = clock.due(progress.step, partial(_reduce_sum, accelerator))
                 if save and progress.step < total_steps:
-                    _save_resume_point(accelerator, model, optimizer, scheduler, stage, progress, run_fingerprint)
+                    save_resume_point(accelerator, model, optimizer, scheduler, stage, progress, run_fingerprint)
                     clock.saved()
                 at_stop = stage.stop_after_steps is not None and progress.step >= stage.stop_after_steps
                 if (at_stop or stop_signal) and progress.step < total_steps:
@@ -241,52 +235,9 @@ def _train_stage(model_cfg: ModelConfig, stage: StageConfig, name: str, allow_co
     if stopped_early:
         return _stopped(name, out, progress, stop_signal)
 
-    return _save_final(accelerator, model, model_cfg, stage, name, progress, tokenizer, processor)
+    return save_final(accelerator, model, model_cfg, stage, name, progress, tokenizer, processor)
 
 
-def _save_resume_point(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler: LRScheduler, stage: StageConfig, progress: Progress,
-                       run_fingerprint: dict[str, Any]) -> None:
-    """Write a resume checkpoint under OUTPUT_DIR/checkpoints (DeepSpeed: every process writes its partition)."""
-    out = Path(stage.output_dir)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        save_engine_resume(accelerator, out, stage.distributed, scheduler, progress, stage.keep_checkpoints,
-                           run_fingerprint)
-        return
-    state = gather_state(model, optimizer)  # on every process: FSDP gathers shards
-    if accelerator.is_main_process:
-        save_resume(out, state, scheduler, progress, stage.keep_checkpoints, fingerprint=run_fingerprint)
-    accelerator.wait_for_everyone()
-
-
-def _save_final(accelerator: Accelerator, model: torch.nn.Module, model_cfg: ModelConfig, stage: StageConfig,
-                name: str, progress: Progress, tokenizer: PreTrainedTokenizerBase,
-                processor: BaseImageProcessor) -> Path:
-    """Write the finished stage's model folder (on the main process; sharded weights are gathered first)."""
-    out = Path(stage.output_dir)
-    unwrapped = accelerator.unwrap_model(model)
-    spec = _final_spec(model_cfg, stage, name, unwrapped, progress)
-    if is_sharded(accelerator, unwrapped):
-        # FSDP / ZeRO-3: the folder is written from the gathered full weights, on the main process.
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            full = accelerator.get_state_dict(model)  # ZeRO-3's 16-bit gather (rank 0)
-        else:
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return out
-        unwrapped = _unsharded_copy(model_cfg, stage, unwrapped, full)
-    if accelerator.is_main_process and stage.parts.llm == "full" and stage.precision == "bf16":
-        # A trained LLM is saved in the training dtype, as LLaVA does: half the bytes and the write time of its
-        # float32 master weights (13 GB instead of 27 GB at 7B). Training is over; nothing reads them after.
-        unwrapped.llm.to(torch.bfloat16)
-    if accelerator.is_main_process:
-        bundle = Bundle(unwrapped, tokenizer, processor, spec)
-        save_checkpoint(out, bundle, spec.vision, model_cfg.llm, stage.parts.llm, stage.save_frozen,
-                        copy_lora_base=False)
-        log(f"[{name}] saved {out}")
-    accelerator.wait_for_everyone()
-    return out
 
 
 @contextmanager
@@ -368,36 +319,6 @@ def _attended(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def _unsharded_copy(model_cfg: ModelConfig, stage: StageConfig, sharded: VisionLanguageModel,
-                    full: dict[str, torch.Tensor]) -> VisionLanguageModel:
-    """A plain model holding FSDP's gathered weights, for `save_checkpoint` (main process)."""
-    llm_dtype = next(p.dtype for p in sharded.llm.parameters())
-    if stage.precision == "bf16":  # built in the dtype it is saved in: half the host memory of float32
-        llm_dtype = torch.bfloat16
-    model = build_model(model_cfg.vision, model_cfg.llm, model_cfg.projector, torch.float32, llm_dtype)
-    apply_parts(model, stage.parts, stage.lora, False)
-    missing, unexpected = model.load_state_dict(full, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("vision.")]:
-        raise RuntimeError(f"gathered FSDP weights do not match the model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    return model
-
-
-def _final_spec(model_cfg: ModelConfig, stage: StageConfig, name: str, model: VisionLanguageModel,
-                progress: Progress) -> ModelSpec:
-    # The saved model records the preprocessing its (last) stage trained with: inference must match it.
-    vision = model_cfg.vision.model_copy(update={"image_preprocess": stage_image_preprocess(model_cfg, stage)})
-    return ModelSpec(
-        vision=vision, llm=model_cfg.llm, projector=model_cfg.projector,
-        vision_hidden_size=model.vision.hidden_size,
-        llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,
-        num_image_tokens=model.num_image_tokens, conversation_format=stage.format,
-        system_prompt=stage.system_prompt, model_max_length=stage.model_max_length,
-        provenance={"stage": name, "steps": progress.step, "tokens": progress.tokens, "vistune": vistune.__version__,
-                    "torch": torch.__version__, "parts": stage.parts.model_dump(),
-                    "hyperparameters": stage.model_dump(exclude={"data", "parts"}), "data": stage.data.model_dump(),
-                    "config": "config.yaml", "versions": "versions.json"},
-    )
 
 
 def _reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
