@@ -13,8 +13,10 @@ real ones (`_scratch`):
     run.yaml                                      the README's ```yaml block that starts `# run.yaml`
 
 A command is skipped by one of `SKIP_RULES` when it cannot run offline in seconds (it installs, needs
-real weights or a GPU, or serves until stopped); the rule's reason is the skip message. A command that no rule skips must be a `vistune` command with an
-entry in `EXPECTED_OUTPUT`, or the test fails: a new kind of README command needs a rule here.
+real weights or a GPU, or serves until stopped); the rule's reason is the skip message. A command that
+no rule skips must be a `vistune` command with an entry in `EXPECTED_OUTPUT`, or the test fails: a new
+kind of README command needs a rule here. Commands run in this process (`vistune.cli.main`), so the
+whole file takes seconds.
 
 Skipped or not, every `--flag` that a `vistune` command in README.md or docs/*.md uses (fenced bash
 blocks and inline code) must appear in that command's `--help`, so a renamed option fails here too.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import io
 import re
+import runpy
 import shlex
 import sys
 from pathlib import Path
@@ -39,10 +42,10 @@ LINKED = [README, *DOCS, ROOT / "benchmarks" / "README.md"]
 
 # (pattern matched against the command line, why it is not run here). The first match wins.
 SKIP_RULES: list[tuple[str, str]] = [
-    (r"^make\b", "make installs into this environment and `make test` is this suite (CI runs it); "
-                 "`make demo` takes about half an hour"),
-    (r"^vistune demo\b", "the demo takes a minute even at --size tiny; "
-                         "tests/test_demo.py::test_tiny_demo_runs_every_step runs it"),
+    (r"^make\b", ("make installs into this environment and `make test` is this suite (CI runs it); "
+                  "`make demo` takes about half an hour")),
+    (r"^vistune demo\b", ("the demo takes a minute even at --size tiny; "
+                          "tests/test_demo.py::test_tiny_demo_runs_every_step runs it")),
     (r"^vistune (serve|ui)\b", "a server runs until stopped; tests/test_serve*.py start it"),
     (r"^vistune train\b(?!.*--dry-run)", "trains at the size the config names: real checkpoints and GPUs"),
 ]
@@ -56,7 +59,7 @@ EXPECTED_OUTPUT: dict[str, str] = {
     "data": "⟦",
 }
 
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def _blocks(path: Path, lang: str) -> list[str]:
@@ -136,8 +139,10 @@ def test_readme_command_runs(command: str, _scratch: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("index", range(len(_blocks(README, "python"))))
 def test_readme_python_runs(index: int, _scratch: Path, monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
+    script = _scratch / f"readme_python_{index}.py"
+    script.write_text(_blocks(README, "python")[index])
     monkeypatch.chdir(_scratch)
-    exec(compile(_blocks(README, "python")[index], f"README.md python block {index}", "exec"), {})
+    runpy.run_path(str(script), run_name="__main__")
     assert capsys.readouterr().out.strip()
 
 
@@ -199,7 +204,7 @@ def _slug(heading: str) -> str:
 
 def _anchors(path: Path) -> set[str]:
     prose = _FENCE.sub("", path.read_text())
-    return {_slug(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
+    return {_slug(h) for h in re.findall(r"^#+ (.+)$", prose, re.MULTILINE)}
 
 
 @pytest.mark.parametrize("path", LINKED, ids=lambda p: str(p.relative_to(ROOT)))
