@@ -303,7 +303,7 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
 
     from vistune.chat.encode import ChatEncoder
     from vistune.chat.formats import get_format
-    from vistune.data.dataset import load_image
+    from vistune.images import load_image
     from vistune.data.records import Problems, load_samples
     from vistune.model.llm import load_tokenizer
     from vistune.model.vlm import IMAGE_TOKEN_ID

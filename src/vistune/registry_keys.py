@@ -36,7 +36,8 @@ def check_projector_key(key: str) -> str:
 
 
 def tracker_keys() -> list[str]:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # imported on use: accelerate imports torch
+    # Imported on use: accelerate imports torch, which reading a config does not need.
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     return sorted(LOGGER_TYPE_TO_CLASS)
 
