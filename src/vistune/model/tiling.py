@@ -30,7 +30,7 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from vistune.config import VisionConfig
 from vistune.errors import ConfigError
-from vistune.model.vision import VisionTower
+from vistune.model.vision import VisionTower, expand_to_square, preprocess_images
 
 ImageMode = Literal["single", "hd", "anyres"]
 # Image processor fields carried over from the encoder's processor to the anyres (LlavaNext) one.
@@ -187,8 +187,6 @@ class ImagePreprocessor:
         return self.layout.num_tokens(h, w)
 
     def __call__(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        from vistune.model.vision import expand_to_square, preprocess_images
-
         images = [im.convert("RGB") for im in images]
         sizes = torch.tensor([[im.size[1], im.size[0]] for im in images], dtype=torch.long)  # [N, 2] (H, W)
         if self.layout.mode == "single":
