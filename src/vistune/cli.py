@@ -79,7 +79,7 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int |
 
 def _open_images(paths: list[Path] | None) -> list:
     """The --image files, decoded now: a wrong path fails before the model loads, not at the first message."""
-    from vistune.data.dataset import load_image
+    from vistune.images import load_image
 
     images = []
     for path in paths or []:

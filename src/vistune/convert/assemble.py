@@ -52,8 +52,7 @@ def assemble(encoder: nn.Module, vision: VisionConfig, projector_key: str, proje
     projector = build_projector(projector_key, tower.hidden_size, embed_dim)
     dtype = next(llm.parameters()).dtype
     projector.to(dtype)
-    layout = ImageLayout.for_model(vision, encoder.config, tower.num_tokens)  # type: ignore[arg-type]
-    model = VisionLanguageModel(tower, projector, llm, layout).eval()
+    model = VisionLanguageModel(tower, projector, llm, ImageLayout.for_model(vision, tower)).eval()
     if model.image_newline is not None:
         model.image_newline.data = model.image_newline.data.to(dtype)
     # The projector's weights, and `image_newline` for anyres (the reader puts it in the same dict).

@@ -20,8 +20,9 @@ from PIL import Image
 from vistune.errors import DataError
 
 if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
+
     from vistune.eval.judge import Judge
-    from vistune.infer.engine import Engine
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
@@ -85,8 +86,10 @@ class Task:
         """Files for the benchmark's evaluation server, if it has one."""
         return []
 
-    def images(self, item: Item, engine: Engine) -> list:
-        """The images handed to the engine for `item` (encoded bytes decoded here, at batch time)."""
+    def images(self, item: Item, processor: BaseImageProcessor) -> list:
+        """The images handed to the engine for `item` (encoded bytes decoded here, at batch time).
+        `processor`, the model's image processor, is there for a task that draws images of its own in
+        the model's terms (the demo's blank images take its mean colour)."""
         return [decode_image(ref) for ref in item.images]
 
     def batch_group(self, item: Item) -> str | None:
