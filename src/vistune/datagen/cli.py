@@ -26,15 +26,16 @@ class Captions:
     limit: int | None = None  # first N images only
 
     def records(self, instances: Path | None = None) -> list:
+        """The source's records (the first --limit), from --jsonl or from --captions with --instances' boxes."""
         from vistune.datagen.sources import read_coco, read_jsonl
         from vistune.errors import DataError
 
-        if (self.captions is None) == (self.jsonl is None):
-            raise DataError("give either --captions (COCO, with optional --instances) or --jsonl")
-        if self.jsonl is not None:
+        if self.jsonl is not None and self.captions is None:
             records = read_jsonl(self.jsonl)
             return records[:self.limit] if self.limit is not None else records
-        return read_coco(self.captions, instances, self.limit)
+        if self.captions is not None and self.jsonl is None:
+            return read_coco(self.captions, instances, self.limit)
+        raise DataError("give either --captions (COCO, with optional --instances) or --jsonl")
 
 
 @dataclass(frozen=True)
