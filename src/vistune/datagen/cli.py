@@ -74,8 +74,7 @@ def datagen_instruct(out: Path, teacher: TeacherOptions, source: Captions = Capt
     """Instruction data (conversation, detail, complex) from captions and boxes by a teacher; resumable.
 
     Args:
-        out: output .jsonl; rejects go to OUT.rejects.jsonl; an existing OUT is resumed only when this command
-            wrote it
+        out: output .jsonl, rejects to OUT.rejects.jsonl; an existing OUT is resumed only if this command wrote it
         instances: COCO instances_*.json (boxes)
         kinds: comma-separated (default: all three)
         concurrency: requests in flight

@@ -23,18 +23,14 @@ def eval_tasks(tasks: Annotated[str | None, Positional, arg(metavar="TASKS")] = 
 
     Args:
         tasks: comma-separated task keys, e.g. pope,mme,scienceqa
-        data: folder with one subfolder per task (vqav2, gqa, pope, MME, ... as LLaVA's playground/data/eval), or
-            one task's folder
+        data: one subfolder per task (vqav2, gqa, pope, MME, ... as LLaVA's playground/data/eval), or one task's
         out: output folder: TASK/predictions.jsonl, metrics.json, results.md
-        model: model folder: vistune, a mid-run checkpoints/step-N, llava-hf, llava-next or original LLaVA (not
-            needed to rescore saved predictions)
+        model: model folder, as for vistune ask (not needed to rescore saved predictions)
         tasks_option: the same, as lmms-eval takes them
         batch_size: questions per generate call
         max_new_tokens: default per task (128 short answers, 1024 judged)
-        limit: first N items of each task, of each pass for tasks asked in several (demo: with the image, blind)
-            (smoke tests)
-        judge: openai:MODEL, for llava_bench, llava_bench_coco and mmvet; mmbench's option matcher; the scienceqa
-            ensembles' teacher
+        limit: first N items of each task, of each pass of a task asked twice (demo: with image, blind); smoke tests
+        judge: openai:MODEL: llava_bench(_coco) and mmvet's judge, mmbench's matcher, scienceqa ensembles' teacher
         judge_base_url: OpenAI-compatible endpoint (key: $OPENAI_API_KEY)
         judge_retries: retries per judge request on 429/5xx/timeouts
         option: task option TASK.KEY=VALUE, e.g. demo.per_type=100
