@@ -150,7 +150,10 @@ def datagen_mix(inputs: Annotated[tuple[str, ...], Positional, arg(metavar="FILE
         seed: the seed of the sampling and the shuffle
     """
     from vistune.datagen.mix import run_mix
+    from vistune.errors import DataError
 
+    if not inputs:  # tyro reads a variable-length positional as zero or more
+        raise DataError("name the sets to mix: FILE[:RATIO] ...")
     pairs = []
     for spec in inputs:
         path, sep, ratio = spec.rpartition(":")
