@@ -182,7 +182,7 @@ def info(model: ModelPath, parts: Parts = Parts()) -> None:
     from vistune.convert.api import load_any
     from vistune.convert.llava_hf import EXPORT_FILE
     from vistune.infer.load import check_model_folder
-    from vistune.train.parts import count
+    from vistune.train import describe_parts
 
     check_model_folder(model)
     bundle, detected = load_any(model, **parts.kwargs(), merge=False)
@@ -193,6 +193,7 @@ def info(model: ModelPath, parts: Parts = Parts()) -> None:
 
     def where(path: str) -> str:
         return path if Path(path).is_absolute() else f"{path}/ in the checkpoint"
+    total = {name: n for name, (_, n) in describe_parts(bundle.model).items()}
     adapter = spec.llm_adapter or ("in the source folder" if hasattr(bundle.model.llm, "peft_config") else None)
     rows = {
         "format": "vistune v1" if native else f"{detected.format} (read by vistune convert)",
@@ -204,11 +205,11 @@ def info(model: ModelPath, parts: Parts = Parts()) -> None:
         **_image_mode_row(bundle.model.layout),
         "image_preprocess": spec.vision.image_preprocess,
         "vision": f"{where(spec.vision.path)} (layer {spec.vision.select_layer}, {spec.vision.select_feature}), "
-                  f"{count(bundle.model.vision)[1]:,} parameters",
-        "projector": f"{spec.projector}, {count(bundle.model.projector)[1]:,} parameters",
+                  f"{total['vision']:,} parameters",
+        "projector": f"{spec.projector}, {total['projector']:,} parameters",
         "llm": f"{where(spec.llm.path)}{' (' + spec.llm.gguf_file + ')' if spec.llm.gguf_file else ''}"
                f"{' + LoRA adapter ' + adapter if adapter else ''}, "
-               f"{count(bundle.model.llm)[1]:,} parameters",
+               f"{total['llm']:,} parameters",
     }
     for key, value in rows.items():
         print(f"{key:<24}{value}")
