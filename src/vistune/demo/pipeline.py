@@ -5,7 +5,7 @@
              alignment set, the VQA set with LLaVA-1.5's response-format prompt, mixed
 3. parts     stand-ins for the pretrained CLIP and LLM, saved as HF folders; the LLM   demo.standins
              and its tokenizer learn the world's text, the teacher's replies included
-4. train     stage 1 (align) and stage 2 (finetune) from configs/demo/*.yaml           vistune.train
+4. train     stage 1 (align) and stage 2 (finetune) from demo/configs/*.yaml            vistune.train
 5. eval      held-out questions (two tiers) and brief descriptions, with the image     vistune.infer
              and blind
 6. report    report.json, report.md, loss_curves.png, examples.png                     demo.report
@@ -27,7 +27,8 @@ from pathlib import Path
 from vistune.errors import ConfigError
 from vistune.eval.tasks.base import SHORT_ANSWER
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "demo"
+#: The demo's run configs ship inside the package (package data), so an installed wheel finds them too.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_OUT = Path("runs/demo")
 LLMS = ("standin", "smollm2")
 DEMO_THREADS = 2  # torch threads for every run (see _fix_threads)
@@ -299,8 +300,8 @@ def run_demo(out: Path = DEFAULT_OUT, llm: str = "standin", seed: int = 0, size:
         sz = replace(sz, instruct_images=200, finetune_steps=300)
     config = config or CONFIG_DIR / f"{llm}.yaml"
     if not config.is_file():
-        raise ConfigError(f"demo config {config} not found (the demo's configs live in configs/demo/ of the "
-                          "vistune repository; pass --config)")
+        raise ConfigError(f"demo config {config} not found; pass --config FILE (the demo's own configs are "
+                          f"{CONFIG_DIR}/<llm>.yaml)")
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Run(Path(out), llm, seed, size, sz, config, facts={"size": size, "llm": llm, "seed": seed,
                                                               "settings": asdict(sz)})
