@@ -61,7 +61,7 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     "default": DemoSize(train_images=3000, val_images=200, test_images=400,
-                        clip_steps=400, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=3,
+                        clip_steps=500, clip_batch=128, lm_steps=300, instruct_images=600, vqa_max_turns=3,
                         align_steps=None, finetune_steps=None, eval_per_type=60, descriptions=200,
                         compare_train=300, compare_test=100),
     # The test suite's size: every step runs, nothing is expected to be learned.

@@ -24,7 +24,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 
 from vistune.chat.formats import chatml_template
-from vistune.demo.world import side_at
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, PreTrainedTokenizerBase
@@ -98,10 +97,7 @@ def load_pixels(image_folder: Path, file_names: list[str], image_size: int):  # 
 def box_regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> Regions:
     """Per image (in the order of `images`, COCO image records), each box of a COCO instances file as
     (the row-major indices of the patches whose centres it covers, or the patch at its centre, and
-    the caption "A <category name>.", with "on the left" / "on the right" when the box is clearly on
-    one side), for the CLIP stand-in's region-text loss. Naming the side teaches the tower's patch
-    tokens where each object is, as a real CLIP's tokens carry it; without it the demo's LLM answered
-    "left or right?" at chance (benchmarks/README.md)."""
+    the caption "A <category name>."), for the CLIP stand-in's region-text loss."""
     inst = json.loads(instances_file.read_text())
     categories = {c["id"]: c["name"] for c in inst["categories"]}
     size = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
@@ -117,9 +113,8 @@ def box_regions(instances_file: Path, images: list[dict], image_size: int, patch
         if not centres:
             centres = [(min(grid - 1, int((y0 + y1) / 2 // patch_size)), min(grid - 1, int((x0 + x1) / 2 // patch_size)))]
         name = categories[a["category_id"]]
-        where = side_at((x + bw / 2) / w)
-        text = f"{'An' if name[0] in 'aeiou' else 'A'} {name}{f' on the {where}' if where else ''}."
-        by_image.setdefault(a["image_id"], []).append(([r * grid + c for r, c in centres], text))
+        by_image.setdefault(a["image_id"], []).append(
+            ([r * grid + c for r, c in centres], f"{'An' if name[0] in 'aeiou' else 'A'} {name}."))
     return [by_image.get(im["id"], []) for im in images]
 
 

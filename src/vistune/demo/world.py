@@ -58,7 +58,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 BACKGROUNDS = ("plain", "gradient")
 #: Box side in pixels of a small / large object on a 64-px canvas: large enough that each object
 #: covers several of the CLIP stand-in's 8-px patches, so its shape is in its tokens.
-SIZES: dict[str, tuple[int, int]] = {"small": (16, 20), "large": (26, 32)}
+SIZES: dict[str, tuple[int, int]] = {"small": (18, 22), "large": (28, 34)}
 #: Objects per scene, drawn uniformly from this tuple: one object in two scenes of five, at most three.
 OBJECT_COUNTS: tuple[int, ...] = (1, 1, 2, 2, 3)
 
@@ -199,6 +199,9 @@ def captions(scene: Scene, rng: random.Random, n: int = 5, canvas: int = 64) -> 
     for o in scene.objects:
         groups.setdefault(o.category, []).append(o)
     ordered = sorted(groups.values(), key=lambda g: g[0].centre[0])  # left to right
+    # In the colour list's order (red, green, blue, yellow): an order the image tells, so a describer
+    # that has named the red objects moves on to the next colour instead of naming red again.
+    by_colour = sorted(groups.values(), key=lambda g: (list(COLOURS).index(g[0].colour), SHAPES.index(g[0].shape)))
     bg = {"plain": "a plain", "stripes": "a striped", "gradient": "a shaded", "speckles": "a speckled",
           "checks": "a checkered"}[scene.background]
     count = len(scene.objects)
@@ -206,7 +209,7 @@ def captions(scene: Scene, rng: random.Random, n: int = 5, canvas: int = 64) -> 
     where = side(lone, canvas) if lone else None
     templates = [
         lambda: f"{_join([_phrase(g, True) for g in ordered])} on {bg} background.",
-        lambda: f"A picture of {_join([_phrase(g, False) for g in rng.sample(ordered, len(ordered))])}.",
+        lambda: f"A picture of {_join([_phrase(g, False) for g in by_colour])}.",
         lambda: f"{NUMBER_WORDS[count].capitalize()} {'shape' if count == 1 else 'shapes'}: "
                 f"{_join([_phrase(g, False) for g in ordered])}.",
         lambda: f"From left to right: {_join([_phrase(g, False) for g in ordered])}.",
