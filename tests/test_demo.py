@@ -44,7 +44,7 @@ def test_scenes_are_deterministic_and_valid() -> None:
     assert render(a).tobytes() == render(b).tobytes()
     for i in range(200):
         scene = sample_scene(random.Random(i), i)
-        assert 1 <= len(scene.objects) <= 4
+        assert 1 <= len(scene.objects) <= 3
         for o in scene.objects:
             assert 0 <= o.box[0] < o.box[2] <= 64 and 0 <= o.box[1] < o.box[3] <= 64
 
@@ -185,7 +185,8 @@ def test_oracle_tokens_count_each_object_in_the_cell_of_its_box_centre(tmp_path:
 
 def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
     """The CLIP stand-in's region-text pairs: a box's patches are those whose centres it covers (row-major),
-    a box covering no patch centre gets the patch at its centre, and the caption is the category name."""
+    a box covering no patch centre gets the patch at its centre, and the caption is the category name
+    with the side of the image the box is clearly on (none near the middle)."""
     from vistune.demo.standins import box_regions as _regions
 
     instances = {"images": [{"id": 7, "file_name": "a.png", "width": 64, "height": 64},
@@ -194,13 +195,15 @@ def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
                                 {"id": 2, "name": "orange square", "supercategory": "square"}],
                  "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [27, 3, 24, 24]},
                                  {"id": 2, "image_id": 7, "category_id": 2, "bbox": [5, 57, 2, 2]},
-                                 {"id": 3, "image_id": 8, "category_id": 1, "bbox": [0, 0, 32, 32]}]}
+                                 {"id": 3, "image_id": 8, "category_id": 1, "bbox": [0, 0, 32, 32]},
+                                 {"id": 4, "image_id": 7, "category_id": 1, "bbox": [28, 40, 8, 8]}]}
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(instances))
     images = instances["images"] + [{"id": 9, "file_name": "c.png", "width": 64, "height": 64}]
     got = _regions(path, images, image_size=64, patch_size=8)
-    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle."), ([56], "An orange square.")]
-    assert got[1] == [([0, 1, 8, 9], "A red circle.")]  # a 128 px image's box, scaled to the encoder's 64 px
+    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle on the right."),
+                      ([56], "An orange square on the left."), ([43], "A red circle.")]
+    assert got[1] == [([0, 1, 8, 9], "A red circle on the left.")]  # a 128 px image's box, scaled to 64 px
     assert got[2] == []
 
 
@@ -303,3 +306,26 @@ def test_a_scenes_questions_come_in_no_fixed_order() -> None:
     type, and the model answered "right" to a size question asked first."""
     firsts = Counter(questions(sample_scene(random.Random(i), i), random.Random(i))[0][0] for i in range(200))
     assert len(firsts) >= 6 and max(firsts.values()) < 100
+
+
+def test_the_demo_configs_ship_in_the_wheel(tmp_path: Path) -> None:
+    """`vistune demo` finds its run configs inside the installed package, not in a source checkout's
+    configs/ folder: a wheel built from the sources holds them where `CONFIG_DIR` points."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from vistune.demo.pipeline import CONFIG_DIR, LLMS
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(tmp_path),
+                    "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("vistune-*.whl")
+    inside = CONFIG_DIR.relative_to(Path(__import__("vistune").__file__).parent).as_posix()
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert {f"vistune/{inside}/{llm}.yaml" for llm in LLMS} <= names
