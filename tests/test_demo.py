@@ -185,8 +185,7 @@ def test_oracle_tokens_count_each_object_in_the_cell_of_its_box_centre(tmp_path:
 
 def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
     """The CLIP stand-in's region-text pairs: a box's patches are those whose centres it covers (row-major),
-    a box covering no patch centre gets the patch at its centre, and the caption is the category name
-    with the side of the image the box is clearly on (none near the middle)."""
+    a box covering no patch centre gets the patch at its centre, and the caption is the category name."""
     from vistune.demo.standins import box_regions as _regions
 
     instances = {"images": [{"id": 7, "file_name": "a.png", "width": 64, "height": 64},
@@ -201,9 +200,9 @@ def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
     path.write_text(json.dumps(instances))
     images = instances["images"] + [{"id": 9, "file_name": "c.png", "width": 64, "height": 64}]
     got = _regions(path, images, image_size=64, patch_size=8)
-    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle on the right."),
-                      ([56], "An orange square on the left."), ([43], "A red circle.")]
-    assert got[1] == [([0, 1, 8, 9], "A red circle on the left.")]  # a 128 px image's box, scaled to 64 px
+    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle."), ([56], "An orange square."),
+                      ([43], "A red circle.")]
+    assert got[1] == [([0, 1, 8, 9], "A red circle.")]  # a 128 px image's box, scaled to the encoder's 64 px
     assert got[2] == []
 
 
@@ -234,7 +233,7 @@ def test_questions_are_drawn_evenly_over_each_types_answers(tmp_path: Path) -> N
     by_type: dict[str, Counter[str]] = {}
     for q in chosen:
         by_type.setdefault(q.type, Counter())[q.answer] += 1
-    assert by_type["count"] == Counter({"1": 3, "2": 3, "3": 3, "4": 3})
+    assert by_type["count"] == Counter({"1": 4, "2": 4, "3": 4})
     assert by_type["existence"] == Counter({"yes": 6, "no": 6})
     assert all(len(set(c.values())) == 1 for c in by_type.values())  # every answer equally often
 
@@ -329,3 +328,17 @@ def test_the_demo_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     assert {f"vistune/{inside}/{llm}.yaml" for llm in LLMS} <= names
+
+
+def test_stage1_summary_reads_the_trend_from_means_over_tenths() -> None:
+    """The report's stage-1 line: first step, step at a tenth, last tenth's mean, and the mean of each
+    tenth, from which it says in how many tenths the loss fell (hand-made curve: flat, then falling)."""
+    from vistune.demo.report import _loss_summary, _stage1_note
+
+    losses = [2.0] * 10 + [1.0] * 10 + [1.0 - 0.05 * k for k in range(1, 9) for _ in range(10)]  # 100 steps
+    s = _loss_summary(losses)
+    assert s["first"] == 2.0 and s["at_one_tenth"] == 2.0 and abs(s["last_tenth_mean"] - 0.6) < 1e-9
+    assert [round(m, 2) for m in s["tenth_means"]] == [2.0, 1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6]
+    assert "falls in 8 of the 8 tenths that follow" in _stage1_note(s)
+    flat = _loss_summary([1.0] * 50)
+    assert "falls in 0 of the 8" in _stage1_note(flat)

@@ -277,7 +277,7 @@ def demo(out: Path = Path("runs/demo"), llm: str = "standin", seed: int = 0, siz
         llm: standin (a small LLM trained on the world's text) or smollm2 (SmolLM2-135M-Instruct; much slower)
         seed: the seed of the world, the parts and the training
         size: default, or tiny (seconds; checks the pipeline, learns nothing)
-        config: run config (default configs/demo/<llm>.yaml)
+        config: run config (default: the one shipped with vistune, src/vistune/demo/configs/<llm>.yaml)
     """
     from vistune.demo.pipeline import run_demo
 
