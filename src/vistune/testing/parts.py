@@ -90,6 +90,31 @@ def build_spm_tokenizer(out: Path, vocab_size: int = 800) -> Path:
     """
     from transformers import PreTrainedTokenizerFast
 
+    tok = _llama_style_bpe(vocab_size)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        model_max_length=512,
+        padding_side="right",
+        # BOS comes from the TemplateProcessing in _llama_style_bpe, not from add_bos_token
+        # (transformers 5 neither saves nor reloads that flag; a loaded tokenizer reports
+        # add_bos_token=False even though it prepends <s>). Detect BOS by encoding, never by the attribute.
+    )
+    sample = "The red circle is left of the square."
+    round_trip = hf.decode(hf(sample).input_ids, skip_special_tokens=True)
+    if round_trip != sample:  # a broken decoder would silently corrupt every generation test
+        raise AssertionError(f"SPM tokenizer does not round-trip: {sample!r} -> {round_trip!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    return out
+
+
+def _llama_style_bpe(vocab_size: int) -> Tokenizer:
+    """The SPM stand-in's `tokenizers` model: BPE learned on `corpus()`, byte
+    tokens spliced in after the specials, Metaspace pre-tokenizer and decoder, `<s>` prepended."""
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
@@ -127,26 +152,7 @@ def build_spm_tokenizer(out: Path, vocab_size: int = 800) -> Path:
         pair="<s>:0 $A:0 <s>:1 $B:1",
         special_tokens=[("<s>", vocab["<s>"])],
     )
-
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<unk>",
-        model_max_length=512,
-        padding_side="right",
-        # BOS comes from the TemplateProcessing above, not from add_bos_token (transformers 5
-        # neither saves nor reloads that flag; a loaded tokenizer reports add_bos_token=False
-        # even though it prepends <s>). Detect BOS by encoding, never by the attribute.
-    )
-    sample = "The red circle is left of the square."
-    round_trip = hf.decode(hf(sample).input_ids, skip_special_tokens=True)
-    if round_trip != sample:  # a broken decoder would silently corrupt every generation test
-        raise AssertionError(f"SPM tokenizer does not round-trip: {sample!r} -> {round_trip!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out))
-    return out
+    return tok
 
 
 # --------------------------------------------------------------------------------------------------
