@@ -34,6 +34,7 @@ from PIL import Image
 
 from vistune.eval.metrics import exact_match
 from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, find
+from vistune.images import pad_colour
 
 if TYPE_CHECKING:
     from vistune.infer.engine import Engine
@@ -90,10 +91,9 @@ def prompt(question: Question) -> str:
 
 def blank_like(image: Path, engine: Engine) -> Image.Image:
     """A blank image of the same size in the image processor's mean colour (what padding uses)."""
-    mean = getattr(engine.bundle.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
     with Image.open(image) as im:
         size = im.size
-    return Image.new("RGB", size, tuple(round(m * 255) for m in mean))
+    return Image.new("RGB", size, pad_colour(engine.bundle.image_processor))
 
 
 def score_questions(questions: Sequence[Question], predictions: Sequence[str]) -> dict:
