@@ -10,7 +10,6 @@ from the current folder, as `vistune train` read them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from vistune.config import ModelConfig, RunConfig, StageConfig, load_config
 from vistune.errors import CheckpointError, ConfigError
+from vistune.files import write_text
 from vistune.model.checkpoint import Bundle, ModelSpec, build_model, load_projector
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
@@ -38,10 +38,8 @@ def write_stage_file(output_dir: Path, model_cfg: ModelConfig, stage: StageConfi
     """This stage as a runnable config, every default written out, in OUTPUT_DIR (main process)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = RunConfig(model=model_cfg, stages={name: stage}).model_dump(mode="json")
-    tmp = output_dir / f".{CONFIG_FILE}.tmp"
     header = "# written by vistune train: this stage's resolved config\n"
-    tmp.write_text(header + yaml.safe_dump(resolved, sort_keys=False))
-    os.replace(tmp, output_dir / CONFIG_FILE)
+    write_text(output_dir / CONFIG_FILE, header + yaml.safe_dump(resolved, sort_keys=False))
 
 
 def is_step_checkpoint(folder: Path) -> bool:
