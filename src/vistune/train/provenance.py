@@ -26,11 +26,10 @@ from vistune.config import ModelConfig, StageConfig
 from vistune.errors import ConfigError
 from vistune.files import write_text
 from vistune.train.console import log
-from vistune.train.state import clean_stale_temps, list_checkpoints
+from vistune.train.state import FINGERPRINT_FILE, clean_stale_temps, list_checkpoints
 from vistune.train.step_model import write_stage_file
 
 VERSIONS_FILE = "versions.json"
-FINGERPRINT_FILE = "fingerprint.json"
 # Stage fields that do not change what is trained: how often to log/save/validate, where to report,
 # how many loader workers. output_dir is left out so that a checkpoint folder can be moved or copied.
 _NOT_SHAPING = {"output_dir", "resume", "stop_after_steps", "save_every", "save_every_minutes", "keep_checkpoints",
