@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import vistune
-from vistune.files import replacing, write_text
+from vistune.files import replacing, replacing_folder, write_text
 from vistune.images import pad_colour
 
 
@@ -34,6 +34,21 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path: P
         raise RuntimeError("killed mid-write")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.png"]
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    dst = tmp_path / "step-000002"
+    with replacing_folder(dst, prefix=".tmp-") as tmp:
+        assert tmp.name.startswith(".tmp-") and tmp.parent == tmp_path
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), replacing_folder(dst) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("killed mid-save")
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]
+    assert [p.name for p in dst.iterdir()] == ["a"]
+    with replacing_folder(dst) as tmp:
+        (tmp / "c").write_text("3")
+    assert [p.name for p in dst.iterdir()] == ["c"]
 
 
 def test_pad_colour_truncates_the_mean_as_llava_does() -> None:

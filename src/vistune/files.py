@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,4 +38,23 @@ def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     return Path(path)
 
 
-__all__ = ["replacing", "write_text"]
+@contextmanager
+def replacing_folder(path: str | Path, prefix: str | None = None) -> Iterator[Path]:
+    """A new temporary folder beside `path` for the block to fill; when the block ends without error it
+    replaces `path` (a folder there is removed first: between that and the rename, a crash leaves neither),
+    else it is removed. `prefix` names the temporary folder (default `.{name}.`), for a cleaner that
+    finds those a killed process left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["replacing", "replacing_folder", "write_text"]

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +47,7 @@ from vistune.config import LLMConfig, VisionConfig
 from vistune.convert.assemble import assemble, causal_lm_from_state
 from vistune.convert.templates import carry_processor_template, processor_chat_template
 from vistune.errors import CheckpointError
+from vistune.files import replacing_folder
 from vistune.images import carried_fields
 from vistune.model.checkpoint import Bundle
 from vistune.model.llm import load_tokenizer
@@ -200,20 +198,12 @@ def _generation_config(bundle: Bundle, tokenizer: PreTrainedTokenizerBase, image
 
 def _save_folder(dst: Path, hf: PreTrainedModel, processor: LlavaProcessor | LlavaNextProcessor,
                  export: dict[str, Any]) -> Path:
-    """Model, processor and `EXPORT_FILE` written to a hidden folder beside `dst`, which then becomes `dst`
-    (`dst` is absent or empty): the folder appears complete or not at all."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    """Model, processor and `EXPORT_FILE` written to `dst` (absent or empty) so that it appears complete or
+    not at all."""
+    with replacing_folder(dst) as tmp:
         hf.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
         (tmp / EXPORT_FILE).write_text(json.dumps(export, indent=2, default=str))
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -228,35 +218,9 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
     model_class = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
     hf = model_class.from_pretrained(str(src), dtype=dtype or "auto")
     config = hf.config
-    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
-        raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
-                              f"{config.multimodal_projector_bias}) has no vistune projector; only gelu with biases "
-                              f"({HF_PROJECTOR}) does")
-    if not isinstance(config.vision_feature_layer, int):
-        raise CheckpointError(f"{src}: vision_feature_layer {config.vision_feature_layer} concatenates several "
-                              "layers, which vistune's vision tower does not do")
     encoder = hf.model.vision_tower
-    has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in encoder.modules())
-    if config.vision_feature_select_strategy == "default":
-        if not has_cls:
-            raise CheckpointError(f"{src}: strategy 'default' drops the first token of an encoder without a CLS "
-                                  "token; vistune selects patches by what the encoder has")
-        feature = "patch"
-    else:
-        feature = "cls_patch" if has_cls else "patch"
-
-    n_text = int(export.get("text_vocab_size", config.text_config.vocab_size))
-    text_config = copy.deepcopy(config.text_config)
-    text_config.vocab_size = n_text
-    decoder = hf.model.language_model
-    state = {f"{_prefix(text_config)}.{k}": v for k, v in decoder.state_dict().items()}
-    embed_key = f"{_prefix(text_config)}.embed_tokens.weight"
-    state[embed_key] = state[embed_key][:n_text]
-    if not text_config.tie_word_embeddings:
-        state["lm_head.weight"] = hf.lm_head.weight.detach()[:n_text]
-    llm = causal_lm_from_state(text_config, state, str(src))
-    llm.generation_config = copy.deepcopy(hf.generation_config)
-    llm.generation_config.suppress_tokens = None
+    feature = _select_feature(src, config, encoder)
+    llm = _text_llm(hf, int(export.get("text_vocab_size", config.text_config.vocab_size)), src)
 
     processor = AutoImageProcessor.from_pretrained(str(src))
     preprocess = export.get("image_preprocess") or ("pad" if getattr(processor, "do_pad", False) else "processor")
@@ -280,9 +244,44 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
         encoder, vision, HF_PROJECTOR, {k: v.detach() for k, v in projector_state.items()}, llm,
         LLMConfig(path=str(src)), tokenizer, processor, fmt,
         system_prompt if system_prompt is not None else export.get("system_prompt"),
-        int(export.get("model_max_length") or getattr(text_config, "max_position_embeddings", 2048)),
+        int(export.get("model_max_length") or getattr(llm.config, "max_position_embeddings", 2048)),
         {"converted_from": str(src.resolve()), "source_format": "llava-next" if anyres else "llava-hf"}, src,
     )
+
+
+def _select_feature(src: Path, config: Any, encoder: nn.Module) -> str:
+    """vistune's `select_feature` for a llava-hf config, after checking its projector and feature layer map
+    onto vistune's."""
+    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
+        raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
+                              f"{config.multimodal_projector_bias}) has no vistune projector; only gelu with biases "
+                              f"({HF_PROJECTOR}) does")
+    if not isinstance(config.vision_feature_layer, int):
+        raise CheckpointError(f"{src}: vision_feature_layer {config.vision_feature_layer} concatenates several "
+                              "layers, which vistune's vision tower does not do")
+    has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in encoder.modules())
+    if config.vision_feature_select_strategy == "default":
+        if not has_cls:
+            raise CheckpointError(f"{src}: strategy 'default' drops the first token of an encoder without a CLS "
+                                  "token; vistune selects patches by what the encoder has")
+        return "patch"
+    return "cls_patch" if has_cls else "patch"
+
+
+def _text_llm(hf: PreTrainedModel, n_text: int, src: Path) -> PreTrainedModel:
+    """The causal LM inside a llava-hf model, cut back to its `n_text` text rows (the image row removed)."""
+    text_config = copy.deepcopy(hf.config.text_config)
+    text_config.vocab_size = n_text
+    decoder = hf.model.language_model
+    state = {f"{_prefix(text_config)}.{k}": v for k, v in decoder.state_dict().items()}
+    embed_key = f"{_prefix(text_config)}.embed_tokens.weight"
+    state[embed_key] = state[embed_key][:n_text]
+    if not text_config.tie_word_embeddings:
+        state["lm_head.weight"] = hf.lm_head.weight.detach()[:n_text]
+    llm = causal_lm_from_state(text_config, state, str(src))
+    llm.generation_config = copy.deepcopy(hf.generation_config)
+    llm.generation_config.suppress_tokens = None
+    return llm
 
 
 def _prompt_format(src: Path, tokenizer: PreTrainedTokenizerBase, conversation_format: str | None,

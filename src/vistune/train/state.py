@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from vistune.errors import CheckpointError
+from vistune.files import replacing_folder
 
 
 @dataclass
@@ -87,27 +87,24 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    if state is not None:
-        weights, optim_state = state
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save(optim_state, tmp / "optimizer.pt")
-    if engine_dir is not None:
-        os.replace(engine_dir, tmp / ENGINE_DIR)
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-    torch.save(rng, tmp / "rng.pt")
-    if fingerprint is not None:
-        (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
-    state = asdict(progress)
-    state["python_random"] = random.getstate()
-    # progress.json last: its presence marks the checkpoint complete.
-    (tmp / PROGRESS_FILE).write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with replacing_folder(final, prefix=".tmp-") as tmp:  # the prefix clean_stale_temps looks for
+        if state is not None:
+            weights, optim_state = state
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            torch.save(optim_state, tmp / "optimizer.pt")
+        if engine_dir is not None:
+            os.replace(engine_dir, tmp / ENGINE_DIR)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        torch.save(rng, tmp / "rng.pt")
+        if fingerprint is not None:
+            (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
+        state = asdict(progress)
+        state["python_random"] = random.getstate()
+        # progress.json last: its presence marks the checkpoint complete.
+        (tmp / PROGRESS_FILE).write_text(json.dumps(state))
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
