@@ -23,6 +23,7 @@ from typing import Any
 from vistune.datagen.outputs import claim_output
 from vistune.errors import DataError
 from vistune.files import write_text
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 OPTIONS = "ABCDE"  # build_prompt_chatbot's default option letters
 
@@ -107,7 +108,7 @@ def convert_scienceqa(root: Path, split: str = "train", prompt_format: str = "QC
                                                          {"from": "gpt", "value": text_out}]})
         else:
             records.append({"id": pid, "image": f"{pid}/{p['image']}",
-                            "conversations": [{"from": "human", "value": f"{text_in}\n<image>"},
+                            "conversations": [{"from": "human", "value": f"{text_in}\n{IMAGE_PLACEHOLDER}"},
                                               {"from": "gpt", "value": text_out}]})
     path = out or root / f"llava_{split}_{prompt_format}.json"
     claim_output(path, "scienceqa")  # LLaVA's own file of this name may sit there: never replace it
