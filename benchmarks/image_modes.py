@@ -10,7 +10,7 @@ Two parts:
    `anyres` with LLaVA-NeXT's pinpoints (336x672, 672x336, 672x672, 1008x336, 336x1008) for a few
    image sizes. These come from `ImageLayout.num_tokens`, which the test suite checks against
    transformers' LlavaNextProcessor.
-2. Measured on tiny parts (the test suite's builders, tests/fixtures.py): a 32 px CLIP with 8 px
+2. Measured on tiny parts (the test suite's builders, vistune.testing): a 32 px CLIP with 8 px
    patches (16 tokens per tile) and a 2-layer Llama; `hd` with a 2x2 grid; `anyres` with the default
    pinpoints, LLaVA-NeXT's set scaled to 32 px (1x2, 2x1, 2x2, 3x1, 1x3 tiles). Per mode: the tokens per
    image for a few sizes, then `--steps` optimizer steps of projector + LLM training (fp32, AdamW,
@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # fixtures.py: the test suite's builders of tiny parts
 
 MODES = ("single", "hd", "anyres")
 REAL_SIZES = [(336, 336), (640, 480), (480, 640), (1024, 768), (1000, 300), (1920, 1080)]  # (width, height)
@@ -138,7 +137,7 @@ def main() -> None:
 
     import torch
     import transformers
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
+    from vistune.testing import build_bpe_tokenizer, build_clip, build_dataset, build_llama
 
     import vistune
 

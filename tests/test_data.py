@@ -163,7 +163,7 @@ def _bomb_png(path: Path, width: int = 20000, height: int = 10000) -> Path:
 
 
 def test_image_over_the_bomb_limit_is_named_or_skipped(tmp_path: Path, clip_dir: Path, encoder: ChatEncoder) -> None:
-    from vistune.data.dataset import image_size
+    from vistune.images import image_size
 
     _bomb_png(tmp_path / "bomb.png")
     samples = load_samples(_write(tmp_path, [rec(id="bomb", image="bomb.png")]), tmp_path, False, Problems())

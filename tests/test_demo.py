@@ -3,7 +3,6 @@ pipeline (it checks that every step runs and writes its outputs, not the accurac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from collections import Counter
@@ -136,14 +135,14 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert ev["accuracy_with_image"] == report["accuracy_with_image"]
     assert ev["accuracy_blind"] == report["accuracy_blind"]
     assert ev["per_type"] == report["per_type"]
+    from benchmarks import demo_oracle as oracle, demo_probe as probe, demo_reading
+
     # benchmarks/demo_probe.py reads one token per object of the world's instances files.
-    probe = _benchmark("demo_probe")
     feats, shapes, colours = probe.object_features(out / "parts" / "clip", out / "world", "train", 1000, -2)
     objects = json.loads((out / "world" / "annotations" / "instances_train.json").read_text())["annotations"]
     assert feats.shape == (len(objects), 128) and len(shapes) == len(colours) == len(objects)
     assert 0.0 <= probe.probe(feats, shapes, feats, shapes) <= 1.0
     # benchmarks/demo_oracle.py trains the demo's LLM on ground-truth tokens of the same world.
-    oracle = _benchmark("demo_oracle")
     oracle.main(["--world", str(out / "world"), "--lm", str(out / "parts" / "lm"), "--task", "count", "--steps", "2",
                  "--batch-size", "4", "--eval-every", "1", "--eval-questions", "8", "--output", str(tmp_path / "oracle.json")])
     curve = json.loads((tmp_path / "oracle.json").read_text())["curve"]
@@ -153,27 +152,20 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
                  "--output", str(tmp_path / "oracle_after.json")])
     assert len(json.loads((tmp_path / "oracle_after.json").read_text())["curve"]) == 2
     # benchmarks/demo_reading.py trains a fresh LLM on text descriptions, with the demo's tokenizer.
-    _benchmark("demo_reading").main(["--tokenizer", str(out / "parts" / "tokenizer"), "--steps", "2", "--batch-size", "4",
-                                     "--hidden", "32", "--layers", "1", "--eval-every", "1",
-                                     "--output", str(tmp_path / "reading.json"), "--save", str(tmp_path / "reader")])
+    demo_reading.main(["--tokenizer", str(out / "parts" / "tokenizer"), "--steps", "2", "--batch-size", "4",
+                       "--hidden", "32", "--layers", "1", "--eval-every", "1",
+                       "--output", str(tmp_path / "reading.json"), "--save", str(tmp_path / "reader")])
     reading = json.loads((tmp_path / "reading.json").read_text())["curve"]
     assert [c["step"] for c in reading] == [1, 2]
     assert set(reading[0]["per_type"]) <= set(QUESTION_TYPES) and 0.0 <= reading[-1]["accuracy"] <= 1.0
     assert (tmp_path / "reader" / "config.json").is_file() and (tmp_path / "reader" / "tokenizer.json").is_file()
 
 
-def _benchmark(name: str):  # noqa: ANN202
-    """A script of benchmarks/ as a module."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def test_oracle_tokens_count_each_object_in_the_cell_of_its_box_centre(tmp_path: Path) -> None:
     """demo_oracle's ground-truth image tokens: per cell, the colours and shapes whose box centres fall
     there; the `total` question's answer is the scene's number of objects."""
-    oracle = _benchmark("demo_oracle")
+    from benchmarks import demo_oracle as oracle
+
     build_world(tmp_path, {"train": 6, "test": 2}, seed=0)
     inst = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
     tokens = oracle.oracle_tokens(tmp_path / "annotations" / "instances_train.json", grid=4)

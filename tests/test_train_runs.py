@@ -414,9 +414,8 @@ def test_projector_from_names_an_earlier_stage_and_follows_its_output_dir() -> N
 
 
 def test_the_cli_passes_allow_config_change() -> None:
-    from vistune.cli import _parser
+    from vistune.cli import parse
 
-    args, _ = _parser().parse_known_args(["train", "run.yaml", "stages.s.lr=1", "--allow-config-change"])
-    assert args.allow_config_change is True and args.overrides == ["stages.s.lr=1"]
-    args, _ = _parser().parse_known_args(["train", "run.yaml"])
-    assert args.allow_config_change is False
+    args = parse(["train", "run.yaml", "stages.s.lr=1", "--allow-config-change"]).keywords
+    assert args["allow_config_change"] is True and args["overrides"] == ("stages.s.lr=1",)
+    assert parse(["train", "run.yaml"]).keywords["allow_config_change"] is False

@@ -22,10 +22,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vistune.chat.encode import ChatEncoder
-from vistune.data.dataset import load_image, sample_image_tokens
+from vistune.data.dataset import sample_image_tokens
 from vistune.data.records import Problems, Sample
 from vistune.errors import DataError
 from vistune.files import write_text
+from vistune.images import load_image
 from vistune.model.tiling import ImageLayout
 
 _CHUNK = 2048

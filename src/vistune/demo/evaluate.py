@@ -58,7 +58,7 @@ def describe(engine: Engine, images: list[Path], instruction: str = DESCRIBE, bl
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         convs = [[{"role": "user", "content": f"<image>\n{instruction}"}] for _ in chunk]
-        pictures = [[blank_like(p, engine) if blind else p] for p in chunk]
+        pictures = [[blank_like(p, engine.bundle.image_processor) if blind else p] for p in chunk]
         out += engine.generate(convs, pictures, Sampling(max_new_tokens=max_new_tokens))
     return [r.strip() for r in out]
 

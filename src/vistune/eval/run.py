@@ -127,9 +127,10 @@ def generate_replies(engine: Engine, task: Task, items: Sequence[Item], batch_si
 
     sampling = Sampling(max_new_tokens=max_new_tokens or task.max_new_tokens)
     replies: list[str] = []
+    processor = engine.bundle.image_processor
     for chunk in tqdm(_batches(task, items, batch_size), desc=desc or task.name, leave=False):
         convs = [[{"role": "user", "content": "<image>\n" * len(it.images) + it.prompt}] for it in chunk]
-        out = engine.generate(convs, [task.images(it, engine) for it in chunk], sampling)
+        out = engine.generate(convs, [task.images(it, processor) for it in chunk], sampling)
         if on_batch is not None:
             on_batch(chunk, out)
         replies += out

@@ -28,8 +28,10 @@ from transformers import BaseImageProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
+from vistune.config import VisionConfig
 from vistune.errors import ConfigError
 from vistune.images import carried_fields, pad_colour
+from vistune.model.vision import VisionTower, expand_to_square, preprocess_images
 
 ImageMode = Literal["single", "hd", "anyres"]
 
@@ -81,12 +83,10 @@ class ImageLayout:
         return cls(mode, tile, side, tile_tokens, tuple(hd_grid), tuple(points))  # type: ignore[arg-type]
 
     @classmethod
-    def for_model(cls, vision: object, encoder_config: object, tile_tokens: int) -> ImageLayout:
-        """The layout of a model from its `VisionConfig` and its encoder's config."""
-        return cls.build(getattr(vision, "image_mode", "single"), int(encoder_config.image_size),  # type: ignore[attr-defined]
-                         int(encoder_config.patch_size), tile_tokens,  # type: ignore[attr-defined]
-                         tuple(getattr(vision, "hd_grid", (2, 2))),  # type: ignore[arg-type]
-                         getattr(vision, "image_grid_pinpoints", None), getattr(vision, "max_tiles", None))
+    def for_model(cls, vision: VisionConfig, tower: VisionTower) -> ImageLayout:
+        """The layout of a model from its vision config and its vision tower (the encoder's geometry)."""
+        return cls.build(vision.image_mode, tower.image_size, tower.patch_size, tower.num_tokens, vision.hd_grid,
+                         vision.image_grid_pinpoints, vision.max_tiles)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of tiles for an image of `height x width` (besides the global/base tile)."""
@@ -184,8 +184,6 @@ class ImagePreprocessor:
         return self.layout.num_tokens(h, w)
 
     def __call__(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        from vistune.model.vision import expand_to_square, preprocess_images
-
         images = [im.convert("RGB") for im in images]
         sizes = torch.tensor([[im.size[1], im.size[0]] for im in images], dtype=torch.long)  # [N, 2] (H, W)
         if self.layout.mode == "single":

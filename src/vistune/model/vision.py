@@ -74,6 +74,9 @@ class VisionTower(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.num_patches = image_grid(encoder.config)
+        # The encoder's input side and patch side in pixels (integers: image_grid checked them).
+        self.image_size: int = encoder.config.image_size
+        self.patch_size: int = encoder.config.patch_size
         n_layers = encoder.config.num_hidden_layers
         # hidden_states holds the embeddings then one entry per layer: n_layers + 1 in all
         if not -(n_layers + 1) <= select_layer <= n_layers:

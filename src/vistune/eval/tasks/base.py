@@ -27,8 +27,9 @@ from vistune.errors import DataError
 from vistune.files import write_text as write_text_atomic  # noqa: F401 (re-export)
 
 if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
+
     from vistune.eval.judge import Judge
-    from vistune.infer.engine import Engine
 
 ImageRef = Path | Image.Image | bytes  # a file, an image, or encoded bytes (base64-decoded TSV cells)
 
@@ -78,8 +79,10 @@ class Task:
         """Files for the benchmark's evaluation server, if it has one."""
         return []
 
-    def images(self, item: Item, engine: Engine) -> list:
-        """The images handed to the engine for `item` (encoded bytes decoded here, at batch time)."""
+    def images(self, item: Item, processor: BaseImageProcessor) -> list:
+        """The images handed to the engine for `item` (encoded bytes decoded here, at batch time).
+        `processor`, the model's image processor, is there for a task that draws images of its own in
+        the model's terms (the demo's blank images take its mean colour)."""
         return [decode_image(ref) for ref in item.images]
 
     def batch_group(self, item: Item) -> str | None:
