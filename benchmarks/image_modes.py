@@ -126,6 +126,8 @@ class ModeRun:
 
 
 def main() -> None:
+    from vistune.files import write_text
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per mode (after one warm-up)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -176,10 +178,7 @@ def main() -> None:
         sizes = ", ".join(f"{k}:{v}" for k, v in row["tokens_per_image"].items())
         print(f"  {mode:<7} {sizes:<48} {row['mean_image_tokens_per_sample']:>14} "
               f"{row['cpu_s_per_sample_median']['total']:>12.4f} {row['wall_s_per_sample_median']['total']:>13.4f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.output.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.output)
+    write_text(args.output, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

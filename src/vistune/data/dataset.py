@@ -14,6 +14,7 @@ from vistune.data.records import Sample
 from vistune.errors import DataError
 from vistune.images import image_size, load_image
 from vistune.model.tiling import ImageLayout, ImagePreprocessor
+from vistune.tokens import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def collate(items: list[dict[str, object] | Skipped], pad_token_id: int, padding
         return batch
     length = max(len(it["input_ids"]) for it in kept)  # type: ignore[arg-type]
     ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(kept), length), -100, dtype=torch.long)
+    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(kept), length), dtype=torch.long)
     for i, it in enumerate(kept):
         n = len(it["input_ids"])  # type: ignore[arg-type]

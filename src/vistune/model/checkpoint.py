@@ -74,13 +74,20 @@ class Bundle:
     spec: ModelSpec
 
 
+def compose(encoder: torch.nn.Module, vision: VisionConfig, lm: torch.nn.Module, projector: str) -> VisionLanguageModel:
+    """A model from loaded parts: `encoder` read as `vision` says, a freshly initialised `projector` (float32)
+    between it and `lm`, and the image layout the encoder and `vision` give. Every model is composed here:
+    `build_model` from source folders, `vistune.convert.assemble` from another format's weights."""
+    tower = VisionTower(encoder, vision.select_layer, vision.select_feature)
+    proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
+    return VisionLanguageModel(tower, proj, lm, ImageLayout.for_model(vision, tower))
+
+
 def build_model(vision: VisionConfig, llm: LLMConfig, projector: str, vision_dtype: torch.dtype = torch.float32,
                 llm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
     """A model from its parts' source folders; the projector is freshly initialised."""
-    tower = VisionTower(load_vision_encoder(vision.path, vision_dtype), vision.select_layer, vision.select_feature)
-    lm = load_llm(llm.path, llm.gguf_file, llm_dtype, llm.attn_implementation)
-    proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
-    return VisionLanguageModel(tower, proj, lm, ImageLayout.for_model(vision, tower))
+    return compose(load_vision_encoder(vision.path, vision_dtype), vision,
+                   load_llm(llm.path, llm.gguf_file, llm_dtype, llm.attn_implementation), projector)
 
 
 def load_projector(model: VisionLanguageModel, folder: str | Path, expected_key: str) -> None:

@@ -30,12 +30,10 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from vistune.config import VisionConfig
 from vistune.errors import ConfigError
+from vistune.images import carried_fields, pad_colour
 from vistune.model.vision import VisionTower, expand_to_square, preprocess_images
 
 ImageMode = Literal["single", "hd", "anyres"]
-# Image processor fields carried over from the encoder's processor to the anyres (LlavaNext) one.
-_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                     "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
 def default_pinpoints(tile: int) -> list[tuple[int, int]]:
@@ -165,8 +163,7 @@ def anyres_processor(source: BaseImageProcessor, layout: ImageLayout) -> BaseIma
         from transformers import LlavaNextImageProcessorPil as LlavaNextImageProcessor
     except ImportError:
         from transformers import LlavaNextImageProcessor
-    fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS and v is not None}
-    fields.setdefault("do_center_crop", False)  # an encoder processor without a crop (SigLIP) must not crop
+    fields = carried_fields(source)
     # LlavaNext takes its tile side from crop_size (default 224): give it the encoder's when there is none.
     fields.setdefault("crop_size", {"height": layout.tile, "width": layout.tile})
     return LlavaNextImageProcessor(**fields, image_grid_pinpoints=[list(p) for p in layout.pinpoints])
@@ -198,8 +195,7 @@ class ImagePreprocessor:
                 out = self.anyres(images=[im], return_tensors="pt", do_pad=False)["pixel_values"]
                 tiles.append(out[0] if isinstance(out, list) else out.reshape(-1, *out.shape[-3:]))
             return torch.cat([torch.as_tensor(t) for t in tiles]), sizes
-        mean = getattr(self.processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        background = tuple(int(m * 255) for m in mean)
+        background = pad_colour(self.processor)
         rows, cols = self.layout.hd_grid
         crops: list[Image.Image] = []
         for im in images:

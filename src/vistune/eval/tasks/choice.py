@@ -41,6 +41,7 @@ from vistune.eval.metrics import (
 )
 from vistune.eval.mmbench_judge import mmbench_judge_letter, mmbench_matcher_prompt
 from vistune.eval.tasks import parquet
+from vistune.files import replacing
 from vistune.eval.tasks.base import (
     LETTER_ANSWER,
     LETTER_ANSWER_CN,
@@ -283,11 +284,9 @@ class MMBench(Task):
             cells: list[object] = [int(index) if c == "index" else (r[c] if r[c] not in ("", "nan") else None)
                                    for c in columns]
             ws.append([*cells[:at], replies.get(str(index), ""), *cells[at:]])
-        out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}_submission.xlsx"
-        tmp = path.with_name(path.name + ".tmp")
-        wb.save(tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            wb.save(tmp)
         return [path]
 
 

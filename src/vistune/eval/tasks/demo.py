@@ -34,6 +34,7 @@ from PIL import Image
 
 from vistune.eval.metrics import exact_match
 from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, find
+from vistune.images import pad_colour
 
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor
@@ -90,10 +91,9 @@ def prompt(question: Question) -> str:
 
 def blank_like(image: Path, processor: BaseImageProcessor) -> Image.Image:
     """A blank image of the same size in the image processor's mean colour (what padding uses)."""
-    mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
     with Image.open(image) as im:
         size = im.size
-    return Image.new("RGB", size, tuple(round(m * 255) for m in mean))
+    return Image.new("RGB", size, pad_colour(processor))
 
 
 def score_questions(questions: Sequence[Question], predictions: Sequence[str]) -> dict:
