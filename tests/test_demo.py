@@ -25,7 +25,13 @@ from vistune.demo.world import (
     sample_scene,
 )
 from vistune.eval.metrics import exact_match, normalize_vqa_answer
-from vistune.eval.tasks.demo import Question, description_scores, objects_named, score_questions, select_questions
+from vistune.eval.tasks.demo import (
+    Question,
+    description_scores,
+    objects_named,
+    score_questions,
+    select_questions,
+)
 
 
 def test_normalize_answer_follows_vqa_processing() -> None:
@@ -135,7 +141,9 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert ev["accuracy_with_image"] == report["accuracy_with_image"]
     assert ev["accuracy_blind"] == report["accuracy_blind"]
     assert ev["per_type"] == report["per_type"]
-    from benchmarks import demo_oracle as oracle, demo_probe as probe, demo_reading
+    from benchmarks import demo_oracle as oracle
+    from benchmarks import demo_probe as probe
+    from benchmarks import demo_reading
 
     # benchmarks/demo_probe.py reads one token per object of the world's instances files.
     feats, shapes, colours = probe.object_features(out / "parts" / "clip", out / "world", "train", 1000, -2)
@@ -273,7 +281,8 @@ def test_blind_descriptions_use_blank_images_of_the_processors_mean(tmp_path: Pa
     assert describe(Engine(), [image, image], blind=True, batch_size=1) == ["A red circle."] * 2  # type: ignore[arg-type]
     assert len(seen) == 2
     blank = seen[0][0]
-    assert blank.size == (64, 64) and blank.getcolors() == [(64 * 64, (128, 64, 0))]
+    # The mean as LLaVA's expand2square pads: int(x * 255), truncated (127.5 -> 127, 63.75 -> 63).
+    assert blank.size == (64, 64) and blank.getcolors() == [(64 * 64, (127, 63, 0))]
     describe(Engine(), [image], blind=False)  # type: ignore[arg-type]
     assert seen[-1] == [image]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vistune.answer_formats import SHORT_ANSWER
 from vistune.eval.run import generate_replies
-from vistune.eval.tasks.base import SHORT_ANSWER
 from vistune.eval.tasks.demo import (
     DemoTask,
     Question,
@@ -24,11 +24,10 @@ from vistune.eval.tasks.demo import (
 )
 from vistune.infer.engine import Engine, Sampling
 
-SHORT_ANSWER_PROMPT = SHORT_ANSWER
 BATCH_SIZE = 32
 DESCRIBE = "Describe the image briefly."  # held out: stage 2's brief captions use other wordings
 
-__all__ = ["DESCRIBE", "SHORT_ANSWER_PROMPT", "Question", "ask_all", "blank_like", "describe", "evaluate",
+__all__ = ["DESCRIBE", "Question", "ask_all", "blank_like", "describe", "evaluate",
            "load_questions", "reading_request", "score", "true_objects"]
 
 
@@ -111,7 +110,7 @@ def evaluate(model: Path, world: Path, per_type: int, n_descriptions: int, seed:
 def reading_request(description: str, question: str) -> str:
     """The user turn asking a short-answer question about a description given as text: the shape of the
     stand-in LLM's reading examples (pretraining), of its reading check, and of benchmarks/demo_reading.py."""
-    return f"{description}\n{question}\n{SHORT_ANSWER_PROMPT}"
+    return f"{description}\n{question}\n{SHORT_ANSWER}"
 
 
 def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[str, list[str]],

@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from vistune.answer_formats import SHORT_ANSWER
 from vistune.errors import ConfigError
-from vistune.eval.tasks.base import SHORT_ANSWER
+from vistune.files import write_text
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 #: The demo's run configs ship inside the package (package data), so an installed wheel finds them too.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -81,18 +83,15 @@ def check_choice(key: str, value: str, valid: tuple[str, ...] | list[str]) -> No
 
 def _write_compare(compare: Path, captions: Path, out: Path) -> None:
     """The world's two-image questions as LLaVA records: `image` a list, one `<image>` per image in order."""
-    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
 
     names = {im["id"]: im["file_name"] for im in json.loads(captions.read_text())["images"]}
     lines = []
     for q in json.loads(compare.read_text())["questions"]:
-        human = "<image>\n" * len(q["image_ids"]) + f"{q['question']}\n{SHORT_ANSWER_PROMPT}"
+        human = f"{IMAGE_PLACEHOLDER}\n" * len(q["image_ids"]) + f"{q['question']}\n{SHORT_ANSWER}"
         lines.append(json.dumps({"id": f"compare_{q['question_id']}", "image": [names[i] for i in q["image_ids"]],
                                  "conversations": [{"from": "human", "value": human},
                                                    {"from": "gpt", "value": q["answer"]}]}))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(out)
+    write_text(out, "".join(line + "\n" for line in lines))
 
 
 def smollm2_gguf() -> Path:

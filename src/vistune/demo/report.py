@@ -5,7 +5,6 @@ and blind)."""
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from vistune.demo.evaluate import Question
+from vistune.files import replacing, write_text
 
 GRID = 8  # test images in examples.png and report.md
 
@@ -34,10 +34,9 @@ def _pyplot():  # noqa: ANN202
 
 
 def _save(fig: Any, out: Path) -> None:
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(out) as tmp:  # keeps the .png suffix, which savefig reads the format from
+        fig.savefig(tmp, dpi=110)
     _pyplot().close(fig)
-    os.replace(tmp, out)
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], out: Path) -> None:
@@ -93,9 +92,7 @@ def _cut(text: str, n: int) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _curves(out: Path) -> dict[str, list[tuple[int, float]]]:

@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vistune.files import write_text
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -315,9 +317,7 @@ def answer_type(answer: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    write_text(path, json.dumps(data))
 
 
 def write_split(scenes: list[Scene], root: Path, split: str, seed: int, canvas: int = 64,
