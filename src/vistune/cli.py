@@ -21,6 +21,7 @@ from vistune.datagen import cli as datagen_cli
 from vistune.errors import VistuneError
 from vistune.eval.cli import eval_tasks
 from vistune.serve.cli import serve, ui
+from vistune.tokens import IMAGE_PLACEHOLDER
 from vistune.train.signals import TrainingInterrupted
 
 if TYPE_CHECKING:  # the config (pydantic) loads inside the commands, keeping `vistune --help` instant
@@ -162,8 +163,8 @@ def chat(model: ModelPath, image: Images = (), generation: Generation = Generati
         if text == "/reset":
             history = []
             continue
-        if not history and images and "<image>" not in text:
-            text = "<image>" * len(images) + "\n" + text
+        if not history and images and IMAGE_PLACEHOLDER not in text:
+            text = IMAGE_PLACEHOLDER * len(images) + "\n" + text
         history.append(Message("user", text))
         print("assistant> ", end="", flush=True)
         pieces = []

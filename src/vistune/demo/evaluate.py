@@ -23,6 +23,7 @@ from vistune.eval.tasks.demo import (
     select_questions,
 )
 from vistune.infer.engine import Engine, Sampling
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 BATCH_SIZE = 32
 DESCRIBE = "Describe the image briefly."  # held out: stage 2's brief captions use other wordings
@@ -56,7 +57,7 @@ def describe(engine: Engine, images: list[Path], instruction: str = DESCRIBE, bl
     out: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        convs = [[{"role": "user", "content": f"<image>\n{instruction}"}] for _ in chunk]
+        convs = [[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{instruction}"}] for _ in chunk]
         pictures = [[blank_like(p, engine.bundle.image_processor) if blind else p] for p in chunk]
         out += engine.generate(convs, pictures, Sampling(max_new_tokens=max_new_tokens))
     return [r.strip() for r in out]

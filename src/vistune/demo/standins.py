@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 
 from vistune.chat.formats import chatml_template
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, PreTrainedTokenizerBase
@@ -43,7 +44,7 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 2048) -> Path
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    chat_words = ["system", "user", "assistant", SYSTEM_PROMPT, "<image>"]
+    chat_words = ["system", "user", "assistant", SYSTEM_PROMPT, IMAGE_PLACEHOLDER]
     tok.train_from_iterator(texts + chat_words * 100, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|pad|>", model_max_length=1024)

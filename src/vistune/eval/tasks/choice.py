@@ -41,7 +41,6 @@ from vistune.eval.metrics import (
 )
 from vistune.eval.mmbench_judge import mmbench_judge_letter, mmbench_matcher_prompt
 from vistune.eval.tasks import parquet
-from vistune.files import replacing
 from vistune.eval.tasks.base import (
     LETTER_ANSWER,
     LETTER_ANSWER_CN,
@@ -53,6 +52,8 @@ from vistune.eval.tasks.base import (
     read_json,
     with_line,
 )
+from vistune.files import replacing
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from vistune.eval.judge import Judge
@@ -96,7 +97,7 @@ class ScienceQA(Task):
             if not p.get("image"):
                 continue
             if pid in llava:
-                prompt = llava[pid]["conversations"][0]["value"].replace("<image>", "").strip()
+                prompt = llava[pid]["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
             else:
                 prompt = _sqa_prompt(p)
             items.append(_sqa_item(pid, prompt, root / "images" / "test" / pid / p["image"], p))
