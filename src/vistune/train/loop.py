@@ -16,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -24,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
+from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import ModelConfig, RunConfig, StageConfig, stage_image_preprocess
-from vistune.data.dataset import SupervisedDataset, collate
+from vistune.data.batch import Collated, collate
+from vistune.data.dataset import SupervisedDataset
 from vistune.data.precheck import CountOnce
 from vistune.data.records import Problems, load_samples
 from vistune.data.rules import apply_rules
@@ -266,20 +268,20 @@ class _RunOptions:
     flatten: bool  # packed rows as one row (flash-attn varlen)
 
 
-def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
+def _accumulate(model: torch.nn.Module, window: list[Collated], opts: _RunOptions,
                 problems: Problems) -> tuple[float, int, int]:
     """Forward/backward over one accumulation window (this process's part of it); returns the global
     batch's mean loss per supervised token, and the tokens attended (text + image, no padding) and the
     samples trained on, over all processes."""
     accelerator = opts.accelerator
     device = accelerator.device
-    live = [b for b in window if "input_ids" in b]
-    counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in live),
-                           sum(_attended(b) for b in live), sum(len(b["ids"]) for b in live)], device=device)
+    live = [c.batch for c in window if c.batch is not None]
+    counts = torch.tensor([sum(b.supervised_tokens() for b in live), sum(b.num_tokens for b in live),
+                           sum(len(b.ids) for b in live)], device=device)
     n_tokens, attended, n_samples = (int(x) for x in accelerator.reduce(counts, "sum"))  # same on every process
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for b in window:
-        for s in b["skipped"]:
+    for c in window:
+        for s in c.skipped:
             problems.add(s.reason, s.message)
     for i, b in enumerate(live):
         if opts.flatten:
@@ -289,20 +291,10 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
         set_window_end(accelerator, i == len(live) - 1)
         with sync, accelerator.autocast():
             # No KV cache in training; transformers also only reads packed position ids without one.
-            extra = {"use_cache": False}
-            if b.get("position_ids") is not None:
-                extra["position_ids"] = b["position_ids"].to(device)
-            for key, value in b.get("flash_kwargs", {}).items():  # packed rows' boundaries (flatten_rows)
-                extra[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+            extra: dict[str, Any] = {"use_cache": False}
             if opts.loss_chunk_size is not None:
                 extra["loss_chunk_size"] = opts.loss_chunk_size
-            loss = model(
-                input_ids=b["input_ids"].to(device),
-                attention_mask=None if b["attention_mask"] is None else b["attention_mask"].to(device),
-                pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
-                labels=b["labels"].to(device), num_items_in_batch=max(n_tokens, 1),
-                image_sizes=b.get("image_sizes"), **extra,
-            ).loss
+            loss = model(**b.to(device).model_inputs(), num_items_in_batch=max(n_tokens, 1), **extra).loss
             # Only the loss is kept: the output's logits ([B, T, vocab], 2 GB in bf16 at 16 x 2048 x 32K, plus
             # accelerate's float32 copy of them under bf16 on one GPU / DDP) are freed before backward, which
             # needs only what autograd saved.
@@ -311,14 +303,6 @@ def _accumulate(model: torch.nn.Module, window: list[dict], opts: _RunOptions,
                 accelerator.backward(loss * opts.loss_scale)
         total += loss.detach().double()
     return float(accelerator.reduce(total, "sum")), attended, n_samples
-
-
-def _attended(batch: dict) -> int:
-    if batch.get("num_tokens") is not None:  # packed
-        return int(batch["num_tokens"])
-    return int(batch["attention_mask"].sum())
-
-
 
 
 def _reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 import vistune
 from vistune.chat.encode import ChatEncoder
 from vistune.config import ModelConfig, StageConfig
+from vistune.data.batch import Collated
 from vistune.data.dataset import SupervisedDataset
 from vistune.data.precheck import CountOnce, apply_outcomes, check_samples, default_workers, shared_outcomes
 from vistune.data.records import Problems, Sample
@@ -77,7 +78,7 @@ def report_problems(name: str, problems: Problems, truncated: CountOnce, out: Pa
         (out / "truncated.json").write_text(json.dumps(report, indent=2))
 
 
-def hint_bad_samples(batches: Iterator[dict], bar: tqdm) -> Iterator[dict]:
+def hint_bad_samples(batches: Iterator[Collated], bar: tqdm) -> Iterator[Collated]:
     """The loader's batches; a bad sample it meets ends the progress bar first (the error gets its own
     line) and its error says how to skip such samples or find them before training."""
     try:
