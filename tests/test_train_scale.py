@@ -16,7 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vistune.config import load_config
-from vistune.data.batch import Example
+from vistune.data.batch import Example, collate
 from vistune.data.records import Problems
 from vistune.errors import CheckpointError
 from vistune.train.packing import collate_packed, flatten_rows
@@ -50,8 +50,7 @@ def test_logits_are_freed_before_backward(precision: str) -> None:
     model.register_forward_hook(lambda m, args, out: seen.update(logits=weakref.ref(out.logits)))
     model.head.weight.register_hook(lambda grad: seen.update(alive_in_backward=seen["logits"]() is not None))
     ids = torch.tensor([[1, 2, 3, 4]])
-    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "pixel_values": None,
-             "ids": ["a"], "skipped": []}
+    batch = collate([Example("a", ids[0], ids[0], None, None)], pad_token_id=0)
     loss, _, _ = _accumulate(model, [batch], _RunOptions(accelerator, 1.0, None, False), Problems())
     assert seen["alive_in_backward"] is False
     assert model.head.weight.grad is not None and loss > 0
