@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from vistune.tokens import IGNORE_INDEX
 from vistune.data.batch import Batch, Collated, Example, Skipped, concat, split_skipped
 from vistune.data.sampler import EpochBatchSampler
+from vistune.tokens import IGNORE_INDEX
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
