@@ -172,6 +172,7 @@ def _steps(model, llm_mode: str, rows: int, length: int, steps: int, chunk: int 
     import torch
 
     from vistune.config import LoraSettings, PartsConfig
+    from vistune.data.batch import Example, collate
     from vistune.data.records import Problems
     from vistune.model.vlm import IMAGE_TOKEN_ID
     from vistune.train.distributed import make_accelerator, reset_engine
@@ -189,8 +190,8 @@ def _steps(model, llm_mode: str, rows: int, length: int, steps: int, chunk: int 
     ids[:, 1: 1 + n_img] = IMAGE_TOKEN_ID
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "ids": list(range(rows)),
-             "pixel_values": torch.randn(rows, 3, size, size), "skipped": []}
+    pixels = torch.randn(rows, 3, size, size)
+    batch = collate([Example(str(i), ids[i], labels[i], pixels[i: i + 1], None) for i in range(rows)], 0)
     opts = _RunOptions(accelerator, 1.0, chunk, False)
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
     times = []

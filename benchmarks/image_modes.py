@@ -91,22 +91,22 @@ class ModeRun:
         self.image_tokens = 0
 
     def step(self, record: bool) -> None:
-        from vistune.data.dataset import collate
+        from vistune.data.batch import collate
 
         idx = [(self.next + k) % len(self.dataset) for k in range(self.micro)]
         self.next += self.micro
         c0, w0 = time.process_time(), time.perf_counter()
-        batch = collate([self.dataset[i] for i in idx], self.tokenizer.pad_token_id)
+        batch = collate([self.dataset[i] for i in idx], self.tokenizer.pad_token_id).batch
+        assert batch is not None  # the benchmark's data has no bad sample
         c1, w1 = time.process_time(), time.perf_counter()
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=batch["labels"])
+        out = self.model(**batch.model_inputs())
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
         c2, w2 = time.process_time(), time.perf_counter()
         if record:
             self.per_step.append((c1 - c0, w1 - w0, c2 - c1, w2 - w1))
-            self.image_tokens += int((batch["input_ids"] < 0).sum())
+            self.image_tokens += int((batch.input_ids < 0).sum())
 
     def summary(self) -> dict:
         import statistics

@@ -54,7 +54,7 @@ def _random_bundle(vision_dir: Path, llm_dir: Path, fmt: str = "chat_template", 
 
 
 def _inputs(engine: Engine, image: Image.Image) -> dict[str, torch.Tensor | None]:
-    return engine._batch([engine.prepare([Message("user", QUESTION)], [image])])
+    return engine.inputs([engine.prepare([Message("user", QUESTION)], [image])])
 
 
 def _logits(engine: Engine, batch: dict) -> torch.Tensor:

@@ -120,7 +120,7 @@ def _vistune(folder: Path, conv: list[Message], image: Image.Image, image_id: in
     """The same from vistune's engine on the converted folder (ids with HF's image token id in the slots)."""
     engine = Engine(load_checkpoint(folder))
     text = "".join(s.text for s in engine.encoder.format.render(conv, engine.tokenizer, True))
-    batch = engine._batch([engine.prepare(conv, [image])])
+    batch = engine.inputs([engine.prepare(conv, [image])])
     ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, image_id)[0].tolist()
     with torch.no_grad():
         logits = engine.model(**batch).logits[0]  # [L, V]

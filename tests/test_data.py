@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import get_format
-from vistune.data.dataset import Skipped, SupervisedDataset, collate
+from vistune.data.batch import Example, Skipped, collate
+from vistune.data.dataset import SupervisedDataset
 from vistune.data.records import Problems, load_samples, parse_record
 from vistune.data.sampler import GroupedBatchSampler
 from vistune.errors import DataError
@@ -97,14 +98,23 @@ def test_dataset_and_collate(dataset_dir: Path, clip_dir: Path, encoder: ChatEnc
     ds = SupervisedDataset(samples, encoder, load_image_processor(clip_dir), "pad", skip_bad=False)
     image_item = ds[0]
     text_item = ds[len(ds) - 1]
-    assert image_item["pixel_values"].shape == (1, 3, 32, 32) and text_item["pixel_values"] is None
-    batch = collate([image_item, text_item, Skipped("x", "r", "m")], pad_token_id=0)
-    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 32, 32)
-    assert [s.id for s in batch["skipped"]] == ["x"]
-    n = len(text_item["input_ids"])
-    assert batch["attention_mask"][1].sum() == n and (batch["labels"][1, n:] == -100).all()
-    left = collate([image_item, text_item], pad_token_id=0, padding_side="left")
-    assert left["attention_mask"][1, -1] == 1 and left["attention_mask"][1, 0] == 0
+    assert isinstance(image_item, Example) and isinstance(text_item, Example)
+    assert image_item.pixel_values is not None and image_item.pixel_values.shape == (1, 3, 32, 32)
+    assert text_item.pixel_values is None
+    batch, skipped = collate([image_item, text_item, Skipped("x", "r", "m")], pad_token_id=0)
+    assert batch is not None and batch.ids == [image_item.id, text_item.id]
+    assert batch.input_ids.shape[0] == 2 and batch.pixel_values is not None
+    assert batch.pixel_values.shape == (1, 3, 32, 32)
+    assert [s.id for s in skipped] == ["x"]
+    n = len(text_item.input_ids)
+    assert batch.attention_mask is not None and batch.labels is not None
+    assert batch.attention_mask[1].sum() == n and (batch.labels[1, n:] == -100).all()
+    assert batch.num_tokens == len(image_item.input_ids) + n
+    left = collate([image_item, text_item], pad_token_id=0, padding_side="left").batch
+    assert left is not None and left.attention_mask is not None
+    assert left.attention_mask[1, -1] == 1 and left.attention_mask[1, 0] == 0
+    assert left.input_ids[1, -n:].tolist() == text_item.input_ids.tolist()  # the same padding as generation's
+    assert collate([Skipped("y", "r", "m")], pad_token_id=0).batch is None  # nothing left to train on
 
 
 def test_grouped_sampler_keeps_modalities_apart_and_is_deterministic() -> None:

@@ -195,7 +195,7 @@ def _check_parity(bundle: Bundle, hf: LlavaNextForConditionalGeneration, process
     """Same ids, tiles, image sizes and logits (< 1e-5) from vistune and transformers; returns the inputs."""
     pil = [_image(w, h, seed=i) for i, (w, h) in enumerate(images)]
     engine = Engine(bundle)
-    batch = engine._batch([engine.prepare([Message("user", "<image>\n" * len(pil) + "What colour is the shape?")],
+    batch = engine.inputs([engine.prepare([Message("user", "<image>\n" * len(pil) + "What colour is the shape?")],
                                           pil)])
     inputs = _hf_inputs(processor, pil, "What colour is the shape?")
     image_id = hf.config.image_token_id
@@ -290,7 +290,7 @@ def test_original_llava_next_folder(clip_dir: Path, llama_dir: Path, tmp_path: P
     image = _image(40, 20, seed=5)
     ours, theirs = Engine(native), Engine(converted)
     question = [Message("user", "<image>\nWhat colour is the shape?")]
-    batch = ours._batch([ours.prepare(question, [image])])
+    batch = ours.inputs([ours.prepare(question, [image])])
     with torch.no_grad():
         torch.testing.assert_close(theirs.model(**batch).logits, ours.model(**batch).logits, rtol=0, atol=1e-6)
     config["mm_patch_merge_type"] = "spatial"
@@ -318,7 +318,7 @@ def test_image_newline_trains_and_is_saved_with_the_projector(clip_dir: Path, ll
     before = model.image_newline.detach().clone()
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     engine = Engine(bundle)
-    batch = engine._batch([engine.prepare([Message("user", "<image>\nWhat colour is the shape?")],
+    batch = engine.inputs([engine.prepare([Message("user", "<image>\nWhat colour is the shape?")],
                                           [_image(40, 20, seed=1)])])
     model.train()
     model(**batch, labels=batch["input_ids"].clamp(min=0)).loss.backward()
@@ -338,6 +338,6 @@ def test_anyres_batch_of_prompts_equals_each_alone(anyres_pair: tuple) -> None:
                for sizes in ([SIZES[0]], [SIZES[3], SIZES[1]], [SIZES[2]])]
     assert len({len(p.input_ids) for p in prompts}) == 3
     with torch.no_grad():
-        together = engine.model(**engine._batch(prompts)).logits[:, -1]  # [3, V]
-        alone = torch.cat([engine.model(**engine._batch([p])).logits[:, -1] for p in prompts])  # [3, V]
+        together = engine.model(**engine.inputs(prompts)).logits[:, -1]  # [3, V]
+        alone = torch.cat([engine.model(**engine.inputs([p])).logits[:, -1] for p in prompts])  # [3, V]
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)

@@ -32,7 +32,7 @@ def image(dataset_dir: Path, i: int = 0) -> Path:
 def test_greedy_equals_stepwise_argmax(engine: Engine, dataset_dir: Path) -> None:
     """generate() with its KV cache picks exactly the argmax tokens of full forward passes."""
     conv = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
-    batch = engine._batch([engine.prepare(conv, [image(dataset_dir)])])
+    batch = engine.inputs([engine.prepare(conv, [image(dataset_dir)])])
     new = engine.model.generate(**batch, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
                                 eos_token_id=[], pad_token_id=engine.tokenizer.pad_token_id)[0].tolist()
     ids, mask = batch["input_ids"], batch["attention_mask"]

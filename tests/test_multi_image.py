@@ -78,8 +78,8 @@ def test_train_and_chat_with_two_images(mode: str, clip_dir: Path, llama_dir: Pa
     n_slots = sum(1 for t in prompt.input_ids if t < 0)
     assert prompt.image_sizes is not None
     assert n_slots == sum(bundle.model.layout.num_tokens(*hw) for hw in prompt.image_sizes.tolist())
-    batch = engine._batch([prompt])
-    swapped = engine._batch([engine.prepare(question, images[::-1])])
+    batch = engine.inputs([prompt])
+    swapped = engine.inputs([engine.prepare(question, images[::-1])])
     with torch.no_grad():
         a, b = engine.model(**batch).logits[0, -1], engine.model(**swapped).logits[0, -1]
     assert not torch.allclose(a, b)  # both images reach the model, in their order

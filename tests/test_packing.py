@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
 from vistune.chat.formats import get_format
 from vistune.config import LLMConfig, LoraSettings, PartsConfig, VisionConfig
-from vistune.data.dataset import SupervisedDataset, collate
+from vistune.data.batch import Batch, Example, collate
+from vistune.data.dataset import SupervisedDataset
 from vistune.data.records import Problems, load_samples
 from vistune.model.checkpoint import build_model
 from vistune.model.llm import load_tokenizer
@@ -58,35 +60,39 @@ def test_packed_sampler_covers_the_epoch_and_depends_only_on_seed_and_epoch() ->
     assert list(a) == b.batches(0)[3:]
 
 
-def _item(ids: list[int], labels: list[int], n_images: int) -> dict:
-    return {"id": str(ids[0]), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "pixel_values": torch.full((n_images, 3, 2, 2), float(ids[0])) if n_images else None}
+def _item(ids: list[int], labels: list[int], n_images: int) -> Example:
+    return Example(str(ids[0]), torch.tensor(ids), torch.tensor(labels),
+                   torch.full((n_images, 3, 2, 2), float(ids[0])) if n_images else None, None)
 
 
 def test_packed_layout() -> None:
     items = [_item([1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 3, 4], [-100, -100, -100, 3, 4], 1),
              _item([5, 6, 7], [5, 6, 7], 0),
              _item([8, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 9], [-100, -100, -100, 9], 1)]
-    b = collate_packed(items, pad_token_id=0, pack_length=9)
+    b, skipped = collate_packed(items, pad_token_id=0, pack_length=9)
+    assert b is not None and skipped == [] and b.ids == ["1", "5", "8"]
     # first-fit decreasing: [5 tokens, 4 tokens] fill row 0 exactly; the 3-token sample goes to row 1
-    assert b["input_ids"].tolist() == [[1, -200, -200, 3, 4, 8, -200, -200, 9], [5, 6, 7, 0, 0, 0, 0, 0, 0]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]]
+    assert b.input_ids.tolist() == [[1, -200, -200, 3, 4, 8, -200, -200, 9], [5, 6, 7, 0, 0, 0, 0, 0, 0]]
+    assert b.position_ids is not None and b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]]
     # each sample's first label is ignored: no token predicts across a boundary
-    assert b["labels"].tolist() == [[-100, -100, -100, 3, 4, -100, -100, -100, 9], [-100, 6, 7] + [-100] * 6]
-    assert b["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 8.0]  # images in row order
-    assert b["attention_mask"] is None and b["num_tokens"] == 12
+    assert b.labels is not None and b.labels.tolist() == [[-100, -100, -100, 3, 4, -100, -100, -100, 9], [-100, 6, 7] + [-100] * 6]
+    assert b.pixel_values is not None and b.pixel_values[:, 0, 0, 0].tolist() == [1.0, 8.0]  # images in row order
+    assert b.attention_mask is None and b.num_tokens == 12
     flat = flatten_rows(b)
-    assert flat["position_ids"].shape == (1, 18) and flat["input_ids"][0, 9:12].tolist() == [5, 6, 7]
+    assert flat.position_ids is not None and flat.position_ids.shape == (1, 18)
+    assert flat.input_ids[0, 9:12].tolist() == [5, 6, 7]
 
 
 @pytest.fixture(scope="module")
-def items(clip_dir: Path, llama_dir: Path, dataset_dir: Path) -> list[dict]:
+def items(clip_dir: Path, llama_dir: Path, dataset_dir: Path) -> list[Example]:
     """Encoded samples of the test data set: 12 with an image, 4 text-only."""
     tok = load_tokenizer(str(llama_dir))
     enc = ChatEncoder(tok, get_format("chat_template"), 16, 512)
     samples = load_samples(str(dataset_dir / "train.json"), str(dataset_dir / "images"), False, Problems())
     ds = SupervisedDataset(samples, enc, load_image_processor(str(clip_dir)), "pad", False)
-    return [ds[i] for i in range(len(ds))]
+    examples = [it for i in range(len(ds)) if isinstance(it := ds[i], Example)]
+    assert len(examples) == len(ds)  # none skipped
+    return examples
 
 
 def _model(clip_dir: Path, llama_dir: Path, attn: str = "sdpa"):
@@ -97,13 +103,13 @@ def _model(clip_dir: Path, llama_dir: Path, attn: str = "sdpa"):
     return model.train()
 
 
-def _loss_and_grads(model, batches: list[dict], n_items: int, **kw) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(model, batches: list[Batch], n_items: int, **kw) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()
     total = 0.0
     for b in batches:
         # use_cache=False as the training loop passes it: with a KV cache transformers ignores packed positions
-        extra = {} if b.get("position_ids") is None else {"position_ids": b["position_ids"], "use_cache": False}
-        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"],
+        extra = {} if b.position_ids is None else {"position_ids": b.position_ids, "use_cache": False}
+        out = model(b.input_ids, b.attention_mask, b.pixel_values, labels=b.labels,
                     num_items_in_batch=n_items, **extra, **kw)
         out.loss.backward()
         total += float(out.loss.detach())
@@ -111,22 +117,24 @@ def _loss_and_grads(model, batches: list[dict], n_items: int, **kw) -> tuple[flo
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_unpacked_loss_and_gradients(items: list[dict], clip_dir: Path, llama_dir: Path,
+def test_packed_equals_unpacked_loss_and_gradients(items: list[Example], clip_dir: Path, llama_dir: Path,
                                                      attn: str) -> None:
     """The same 8 samples (6 with an image, 2 text-only), padded one per row vs packed several per row."""
     chosen = items[:6] + items[12:14]
-    n_items = sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in chosen)
+    n_items = sum(int((it.labels[1:] != IGNORE_INDEX).sum()) for it in chosen)
     model = _model(clip_dir, llama_dir, attn)
-    padded = collate(chosen, pad_token_id=0)
+    padded = collate(chosen, pad_token_id=0).batch
+    assert padded is not None
     loss_ref, grads_ref = _loss_and_grads(model, [padded], n_items)
 
-    longest = max(len(it["input_ids"]) for it in chosen)
-    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest)
-    rows = packed["input_ids"].shape[0]
+    longest = max(len(it.input_ids) for it in chosen)
+    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest).batch
+    assert packed is not None and packed.position_ids is not None
+    rows = packed.input_ids.shape[0]
     assert rows < len(chosen)
     # some row holds an image sample and a text-only sample side by side
-    starts = packed["position_ids"] == 0
-    mixed = [r for r in range(rows) if (packed["input_ids"][r] == IMAGE_TOKEN_ID).any() and int(starts[r].sum()) >= 3]
+    starts = packed.position_ids == 0
+    mixed = [r for r in range(rows) if (packed.input_ids[r] == IMAGE_TOKEN_ID).any() and int(starts[r].sum()) >= 3]
     assert mixed, "no row mixes samples"
     loss_packed, grads_packed = _loss_and_grads(model, [packed], n_items)
     assert loss_packed == pytest.approx(loss_ref, rel=1e-5)
@@ -140,23 +148,25 @@ def test_packed_equals_unpacked_loss_and_gradients(items: list[dict], clip_dir: 
     torch.testing.assert_close(grads_flat["projector.0.weight"], grads_ref["projector.0.weight"], rtol=1e-4, atol=1e-6)
 
 
-def test_packing_without_position_ids_would_leak(items: list[dict], clip_dir: Path, llama_dir: Path) -> None:
+def test_packing_without_position_ids_would_leak(items: list[Example], clip_dir: Path, llama_dir: Path) -> None:
     """The parity above is not vacuous: the same packed rows with plain causal attention give another loss."""
     chosen = items[:6] + items[12:14]
-    n_items = sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in chosen)
+    n_items = sum(int((it.labels[1:] != IGNORE_INDEX).sum()) for it in chosen)
     model = _model(clip_dir, llama_dir)
-    longest = max(len(it["input_ids"]) for it in chosen)
-    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest)
+    longest = max(len(it.input_ids) for it in chosen)
+    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest).batch
+    assert packed is not None
     right, _ = _loss_and_grads(model, [packed], n_items)
-    leaky = {**packed, "position_ids": None}
+    leaky = replace(packed, position_ids=None)
     wrong, _ = _loss_and_grads(model, [leaky], n_items)
     assert abs(right - wrong) > 1e-3
 
 
-def test_chunked_loss_equals_the_llms_loss_and_gradients(items: list[dict], clip_dir: Path, llama_dir: Path) -> None:
+def test_chunked_loss_equals_the_llms_loss_and_gradients(items: list[Example], clip_dir: Path, llama_dir: Path) -> None:
     chosen = items[:3] + items[12:13]
-    batch = collate(chosen, pad_token_id=0)
-    n_items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    batch = collate(chosen, pad_token_id=0).batch
+    assert batch is not None
+    n_items = batch.supervised_tokens()
     model = _model(clip_dir, llama_dir)
     loss_ref, grads_ref = _loss_and_grads(model, [batch], n_items)
     loss_chunked, grads_chunked = _loss_and_grads(model, [batch], n_items, loss_chunk_size=7)
@@ -253,26 +263,29 @@ def test_packed_equals_unpacked_with_anyres_and_two_image_samples(clip_dir: Path
     enc = ChatEncoder(load_tokenizer(str(llama_dir)), get_format("chat_template"), model.num_image_tokens, 2048)
     samples = load_samples(str(tmp_path / "d.json"), str(tmp_path), False, Problems())
     ds = SupervisedDataset(samples, enc, load_image_processor(str(clip_dir)), "pad", False, layout=model.layout)
-    chosen = [ds[i] for i in range(len(ds))]
-    counts = {int((it["input_ids"] == IMAGE_TOKEN_ID).sum()) for it in chosen if it["pixel_values"] is not None}
+    chosen = [it for i in range(len(ds)) if isinstance(it := ds[i], Example)]
+    assert len(chosen) == len(ds)  # none skipped
+    counts = {int((it.input_ids == IMAGE_TOKEN_ID).sum()) for it in chosen if it.pixel_values is not None}
     assert len(counts) > 2  # the images really take different numbers of tokens
-    n_items = sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in chosen)
+    n_items = sum(int((it.labels[1:] != IGNORE_INDEX).sum()) for it in chosen)
 
-    def run(batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-        return _loss_and_grads(model, [batch], n_items, image_sizes=batch["image_sizes"])
+    def run(batch: Batch | None) -> tuple[float, dict[str, torch.Tensor]]:
+        assert batch is not None
+        return _loss_and_grads(model, [batch], n_items, image_sizes=batch.image_sizes)
 
-    loss_ref, grads_ref = run(collate(chosen, pad_token_id=0))
-    longest = max(len(it["input_ids"]) for it in chosen)
-    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest)
-    assert packed["input_ids"].shape[0] < len(chosen)
-    assert packed["image_sizes"].shape[0] == sum(len(s.images) for s in samples)  # one (h, w) per image
+    loss_ref, grads_ref = run(collate(chosen, pad_token_id=0).batch)
+    longest = max(len(it.input_ids) for it in chosen)
+    packed = collate_packed(chosen, pad_token_id=0, pack_length=2 * longest).batch
+    assert packed is not None and packed.image_sizes is not None
+    assert packed.input_ids.shape[0] < len(chosen)
+    assert packed.image_sizes.shape[0] == sum(len(s.images) for s in samples)  # one (h, w) per image
     loss_packed, grads_packed = run(packed)
     assert loss_packed == pytest.approx(loss_ref, rel=1e-5)
     for name in grads_ref:
         torch.testing.assert_close(grads_packed[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
     # Not vacuous: the same sizes in another order lay the tiles out differently (the token totals still
     # match, being a permutation), and the projector's gradient moves well beyond the tolerance above.
-    _, grads_shuffled = run(dict(packed, image_sizes=packed["image_sizes"].roll(1, 0)))
+    _, grads_shuffled = run(replace(packed, image_sizes=packed.image_sizes.roll(1, 0)))
     with pytest.raises(AssertionError):
         torch.testing.assert_close(grads_shuffled["projector.0.weight"], grads_ref["projector.0.weight"],
                                    rtol=1e-4, atol=1e-6)

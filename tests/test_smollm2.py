@@ -204,7 +204,7 @@ def test_chat_template_with_an_image_reaches_smollm2(chat_engine: Engine, datase
     conv = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
     logits = []
     for i in (0, 1):
-        batch = chat_engine._batch([chat_engine.prepare(conv, [dataset_dir / "images" / f"img_{i}.png"])])
+        batch = chat_engine.inputs([chat_engine.prepare(conv, [dataset_dir / "images" / f"img_{i}.png"])])
         assert int((batch["input_ids"] == IMAGE_TOKEN_ID).sum()) == 16 and batch["pixel_values"].shape[0] == 1
         with torch.no_grad():
             logits.append(chat_engine.model(**batch).logits[0, -1])

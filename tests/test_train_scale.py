@@ -16,6 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vistune.config import load_config
+from vistune.data.batch import Example, collate
 from vistune.data.records import Problems
 from vistune.errors import CheckpointError
 from vistune.train.packing import collate_packed, flatten_rows
@@ -49,8 +50,7 @@ def test_logits_are_freed_before_backward(precision: str) -> None:
     model.register_forward_hook(lambda m, args, out: seen.update(logits=weakref.ref(out.logits)))
     model.head.weight.register_hook(lambda grad: seen.update(alive_in_backward=seen["logits"]() is not None))
     ids = torch.tensor([[1, 2, 3, 4]])
-    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "pixel_values": None,
-             "ids": ["a"], "skipped": []}
+    batch = collate([Example("a", ids[0], ids[0], None, None)], pad_token_id=0)
     loss, _, _ = _accumulate(model, [batch], _RunOptions(accelerator, 1.0, None, False), Problems())
     assert seen["alive_in_backward"] is False
     assert model.head.weight.grad is not None and loss > 0
@@ -76,13 +76,14 @@ def test_full_finetune_saves_the_llm_in_bf16(tmp_path: Path, clip_dir: Path, lla
 
 def test_flattened_rows_carry_their_boundaries() -> None:
     """Item 10 of issue 22: flash-attention's varlen boundaries, computed once per batch."""
-    def item(n: int) -> dict:
+    def item(n: int) -> Example:
         ids = torch.arange(1, n + 1)
-        return {"id": str(n), "input_ids": ids, "labels": ids, "pixel_values": None}
+        return Example(str(n), ids, ids, None, None)
 
-    b = flatten_rows(collate_packed([item(5), item(3), item(4)], pad_token_id=0, pack_length=9))
+    packed = collate_packed([item(5), item(3), item(4)], pad_token_id=0, pack_length=9).batch
+    assert packed is not None
     # rows [5 + 4 tokens] and [3 tokens + 6 padding]; the padding is a span of its own
-    kw = b["flash_kwargs"]
+    kw = flatten_rows(packed).flash_kwargs
     assert kw["cu_seq_lens_q"].tolist() == [0, 5, 9, 12, 18] and kw["cu_seq_lens_q"].dtype == torch.int32
     assert kw["cu_seq_lens_k"].tolist() == kw["cu_seq_lens_q"].tolist()
     assert (kw["max_length_q"], kw["max_length_k"]) == (6, 6) and isinstance(kw["max_length_q"], int)

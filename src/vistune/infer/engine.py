@@ -21,6 +21,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import IMAGE_PLACEHOLDER, Message, get_format
+from vistune.data.batch import Example, padded
 from vistune.errors import DataError
 from vistune.images import load_image
 from vistune.infer.rows import Completion, Row, RowSampler, RowTracker, Sampling
@@ -109,19 +110,11 @@ class Engine:
         pixels, sizes = self.images(pil) if pil else (None, None)
         return Prompt(enc.input_ids, pixels, sizes)
 
-    def _batch(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor | None]:
-        length = max(len(p.input_ids) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)  # [B, T]
-        for i, p in enumerate(prompts):
-            input_ids[i, length - len(p.input_ids):] = torch.tensor(p.input_ids)  # left padding
-            mask[i, length - len(p.input_ids):] = 1
-        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
-        sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
-        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
-                "pixel_values": torch.cat(pixels).to(self.device) if pixels else None,
-                "image_sizes": torch.cat(sizes) if sizes else None}
+    def inputs(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
+        """The model's keyword arguments for a batch of prompts (input_ids, attention_mask [B, T] left-padded,
+        pixel_values, image_sizes), on the model's device: for `generate` or a forward pass."""
+        examples = [Example("prompt", torch.tensor(p.input_ids), None, p.pixel_values, p.image_sizes) for p in prompts]
+        return padded(examples, self.tokenizer.pad_token_id, "left").to(self.device).model_inputs()
 
     def run(self, jobs: Sequence[Job]) -> list[Completion]:
         """Generate the replies of a batch of prepared jobs in one `generate` call, each with its own
@@ -140,7 +133,7 @@ class Engine:
         }
         if not all(j.sampling.greedy for j in jobs):
             kwargs["logits_processor"] = LogitsProcessorList([RowSampler([j.sampling for j in jobs], self.device)])
-        self.model.generate(**self._batch([j.prompt for j in jobs]), **kwargs)  # [B, new]
+        self.model.generate(**self.inputs([j.prompt for j in jobs]), **kwargs)  # [B, new]
         for row in rows:
             if row.finish_reason is None:  # generate stopped first (its own length cap)
                 tracker.finish(row, "length")

@@ -19,12 +19,13 @@ that nothing attends to.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import torch
 
-from vistune.chat.encode import IGNORE_INDEX
-from vistune.data.dataset import Skipped
+from vistune.data.batch import Batch, Collated, Example, Skipped, concat, split_skipped
 from vistune.data.sampler import EpochBatchSampler
+from vistune.tokens import IGNORE_INDEX
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -46,45 +47,38 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate_packed(batch_items: list[dict | Skipped], pad_token_id: int, pack_length: int) -> dict:
-    """Items from SupervisedDataset -> packed batch: input_ids, labels, position_ids [R, L]; pixel_values
+def collate_packed(items: list[Example | Skipped], pad_token_id: int, pack_length: int) -> Collated:
+    """Items from SupervisedDataset -> a packed batch: input_ids, labels, position_ids [R, L]; pixel_values
     [N, 3, H, W] in row order; attention_mask None. L is the longest row (at most `pack_length` unless one
-    sample alone is longer). `Skipped` items are passed on under "skipped" for counting, as `collate` does."""
-    skipped = [it for it in batch_items if isinstance(it, Skipped)]
-    items = [it for it in batch_items if not isinstance(it, Skipped)]
-    batch: dict = {"skipped": skipped, "ids": [it["id"] for it in items]}
-    if not items:
-        return batch
-    rows = first_fit([len(it["input_ids"]) for it in items], pack_length)
-    length = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+    sample alone is longer). `Skipped` items are passed on beside it for counting, as `collate` does."""
+    kept, skipped = split_skipped(items)
+    if not kept:
+        return Collated(None, skipped)
+    rows = [[kept[i] for i in row] for row in first_fit([len(e.input_ids) for e in kept], pack_length)]
+    length = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
-    pixels, sizes = [], []
     n_tokens = 0
     for r, row in enumerate(rows):
         at = 0
-        for i in row:
-            it = items[i]
-            n = len(it["input_ids"])
-            ids[r, at: at + n] = it["input_ids"]
-            labels[r, at: at + n] = it["labels"]
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, at: at + n] = e.input_ids
+            labels[r, at: at + n] = e.labels
             labels[r, at] = IGNORE_INDEX  # the previous sample's last token must not predict this one
             positions[r, at: at + n] = torch.arange(n)
-            if it["pixel_values"] is not None:
-                pixels.append(it["pixel_values"])
-            if it.get("image_sizes") is not None:  # hd / anyres: each image's size, in the same order
-                sizes.append(it["image_sizes"])
             at += n
         positions[r, at:] = torch.arange(length - at)  # the padded tail: a separate, unsupervised span
         n_tokens += at
-    batch.update(input_ids=ids, labels=labels, position_ids=positions, attention_mask=None,
-                 pixel_values=torch.cat(pixels) if pixels else None, num_tokens=n_tokens,
-                 image_sizes=torch.cat(sizes) if sizes else None)
-    return batch
+    in_order = [e for row in rows for e in row]  # images (and hd/anyres sizes) in row order
+    return Collated(Batch(ids=[e.id for e in kept], input_ids=ids, labels=labels, attention_mask=None,
+                          pixel_values=concat([e.pixel_values for e in in_order]),
+                          image_sizes=concat([e.image_sizes for e in in_order]), num_tokens=n_tokens,
+                          position_ids=positions), skipped)
 
 
-def flatten_rows(batch: dict) -> dict:
+def flatten_rows(batch: Batch) -> Batch:
     """[R, L] -> [1, R*L] for flash-attn varlen, which transformers only detects on a single row
     (boundaries are already marked by the position ids, padding included). The boundaries also go in as
     `flash_kwargs` (cu_seq_lens_q/k [S+1] int32, max_length_q/k as ints), computed once here by
@@ -92,13 +86,13 @@ def flatten_rows(batch: dict) -> dict:
     position ids in every layer, and a compiled model sees no data-dependent `.max()` there."""
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-    out = dict(batch)
-    for key in ("input_ids", "labels", "position_ids"):
-        out[key] = batch[key].reshape(1, -1)
-    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(out["position_ids"])
-    out["flash_kwargs"] = {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k,
-                           "max_length_q": int(max_q), "max_length_k": int(max_k)}
-    return out
+    if batch.labels is None or batch.position_ids is None:
+        raise ValueError("flatten_rows takes packed training batches (collate_packed)")
+    positions = batch.position_ids.reshape(1, -1)
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(positions)
+    return replace(batch, input_ids=batch.input_ids.reshape(1, -1), labels=batch.labels.reshape(1, -1),
+                   position_ids=positions, flash_kwargs={"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k,
+                                                         "max_length_q": int(max_q), "max_length_k": int(max_k)})
 
 
 class PackedBatchSampler(EpochBatchSampler):

@@ -1,5 +1,5 @@
-"""A stage's data around the loop: the shared precheck, the held-out set, bad-sample hints and the
-end-of-stage report of what was left out or cut."""
+"""A stage's data around the loop: the shared precheck, the loader, the held-out set, bad-sample hints and
+the end-of-stage report of what was left out or cut."""
 
 from __future__ import annotations
 
@@ -9,19 +9,24 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import vistune
 from vistune.chat.encode import ChatEncoder
 from vistune.config import ModelConfig, StageConfig
+from vistune.data.batch import Collated, collate
 from vistune.data.dataset import SupervisedDataset
 from vistune.data.precheck import CountOnce, apply_outcomes, check_samples, default_workers, shared_outcomes
 from vistune.data.records import Problems, Sample
+from vistune.data.sampler import EpochBatchSampler, GroupedBatchSampler
 from vistune.errors import DataError
 from vistune.model.vlm import VisionLanguageModel
 from vistune.train.console import log
-from vistune.train.distributed import process_state
+from vistune.train.distributed import ShardedBatchSampler, loader_workers, process_state
+from vistune.train.packing import PackedBatchSampler, collate_packed
 from vistune.train.validation import Validator
 
 
@@ -62,6 +67,29 @@ def build_validator(name: str, stage: StageConfig, samples: list[Sample], encode
                      accelerator.num_processes, stage.val_every, stage.loss_chunk_size)
 
 
+def training_loader(stage: StageConfig, dataset: SupervisedDataset, pad_token_id: int, accelerator: Accelerator
+                    ) -> tuple[DataLoader, ShardedBatchSampler]:
+    """This process's loader of micro-batches (padded or packed), and its sampler (set per epoch)."""
+    workers = loader_workers(stage.data.num_workers)
+    epoch_batches: EpochBatchSampler
+    if stage.data.packing:
+        pack_length = stage.data.pack_length or stage.model_max_length
+        epoch_batches = PackedBatchSampler(dataset.lengths(), pack_length, stage.micro_batch_size, stage.seed)
+        collate_fn = partial(collate_packed, pad_token_id=pad_token_id, pack_length=pack_length)
+    else:
+        epoch_batches = GroupedBatchSampler(dataset.lengths(), stage.micro_batch_size, stage.seed,
+                                            stage.data.group_by_modality_length)
+        collate_fn = partial(collate, pad_token_id=pad_token_id)
+    sampler = ShardedBatchSampler(epoch_batches, accelerator.process_index, accelerator.num_processes)
+    # The loader draws its worker seed from its own generator, not the global one, so that starting
+    # a new epoch iterator (as a resumed run does mid-epoch) leaves the global RNG stream untouched.
+    # Persistent workers keep their start-up cost to the first epoch; pinned memory speeds host->GPU copies.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                        generator=torch.Generator().manual_seed(stage.seed), persistent_workers=workers > 0,
+                        pin_memory=accelerator.device.type == "cuda")
+    return loader, sampler
+
+
 def report_problems(name: str, problems: Problems, truncated: CountOnce, out: Path) -> None:
     """The end-of-stage summary, with skipped.json and truncated.json (every truncated sample listed)."""
     log(f"[{name}] {problems.summary()}")
@@ -77,7 +105,7 @@ def report_problems(name: str, problems: Problems, truncated: CountOnce, out: Pa
         (out / "truncated.json").write_text(json.dumps(report, indent=2))
 
 
-def hint_bad_samples(batches: Iterator[dict], bar: tqdm) -> Iterator[dict]:
+def hint_bad_samples(batches: Iterator[Collated], bar: tqdm) -> Iterator[Collated]:
     """The loader's batches; a bad sample it meets ends the progress bar first (the error gets its own
     line) and its error says how to skip such samples or find them before training."""
     try:

@@ -1,4 +1,5 @@
-"""What a run logs: per-step numbers to OUTPUT_DIR/metrics.jsonl and to the trackers of `report_to`.
+"""What a run logs: per-step numbers to OUTPUT_DIR/metrics.jsonl, to the trackers of `report_to`, and to
+its progress bar.
 
 Trackers go through accelerate's tracker API (`Accelerator(log_with=...)`, `init_trackers`, `log`), as in
 the HF Trainer, so `report_to: [wandb]` or `[mlflow]` works wherever accelerate supports it. TensorBoard
@@ -16,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from vistune.errors import ConfigError
 
@@ -103,3 +106,24 @@ class Metrics:
     def close(self) -> None:
         if self.accelerator.trackers:
             self.accelerator.end_training()
+
+
+class Dashboard:
+    """A stage's per-step record (`Metrics`) and its progress bar (main process only), updated together."""
+
+    def __init__(self, metrics: Metrics, total_steps: int, initial_step: int, name: str, main: bool) -> None:
+        self.metrics = metrics
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=name, disable=not main)
+        self.postfix: dict[str, str] = {}
+
+    def step(self, step: int, tokens: int, loss: float, lr: float, grad_norm: float | None, samples: int,
+             val_loss: float | None) -> None:
+        row = self.metrics.step(step, tokens, loss, lr, grad_norm, samples, val_loss)
+        self.bar.update(1)
+        self.postfix.update(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
+        self.bar.set_postfix(self.postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()

@@ -12,11 +12,12 @@ import random
 from functools import partial
 
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from vistune.chat.encode import IGNORE_INDEX
 from vistune.config import StageConfig
-from vistune.data.dataset import SupervisedDataset, collate
+from vistune.data.batch import collate
+from vistune.data.dataset import SupervisedDataset
 from vistune.data.records import Problems, Sample, load_samples
 from vistune.errors import DataError
 from vistune.train.distributed import ShardedBatchSampler
@@ -62,23 +63,20 @@ class Validator:
         return step % self.every == 0 or step == total_steps
 
     @torch.no_grad()
-    def loss(self, model: torch.nn.Module, accelerator: object) -> float:
+    def loss(self, model: torch.nn.Module, accelerator: Accelerator) -> float:
         """Mean loss per supervised token over the held-out set (all processes)."""
-        device = accelerator.device  # type: ignore[attr-defined]
+        device = accelerator.device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, supervised tokens]
         model.eval()
-        for b in self.loader:
-            if "input_ids" not in b:
+        for batch, _ in self.loader:
+            if batch is None:  # every sample of it skipped
                 continue
-            n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n = batch.supervised_tokens()
             extra = {"loss_chunk_size": self.loss_chunk_size} if self.loss_chunk_size is not None else {}
-            with accelerator.autocast():  # type: ignore[attr-defined]
-                out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                            pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
-                            labels=b["labels"].to(device), num_items_in_batch=max(n, 1),
-                            image_sizes=b.get("image_sizes"), use_cache=False, **extra)
+            with accelerator.autocast():
+                out = model(**batch.to(device).model_inputs(), num_items_in_batch=max(n, 1), use_cache=False, **extra)
             totals += torch.stack([out.loss.detach().double() * n, torch.tensor(float(n), device=device,
                                                                                    dtype=torch.float64)])
         model.train()
-        loss_sum, tokens = accelerator.reduce(totals, "sum").tolist()  # type: ignore[attr-defined]
+        loss_sum, tokens = accelerator.reduce(totals, "sum").tolist()
         return loss_sum / max(tokens, 1.0)
