@@ -4,13 +4,12 @@ replies, resume, sharding with merge, the judge on loopback (unparseable replies
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 
 import eval_fixtures
 import pytest
+from judges import FakeJudge, write_preds
 
 from vistune.errors import RegistryKeyError
 from vistune.eval.metrics import pope_metrics, pope_parse, vqa_accuracy
@@ -36,12 +35,6 @@ def engine(tiny_checkpoint: Path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return eval_fixtures.write_all(tmp_path_factory.mktemp("evaldata"))
-
-
-def _write_preds(out: Path, task: str, replies: dict[str, str]) -> None:
-    (out / task).mkdir(parents=True, exist_ok=True)
-    (out / task / "predictions.jsonl").write_text("".join(json.dumps({"id": k, "prompt": "", "reply": v}) + "\n"
-                                                          for k, v in replies.items()))
 
 
 def test_registry_fails_listing_valid_keys() -> None:
@@ -114,19 +107,19 @@ def test_every_task_runs_end_to_end(engine, data: Path, tmp_path: Path) -> None:
 def test_scores_from_known_replies(data: Path, tmp_path: Path) -> None:
     """Hand-written predictions files, scored without a model: numbers worked out by hand."""
     out = tmp_path / "out"
-    _write_preds(out, "vqav2", {"1000": "Red.", "1001": "two", "1002": "no"})
-    _write_preds(out, "pope", {f"{c}/{k}": r for c in ("adversarial", "popular", "random")
+    write_preds(out, "vqav2", {"1000": "Red.", "1001": "two", "1002": "no"})
+    write_preds(out, "pope", {f"{c}/{k}": r for c in ("adversarial", "popular", "random")
                                for k, r in zip((1, 2, 3, 4), ("Yes", "No.", "No, there is not.", "Not sure"))})
-    _write_preds(out, "scienceqa", {"1": "A", "2": "The answer is D."})  # D is out of range for 3 choices
+    write_preds(out, "scienceqa", {"1": "A", "2": "The answer is D."})  # D is out of range for 3 choices
     mme_replies = {"existence/exis0.jpg/0": "Yes", "existence/exis0.jpg/1": "No", "existence/exis1.jpg/0": "yes",
                    "existence/exis1.jpg/1": "yes", "code_reasoning/code0.png/0": "No", "code_reasoning/code0.png/1": "no",
                    "code_reasoning/code1.png/0": "maybe", "code_reasoning/code1.png/1": "no"}
-    _write_preds(out, "mme", mme_replies)
+    write_preds(out, "mme", mme_replies)
     mmb = {"0": "A", "1000000": "D", "2000000": "C", "3000000": "A",  # shift 3 wrong (red is B there) -> question 0 fails
            "1": "B", "1000001": "A.", "2": "C", "1000002": "B", "2000002": "(A) circle"}
-    _write_preds(out, "mmbench", mmb)
-    _write_preds(out, "seed", {"101": "A", "102": "C."})
-    _write_preds(out, "gqa", {"201": "No.", "202": "a cup"})
+    write_preds(out, "mmbench", mmb)
+    write_preds(out, "seed", {"101": "A", "102": "C."})
+    write_preds(out, "gqa", {"201": "No.", "202": "a cup"})
     m = run_eval(["vqav2", "pope", "scienceqa", "mme", "mmbench", "seed", "gqa"], None, data, out)
     # vqav2: "red" 1.0; "two" -> "2", 7 + 1 ("two" normalises to 2 as well) = 8 of 10 -> 1.0; "no" 1 of 10 -> 0.3
     assert m["vqav2"]["accuracy"] == pytest.approx(100 * (1 + 1 + 0.3) / 3)
@@ -184,47 +177,6 @@ def test_shards_merge_into_the_single_process_result(engine, data: Path, tmp_pat
 
 # --- judged tasks against an OpenAI-compatible server on loopback -----------------------------------
 
-class FakeJudge:
-    """Chat completions: LLaVA-Bench reviews "8 6", MM-Vet grades "0.5"; garbage when the request
-    mentions "[unparseable]"; a 500 on the first request (the client must retry)."""
-
-    def __init__(self, answer: Callable[[str], str] | None = None) -> None:
-        self.answer = answer
-        self.requests = 0
-        self.lock = threading.Lock()
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with judge.lock:
-                    judge.requests += 1
-                    first = judge.requests == 1
-                text = body["messages"][-1]["content"]
-                if first:
-                    status, payload = 500, {"error": {"message": "try again"}}
-                else:
-                    reply = judge.answer(text) if judge.answer else ("no idea" if "[unparseable]" in text else
-                             "0.5" if "Correctness" in text else "8 6\nAssistant 2 is less detailed.")
-                    status, payload = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                            "choices": [{"index": 0, "finish_reason": "stop",
-                                                         "message": {"role": "assistant", "content": reply}}],
-                                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-                raw = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def fake_judge() -> Iterator[FakeJudge]:
     server = FakeJudge()
@@ -237,9 +189,9 @@ def test_judged_tasks_with_a_judge_on_loopback(data: Path, tmp_path: Path, fake_
     from vistune.cli import main
 
     out = tmp_path / "out"
-    _write_preds(out, "llava_bench", {"0": "A square.", "1": "A red square on white.", "2": "It is not funny."})
-    _write_preds(out, "llava_bench_coco", {"0": "Red.", "1": "A square."})
-    _write_preds(out, "mmvet", {"v1_0": "red", "v1_1": "x = -1", "v1_2": "dunno"})
+    write_preds(out, "llava_bench", {"0": "A square.", "1": "A red square on white.", "2": "It is not funny."})
+    write_preds(out, "llava_bench_coco", {"0": "Red.", "1": "A square."})
+    write_preds(out, "mmvet", {"v1_0": "red", "v1_1": "x = -1", "v1_2": "dunno"})
     argv = ["eval", "llava_bench,llava_bench_coco,mmvet", "--data", str(data), "--out", str(out),
             "--judge", "openai:judge-model", "--judge-base-url", fake_judge.url]
     assert main(argv) == 0
@@ -278,7 +230,7 @@ def test_scienceqa_ensembles_with_a_text_only_teacher(data: Path, tmp_path: Path
     server.requests = 1  # no injected 500 here
     try:
         out = tmp_path / "out"
-        _write_preds(out, "scienceqa", {"1": "B", "2": "C"})  # the model: wrong on the mammal, right on the colour
+        write_preds(out, "scienceqa", {"1": "B", "2": "C"})  # the model: wrong on the mammal, right on the colour
         teacher = get_judge("openai:teacher", server.url, cache=tmp_path / "cache.jsonl")
         m = run_eval(["scienceqa"], None, data, out, judge=teacher,
                      task_options={"scienceqa": {"ensemble": ensemble}})["scienceqa"]

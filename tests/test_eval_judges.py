@@ -8,7 +8,7 @@ from pathlib import Path
 
 import eval_fixtures
 import pytest
-from test_eval import FakeJudge, _write_preds
+from judges import FakeJudge, write_preds
 
 from vistune.eval.judge import get_judge
 from vistune.eval.mmbench_judge import mmbench_judge_letter, mmbench_matcher_prompt
@@ -51,7 +51,7 @@ def test_mmbench_asks_the_judge_only_for_unread_passes_of_open_questions(tmp_pat
     server.requests = 1  # no injected 500 here
     try:
         out = tmp_path / "out"
-        _write_preds(out, "mmbench", replies)
+        write_preds(out, "mmbench", replies)
         exact = run_eval(["mmbench"], None, data, out)["mmbench"]
         judge = get_judge("openai:matcher", server.url, cache=tmp_path / "cache.jsonl")
         m = run_eval(["mmbench"], None, data, out, judge=judge)["mmbench"]
