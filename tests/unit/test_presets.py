@@ -11,7 +11,7 @@ from vistune.config import load_config
 from vistune.errors import ConfigError
 from vistune.train.loop import run
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

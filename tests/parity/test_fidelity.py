@@ -27,7 +27,7 @@ from vistune.data.show import render_sample
 from vistune.model.checkpoint import read_spec
 from vistune.model.vision import VisionTower, load_image_processor, preprocess_images
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LLAVA_15_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                    "helpful, detailed, and polite answers to the user's questions.")
 

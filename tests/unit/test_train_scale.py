@@ -144,7 +144,7 @@ def test_throughput_benchmark_counts_batches_made_in_loader_workers(tmp_path: Pa
     import sys
 
     out = tmp_path / "result.json"
-    script = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "train_throughput.py"
     proc = subprocess.run([sys.executable, str(script), "--samples", "16", "--batch-size", "4", "--workers", "1",
                            "--threads", "1", "--systems", "baseline,vistune-padded", "--workdir", str(tmp_path / "w"),
                            "--output", str(out)], capture_output=True, text=True, timeout=600, check=False)
@@ -163,7 +163,7 @@ def test_generate_benchmark_times_until_the_device_is_done() -> None:
     import importlib.util
     import time
 
-    path = Path(__file__).parents[1] / "benchmarks" / "generate_throughput.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "generate_throughput.py"
     spec = importlib.util.spec_from_file_location("generate_throughput", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -186,7 +186,7 @@ def test_gpu_check_runs_on_cpu_and_fits_its_time(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "gpu_check.py"
     plan = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, check=True)
     assert int(plan.stdout.split("total limit ")[1].split()[0]) < 9 * 60
     out = tmp_path / "check.json"

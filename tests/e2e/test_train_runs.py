@@ -105,7 +105,7 @@ def test_output_folder_holds_the_resolved_config_and_versions(tmp_path: Path, cl
 # 21.5 ------------------------------------------------------------------------------------------------
 
 def _cli_env() -> dict:
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[2] / "src")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
 

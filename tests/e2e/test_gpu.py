@@ -41,7 +41,7 @@ def _launch(root: Path, cfg: dict, n: int) -> None:
     import sys
 
     (root / "run.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                            "-m", "vistune.cli", "train", str(root / "run.json")],

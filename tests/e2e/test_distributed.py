@@ -44,7 +44,7 @@ def test_shards_split_each_epoch_evenly(world: int) -> None:
 def _torchrun(processes: int, args: list[str], timeout: int, env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess:
     """`torchrun --standalone` on this checkout's src/ (one thread per process), output captured."""
-    src = os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    src = os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])
     full_env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(processes), *args], env=full_env, capture_output=True, text=True, timeout=timeout,
@@ -435,6 +435,6 @@ def test_deepspeed_config_is_valid_for_deepspeed(engine: str, stage: int) -> Non
 def test_accelerate_presets_read_as_accelerate_reads_them(name: str, machines: int, processes: int) -> None:
     from accelerate.commands.config.config_args import ClusterConfig
 
-    cfg = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    cfg = ClusterConfig.from_yaml_file(str(Path(__file__).parents[2] / "configs" / "accelerate" / f"{name}.yaml"))
     assert (str(cfg.distributed_type).split(".")[-1], cfg.num_machines, cfg.num_processes) == ("MULTI_GPU", machines, processes)
     assert str(cfg.mixed_precision).split(".")[-1].lower() == "no"  # the stage's precision decides

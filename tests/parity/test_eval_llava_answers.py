@@ -17,7 +17,7 @@ from vistune.errors import DataError
 from vistune.eval.run import run_eval
 from vistune.eval.tasks import get_task
 
-DATA = Path(__file__).parent / "data" / "llava_eval"
+DATA = Path(__file__).parents[1] / "data" / "llava_eval"
 ANSWERS = {"pope": DATA / "pope" / "answers" / "llava-v1.5-13b.jsonl",
            "mme": DATA / "MME" / "answers" / "llava-v1.5-13b.jsonl",
            "scienceqa": DATA / "scienceqa" / "answers" / "llava-v1.5-13b_result.json"}

@@ -164,7 +164,7 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
 
 def _benchmark(name: str):  # noqa: ANN202
     """A script of benchmarks/ as a module."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module

@@ -29,7 +29,7 @@ from vistune.datagen.sources import Box, ImageRecord
 from vistune.datagen.teachers import RetryPolicy, get_teacher
 
 KINDS = ["conversation", "detail", "complex"]
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _kind(system: str) -> str:

@@ -64,7 +64,7 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vistune.json is missing" in err
-    cfg = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
     assert main(["train", str(cfg), "stages.align.lrr=1"]) == 2
     assert "unknown config field 'stages.align.lrr'" in capsys.readouterr().err
     assert main(["train", str(cfg), "--stage", "pretrain"]) == 2
@@ -73,7 +73,7 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_train_command_with_overrides(tmp_path: Path, clip_dir: Path, llama_dir: Path, dataset_dir: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
     args = ["train", str(cfg), "--stage", "align", f"model.vision.path={clip_dir}", f"model.llm.path={llama_dir}",
             f"stages.align.data.path={dataset_dir / 'align.json'}", f"stages.align.data.image_folder={dataset_dir / 'images'}",
             f"stages.align.output_dir={tmp_path / 'align'}", "stages.align.max_steps=2"]

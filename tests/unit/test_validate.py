@@ -17,7 +17,7 @@ from vistune.errors import ConfigError
 from vistune.train import validate
 from vistune.train.validate import check_run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 LLAVA_15_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                    "helpful, detailed, and polite answers to the user's questions.")

@@ -9,7 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 
 
 def _bench():
