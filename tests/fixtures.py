@@ -468,3 +468,20 @@ def smollm2_gguf() -> tuple[Path, str] | None:
         return None
     folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     return (folder, SMOLLM2_GGUF) if (folder / SMOLLM2_GGUF).is_file() else None
+
+
+# A broken input for the data tests of every layer (unit: the loader's check; e2e: a training run skips it).
+
+def bomb_png(path: Path, width: int = 20000, height: int = 10000) -> Path:
+    """A real PNG whose header claims 200 MP, over the 2 x Image.MAX_IMAGE_PIXELS (179 MP) Pillow refuses
+    to open; under 100 bytes on disk, as a decompression bomb would be."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path

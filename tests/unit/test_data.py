@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures import bomb_png
 from transformers import AutoTokenizer
 
 from vistune.chat.encode import ChatEncoder
@@ -147,25 +148,10 @@ def test_precheck_finds_bad_labels_before_training(dataset_dir: Path, bpe_tokeni
 
 # -- an image over Pillow's bomb limit and a broken JSONL line are bad records (issue 17 items 8, 14) ----
 
-def _bomb_png(path: Path, width: int = 20000, height: int = 10000) -> Path:
-    """A real PNG whose header claims 200 MP, over the 2 x Image.MAX_IMAGE_PIXELS (179 MP) Pillow refuses
-    to open; under 100 bytes on disk, as a decompression bomb would be."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
-    return path
-
-
 def test_image_over_the_bomb_limit_is_named_or_skipped(tmp_path: Path, clip_dir: Path, encoder: ChatEncoder) -> None:
     from vistune.data.dataset import image_size
 
-    _bomb_png(tmp_path / "bomb.png")
+    bomb_png(tmp_path / "bomb.png")
     samples = load_samples(_write(tmp_path, [rec(id="bomb", image="bomb.png")]), tmp_path, False, Problems())
     proc = load_image_processor(clip_dir)
     with pytest.raises(DataError, match="sample bomb: image .*bomb.png is too large to decode safely"):
@@ -187,26 +173,3 @@ def test_invalid_jsonl_line_is_skipped_and_counted(tmp_path: Path, dataset_dir: 
         load_samples(p, dataset_dir / "images", False, Problems())
 
 
-def test_training_skips_and_counts_a_bomb_image_and_a_broken_line(tmp_path: Path, dataset_dir: Path, clip_dir: Path,
-                                                                 llama_dir: Path) -> None:
-    import shutil
-
-    from vistune.config import load_config
-    from vistune.train.loop import train_stage
-
-    images = tmp_path / "images"
-    shutil.copytree(dataset_dir / "images", images)
-    _bomb_png(images / "bomb.png")
-    records = json.loads((dataset_dir / "train.json").read_text())[:7] + [rec(id="bomb", image="bomb.png")]
-    lines = [json.dumps(r) for r in records]
-    broken = '{"id": "torn", "conversations": [{"fr'  # a line cut short
-    (tmp_path / "d.jsonl").write_text("\n".join(lines[:3] + [broken] + lines[3:]) + "\n")
-    stage = {"data": {"path": str(tmp_path / "d.jsonl"), "image_folder": str(images), "on_bad_sample": "skip"},
-             "format": "chat_template", "output_dir": str(tmp_path / "out"), "max_steps": 2, "global_batch_size": 4,
-             "micro_batch_size": 4, "lr": 1e-3, "precision": "fp32", "warmup_ratio": 0.0, "tensorboard": False,
-             "save_frozen": False}
-    cfg = load_config(data={"model": {"vision": {"path": str(clip_dir)}, "llm": {"path": str(llama_dir)},
-                                      "projector": "mlp2x_gelu"}, "stages": {"s": stage}})
-    train_stage(cfg.model, cfg.stages["s"], "s")  # two steps of four cover all eight samples
-    report = json.loads((tmp_path / "out" / "skipped.json").read_text())
-    assert report["counts"] == {"invalid JSON line": 1, "image over the decompression-bomb limit": 1}
