@@ -9,7 +9,6 @@ import pytest
 
 from vistune.config import load_config
 from vistune.errors import ConfigError
-from vistune.train.loop import run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -35,15 +34,6 @@ def test_llava_15_published_hyperparameters(name: str) -> None:
         assert ft.parts.llm == "lora" and (ft.lora.r, ft.lora.alpha, ft.projector_lr, ft.lr) == (128, 256, 2e-5, 2e-4)
     else:
         assert ft.parts.llm == "full" and ft.lr == 2e-5
-
-
-def test_tiny_cpu_preset_runs(tmp_path: Path, clip_dir: Path, llama_dir: Path, dataset_dir: Path) -> None:
-    overrides = [f"model.vision.path={clip_dir}", f"model.llm.path={llama_dir}"]
-    for st, data in (("align", "align.json"), ("finetune", "train.json")):
-        overrides += [f"stages.{st}.data.path={dataset_dir / data}", f"stages.{st}.data.image_folder={dataset_dir / 'images'}",
-                      f"stages.{st}.output_dir={tmp_path / st}", f"stages.{st}.max_steps=3", f"stages.{st}.tensorboard=false"]
-    outputs = run(load_config(CONFIGS / "tiny-cpu.yaml", overrides))
-    assert set(outputs) == {"align", "finetune"} and (outputs["finetune"] / "vistune.json").is_file()
 
 
 def test_unknown_field_is_named_with_suggestion(tmp_path: Path) -> None:
