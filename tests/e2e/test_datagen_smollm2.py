@@ -2,7 +2,7 @@
 
 A 135M model follows the reply format only some of the time; this test checks that every sample ends
 written (and valid LLaVA) or rejected with a reason, and prints the share that passed validation:
-`python -m pytest -q -s tests/test_datagen_smollm2.py`. Kept to 3 samples and short replies: the GGUF
+`python -m pytest -q -s tests/e2e/test_datagen_smollm2.py`. Kept to 3 samples and short replies: the GGUF
 load alone takes ~20 s on 2 CPU cores.
 """
 

@@ -1,5 +1,4 @@
-"""`vistune eval`: every task end to end on tiny folders in its published layout, scoring from known
-replies, resume, sharding with merge, the judge on loopback (unparseable replies, cache), the demo."""
+"""`vistune eval`: every task end to end on tiny folders in its published layout, resume, sharding with merge, the judge on loopback (unparseable replies, cache), the demo."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """vistune serve end to end: a real uvicorn server on loopback, driven by the official `openai` client
 (and raw httpx where a client cannot send the request): answers equal the engine's, streaming,
 images, batching, a server fault, and a streaming client that hangs up. Hostile input (the key,
-image URLs, every limit, malformed bodies, the chat page) is tests/test_serve_abuse.py's."""
+image URLs, every limit, malformed bodies, the chat page) is test_serve_abuse.py's."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LLaVA-1.5 fidelity (issue 18 items 1-4): the rendered text and supervised spans of LLaVA-1.5's
-formats written out literally, the `<image>` move of LLaVA's preprocess_multimodal, per-stage image
-preprocessing checked on the pixels the tower receives, and the presets' stage-1 settings.
+formats written out literally, the `<image>` move of LLaVA's preprocess_multimodal, and the presets'
+stage-1 settings (the per-stage preprocessing run is e2e/test_fidelity_training.py).
 
 Expected strings come from LLaVA-1.5's documented formats (llava/conversation.py at the 1.5 release):
 conv_vicuna_v1 = system + " " + "USER: q ASSISTANT: a</s>" per round (SeparatorStyle.TWO, sep " ",

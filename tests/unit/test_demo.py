@@ -1,5 +1,5 @@
-"""The demo: the synthetic world's files, the answer metric, and a reduced-size run of the whole
-pipeline (it checks that every step runs and writes its outputs, not the accuracy targets)."""
+"""The demo's parts: the synthetic world's files, the answer metric, question drawing and scoring, the
+benchmark scripts' helpers (the tiny run of the whole pipeline is e2e/test_demo_tiny.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Several images per sample, and training with the hd / anyres image modes, end to end on tiny models.
+"""Several images per sample, without training: placeholder checks, the demo world's comparison questions,
+anyres token counts in worker processes, the hd global tile (the runs are in e2e/test_multi_image_runs.py).
 
 The data: records with two images each ("Which image shows a red shape? ... The first."), plus the
 single-image fixture records, so batches mix one- and two-image samples of different sizes.

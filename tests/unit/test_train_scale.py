@@ -1,6 +1,6 @@
-"""What a 7B run needs of the loop, shown on CPU at tiny size (issue 22): logits freed before backward, the
-LLM saved in the training dtype, packed-row boundaries handed to flash-attention once, DeepSpeed resume
-refused only where it cannot work, and a loader-worker default per process."""
+"""What a 7B run needs of the loop, shown on CPU at tiny size (issue 22): logits freed before backward,
+packed-row boundaries handed to flash-attention once, DeepSpeed resume refused only where it cannot work,
+and a loader-worker default per process (the runs are in e2e/test_train_scale_runs.py)."""
 
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def test_deepspeed_resume_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_compile_wraps_each_decoder_layer(clip_dir: Path, llama_dir: Path) -> None:
     """Item 10 of issue 22: `compile: true` compiles every decoder layer (FSDP2's units) rather than the decoder
     whole, whose graph FSDP2's per-layer hooks would break; parameter names are unchanged. (Whether it pays is
-    measured on a GPU: tests/test_gpu.py and benchmarks/gpu_check.py.)"""
+    measured on a GPU: tests/e2e/test_gpu.py and benchmarks/gpu_check.py.)"""
     from vistune.model.checkpoint import build_model
     from vistune.train.distributed import compile_layers
 
