@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from fixtures import smollm2_gguf  # noqa: E402
-from vistune.chat.encode import ChatEncoder  # noqa: E402
-from vistune.chat.formats import Message, get_format  # noqa: E402
+from vistune.chat.encode import ChatEncoder
+from vistune.chat.formats import Message, get_format
+from vistune.testing import smollm2_gguf
 
 
 class PrefixEncoder(ChatEncoder):

@@ -28,7 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 QUESTIONS = ["What colour is the shape?", "Describe the image briefly.", "Where is the shape?",
              "Is the shape big or small?", "What do you see in this image?", "What colour is the background?",
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     machine, versions = environment()
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name()
-    record = {"benchmark": "generate_throughput", "model": str(args.model or "tiny (tests/fixtures, 10 steps)"),
+    record = {"benchmark": "generate_throughput", "model": str(args.model or "tiny (vistune.testing, 10 steps)"),
               "device": args.device, "dtype": args.dtype, "new_tokens": n, "batch": args.batch,
               "repeats": args.repeats, "results": results, "machine": machine, "versions": versions,
               "command": shlex.join([sys.executable, *sys.argv])}

@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # fixtures.py: the tiny parts' builders
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 # Section -> time limit in seconds on the GPU; together under 9 minutes.
 LIMITS = {"versions": 30, "tests": 160, "smoke": 120, "shape7b": 90, "throughput": 130}
@@ -106,7 +104,7 @@ def _losses(out: Path) -> list[float]:
 
 def smoke(cpu: bool, work: Path) -> dict:
     """Three `torchrun --nproc_per_node 1` launches of tiny preset-shaped stages (module docstring)."""
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
+    from vistune.testing import build_bpe_tokenizer, build_clip, build_dataset, build_llama
     from safetensors.torch import load_file
 
     engine = "ddp" if cpu else "fsdp"

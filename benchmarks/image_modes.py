@@ -10,7 +10,7 @@ Two parts:
    `anyres` with LLaVA-NeXT's pinpoints (336x672, 672x336, 672x672, 1008x336, 336x1008) for a few
    image sizes. These come from `ImageLayout.num_tokens`, which the test suite checks against
    transformers' LlavaNextProcessor.
-2. Measured on tiny parts (the test suite's builders, tests/fixtures.py): a 32 px CLIP with 8 px
+2. Measured on tiny parts (the test suite's builders, vistune.testing): a 32 px CLIP with 8 px
    patches (16 tokens per tile) and a 2-layer Llama; `hd` with a 2x2 grid; `anyres` with the default
    pinpoints, LLaVA-NeXT's set scaled to 32 px (1x2, 2x1, 2x2, 3x1, 1x3 tiles). Per mode: the tokens per
    image for a few sizes, then `--steps` optimizer steps of projector + LLM training (fp32, AdamW,
@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # fixtures.py: the test suite's builders of tiny parts
 
 MODES = ("single", "hd", "anyres")
 REAL_SIZES = [(336, 336), (640, 480), (480, 640), (1024, 768), (1000, 300), (1920, 1080)]  # (width, height)
@@ -127,6 +126,8 @@ class ModeRun:
 
 
 def main() -> None:
+    from vistune.files import write_text
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per mode (after one warm-up)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -136,7 +137,7 @@ def main() -> None:
 
     import torch
     import transformers
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
+    from vistune.testing import build_bpe_tokenizer, build_clip, build_dataset, build_llama
 
     import vistune
 
@@ -177,10 +178,7 @@ def main() -> None:
         sizes = ", ".join(f"{k}:{v}" for k, v in row["tokens_per_image"].items())
         print(f"  {mode:<7} {sizes:<48} {row['mean_image_tokens_per_sample']:>14} "
               f"{row['cpu_s_per_sample_median']['total']:>12.4f} {row['wall_s_per_sample_median']['total']:>13.4f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.output.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.output)
+    write_text(args.output, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

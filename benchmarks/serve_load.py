@@ -202,10 +202,8 @@ def worst_case_decode(model: Path, args: argparse.Namespace, src: Path = ROOT / 
 
 def build_tiny(root: Path) -> tuple[Path, Path]:
     """The test suite's tiny CLIP + Llama, finetuned a few steps; returns (checkpoint, an image)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama
-
     from vistune.config import load_config
+    from vistune.testing import build_bpe_tokenizer, build_clip, build_dataset, build_llama
     from vistune.train.loop import train_stage
 
     tok, clip, ds = build_bpe_tokenizer(root / "tok"), build_clip(root / "clip"), build_dataset(root / "ds")

@@ -60,8 +60,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # fixtures.py: the test tokenizer builder
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 SHAPES: dict[str, dict] = {
     # vision: CLIP vision config; llm: LLaMA config; text: word-count scale of the data; max_len: model_max_length
@@ -104,7 +102,7 @@ def peak_tflops(gpu_name: str) -> float | None:
 def build_parts(root: Path, shape: str, device: str) -> dict:
     """Random-weight CLIP vision tower + LLaMA LLM (with the test BPE tokenizer) saved as HF folders."""
     import torch
-    from fixtures import build_bpe_tokenizer
+    from vistune.testing import build_bpe_tokenizer
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
@@ -142,7 +140,7 @@ def build_parts(root: Path, shape: str, device: str) -> dict:
 
 def build_data(root: Path, shape: str, n: int, seed: int) -> Path:
     """LLaVA-format records: ~90% one image + text of mixed lengths, ~10% text-only (see module doc)."""
-    from fixtures import corpus
+    from vistune.testing import corpus
     from PIL import Image
 
     rng = random.Random(seed)
@@ -303,7 +301,7 @@ def run_baseline(args: argparse.Namespace, parts: dict, data: Path, work: Path) 
 
     from vistune.chat.encode import ChatEncoder
     from vistune.chat.formats import get_format
-    from vistune.data.dataset import load_image
+    from vistune.images import load_image
     from vistune.data.records import Problems, load_samples
     from vistune.model.llm import load_tokenizer
     from vistune.model.vlm import IMAGE_TOKEN_ID

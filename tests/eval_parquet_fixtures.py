@@ -3,7 +3,7 @@
 Each writer reads the raw files of a JSON-layout fixture folder (not through vistune's readers) and
 writes them in the layout the lmms-lab dataset publishes on the hub: the shard names, the columns
 and the image cells as {bytes, path} structs, the way a `datasets.Image` feature is stored. Column
-sources: the dataset cards and lmms-eval's task utils (see the README's eval table).
+sources: the dataset cards and lmms-eval's task utils (see the lmms-lab table in docs/eval.md).
 """
 
 from __future__ import annotations

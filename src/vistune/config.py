@@ -11,32 +11,21 @@ with the field's full path and the valid names.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from vistune.chat.formats import check_format_key
 from vistune.errors import ConfigError
+from vistune.registry_keys import check_projector_key, check_trackers
+from vistune.strict import Strict, explain, registry_key
 
 PartMode = Literal["frozen", "full", "lora"]
 
 
-def _registry_key(check: Callable[[str], str], key: str) -> str:
-    """Run a registry's key check inside a pydantic validator (which reports ValueErrors by field)."""
-    try:
-        return check(key)
-    except KeyError as e:
-        raise ValueError(str(e)) from None
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class VisionConfig(_Strict):
+class VisionConfig(Strict):
     """The vision tower: any Hugging Face vision encoder folder (CLIP, SigLIP, ...); always frozen."""
 
     path: str = Field(description="Local folder of a HF vision model (a full CLIP/SigLIP folder is fine).")
@@ -69,7 +58,7 @@ class VisionConfig(_Strict):
         return grid
 
 
-class LLMConfig(_Strict):
+class LLMConfig(Strict):
     """The language model: any Hugging Face causal LM folder, or a GGUF file inside one."""
 
     path: str = Field(description="Local folder of a HF causal LM (weights and tokenizer).")
@@ -79,7 +68,7 @@ class LLMConfig(_Strict):
     )
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """The three parts of a LLaVA model."""
 
     vision: VisionConfig
@@ -89,12 +78,10 @@ class ModelConfig(_Strict):
     @field_validator("projector")
     @classmethod
     def _projector_key(cls, key: str) -> str:
-        from vistune.model.projector import check_projector_key
-
-        return _registry_key(check_projector_key, key)
+        return registry_key(check_projector_key, key)
 
 
-class PartsConfig(_Strict):
+class PartsConfig(Strict):
     """What trains in a stage. The vision tower is always frozen (as in LLaVA)."""
 
     vision: Literal["frozen"] = "frozen"
@@ -102,7 +89,7 @@ class PartsConfig(_Strict):
     llm: PartMode = "frozen"
 
 
-class LoraSettings(_Strict):
+class LoraSettings(Strict):
     """LoRA settings (peft), used where a part is `lora`. Defaults are LLaVA-1.5's finetune_lora."""
 
     r: int = Field(128, gt=0)
@@ -111,7 +98,7 @@ class LoraSettings(_Strict):
     target_modules: list[str] | str = Field("all-linear", description="peft target_modules; `all-linear` skips lm_head.")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """A LLaVA JSON/JSONL file and its image folder."""
 
     path: str = Field(description="LLaVA-format .json (a list) or .jsonl (one record per line).")
@@ -170,9 +157,33 @@ class DataConfig(_Strict):
         return self
 
 
-class StageConfig(_Strict):
+# Hugging Face Trainer / LLaVA TrainingArguments names that people type into a stage, with the vistune
+# field for each. Deliberately hints, not aliases: two names for one field is two ways to do one thing,
+# and the batch names do not map one to one (vistune's batch is global: the accumulation steps follow
+# from it, the processes and the micro batch, so a run keeps its batch when the GPU count changes).
+_HF_STAGE_NAMES = {
+    "learning_rate": "did you mean 'lr'?",
+    "num_train_epochs": "did you mean 'epochs'?",
+    "per_device_train_batch_size": "did you mean 'micro_batch_size' (samples per forward pass per process)? "
+                                   "vistune also needs 'global_batch_size' (samples per optimizer step over all "
+                                   "processes)",
+    "gradient_accumulation_steps": "vistune derives it: set 'global_batch_size' = per_device_train_batch_size x "
+                                   "gradient_accumulation_steps x processes, and 'micro_batch_size' = "
+                                   "per_device_train_batch_size",
+    "lr_scheduler_type": "did you mean 'lr_schedule'?",
+    "warmup_steps": "vistune takes 'warmup_ratio' (a fraction of the steps)",
+    "save_steps": "did you mean 'save_every'?",
+    "save_total_limit": "did you mean 'keep_checkpoints'?",
+    "logging_steps": "did you mean 'log_every'?",
+    "bf16": "did you mean 'precision: bf16'?",
+    "mm_projector_lr": "did you mean 'projector_lr'?",
+}
+
+
+class StageConfig(Strict):
     """One training stage: what trains, on what, how, and where it is saved."""
 
+    unknown_field_hints: ClassVar[dict[str, str]] = _HF_STAGE_NAMES
     parts: PartsConfig = Field(default_factory=PartsConfig)
     projector_from: str | None = Field(
         None, description="The name of an earlier stage of this run (e.g. `align`: its output_dir, overrides "
@@ -248,9 +259,7 @@ class StageConfig(_Strict):
     @field_validator("format")
     @classmethod
     def _format_key(cls, key: str) -> str:
-        from vistune.chat.formats import check_format_key
-
-        return _registry_key(check_format_key, key)
+        return registry_key(check_format_key, key)
 
     @model_validator(mode="before")
     @classmethod
@@ -265,9 +274,7 @@ class StageConfig(_Strict):
     @field_validator("report_to", mode="before")
     @classmethod
     def _trackers(cls, value: Any) -> Any:
-        from vistune.train.tracking import check_trackers
-
-        return _registry_key(check_trackers, value)
+        return registry_key(check_trackers, value)
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
@@ -284,7 +291,7 @@ class StageConfig(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """A whole run: the model's parts and the stages, trained in order."""
 
     model: ModelConfig
@@ -338,77 +345,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown config field {loc!r}{_suggest(loc)}")
-        else:
-            lines.append(f"{source}: {loc or '<root>'}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
-
-
-def _section_model(parts: list[str]) -> type[BaseModel] | None:
-    """The config model that the dotted location `parts` points into (None if it is not a section)."""
-    model: type[BaseModel] | None = RunConfig
-    expect_dict_key = False
-    for p in parts:
-        if model is None:
-            return None
-        if expect_dict_key:  # a stage name under `stages`
-            expect_dict_key = False
-            continue
-        field = model.model_fields.get(p)
-        if field is None:
-            return None
-        ann = field.annotation
-        if p == "stages" and model is RunConfig:
-            model, expect_dict_key = StageConfig, True
-        elif isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return None
-    return model
-
-
-# Hugging Face Trainer / LLaVA TrainingArguments names that people type into a stage, with the vistune
-# field for each. Deliberately hints, not aliases: two names for one field is two ways to do one thing,
-# and the batch names do not map one to one (vistune's batch is global: the accumulation steps follow
-# from it, the processes and the micro batch, so a run keeps its batch when the GPU count changes).
-_HF_STAGE_NAMES = {
-    "learning_rate": "did you mean 'lr'?",
-    "num_train_epochs": "did you mean 'epochs'?",
-    "per_device_train_batch_size": "did you mean 'micro_batch_size' (samples per forward pass per process)? "
-                                   "vistune also needs 'global_batch_size' (samples per optimizer step over all "
-                                   "processes)",
-    "gradient_accumulation_steps": "vistune derives it: set 'global_batch_size' = per_device_train_batch_size x "
-                                   "gradient_accumulation_steps x processes, and 'micro_batch_size' = "
-                                   "per_device_train_batch_size",
-    "lr_scheduler_type": "did you mean 'lr_schedule'?",
-    "warmup_steps": "vistune takes 'warmup_ratio' (a fraction of the steps)",
-    "save_steps": "did you mean 'save_every'?",
-    "save_total_limit": "did you mean 'keep_checkpoints'?",
-    "logging_steps": "did you mean 'log_every'?",
-    "bf16": "did you mean 'precision: bf16'?",
-    "mm_projector_lr": "did you mean 'projector_lr'?",
-}
-
-
-def _suggest(loc: str) -> str:
-    """Name the valid fields of the section an unknown key sits in, and the closest one."""
-    parts = loc.split(".")
-    model = _section_model(parts[:-1])
-    if model is None:
-        return ""
-    valid = sorted(model.model_fields)
-    close = difflib.get_close_matches(parts[-1], valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    if model is StageConfig and parts[-1] in _HF_STAGE_NAMES:
-        hint = f" ({_HF_STAGE_NAMES[parts[-1]]})"
-    return f"{hint}; valid fields: {', '.join(valid)}"
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML run config, apply `key.path=value` overrides, validate, resolve stage references
@@ -434,5 +370,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(explain(e, source, RunConfig)) from None
     return cfg.resolved()  # `projector_from: <stage>` -> that stage's output_dir, after the overrides

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fixtures import bomb_png
+from data_files import bomb_png
 
 
 def rec(**kw):

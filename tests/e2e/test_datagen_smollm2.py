@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures import smollm2_gguf
 
 from vistune.data.records import parse_record
 from vistune.datagen.instruct import run_instruct
@@ -20,6 +19,7 @@ from vistune.datagen.jsonl import rejects_path
 from vistune.datagen.parse import REASONS
 from vistune.datagen.sources import Box, ImageRecord
 from vistune.datagen.teachers import get_teacher
+from vistune.testing import smollm2_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import benchmark
 
 from vistune.demo.world import MULTI_IMAGE_TYPES, QUESTION_TYPES
 
@@ -51,14 +50,16 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
     assert ev["accuracy_with_image"] == report["accuracy_with_image"]
     assert ev["accuracy_blind"] == report["accuracy_blind"]
     assert ev["per_type"] == report["per_type"]
+    from benchmarks import demo_oracle as oracle
+    from benchmarks import demo_probe as probe
+    from benchmarks import demo_reading
+
     # benchmarks/demo_probe.py reads one token per object of the world's instances files.
-    probe = benchmark("demo_probe")
     feats, shapes, colours = probe.object_features(out / "parts" / "clip", out / "world", "train", 1000, -2)
     objects = json.loads((out / "world" / "annotations" / "instances_train.json").read_text())["annotations"]
     assert feats.shape == (len(objects), 128) and len(shapes) == len(colours) == len(objects)
     assert 0.0 <= probe.probe(feats, shapes, feats, shapes) <= 1.0
     # benchmarks/demo_oracle.py trains the demo's LLM on ground-truth tokens of the same world.
-    oracle = benchmark("demo_oracle")
     oracle.main(["--world", str(out / "world"), "--lm", str(out / "parts" / "lm"), "--task", "count", "--steps", "2",
                  "--batch-size", "4", "--eval-every", "1", "--eval-questions", "8", "--output", str(tmp_path / "oracle.json")])
     curve = json.loads((tmp_path / "oracle.json").read_text())["curve"]
@@ -68,9 +69,9 @@ def test_tiny_demo_runs_every_step(tmp_path: Path) -> None:
                  "--output", str(tmp_path / "oracle_after.json")])
     assert len(json.loads((tmp_path / "oracle_after.json").read_text())["curve"]) == 2
     # benchmarks/demo_reading.py trains a fresh LLM on text descriptions, with the demo's tokenizer.
-    benchmark("demo_reading").main(["--tokenizer", str(out / "parts" / "tokenizer"), "--steps", "2", "--batch-size", "4",
-                                     "--hidden", "32", "--layers", "1", "--eval-every", "1",
-                                     "--output", str(tmp_path / "reading.json"), "--save", str(tmp_path / "reader")])
+    demo_reading.main(["--tokenizer", str(out / "parts" / "tokenizer"), "--steps", "2", "--batch-size", "4",
+                       "--hidden", "32", "--layers", "1", "--eval-every", "1",
+                       "--output", str(tmp_path / "reading.json"), "--save", str(tmp_path / "reader")])
     reading = json.loads((tmp_path / "reading.json").read_text())["curve"]
     assert [c["step"] for c in reading] == [1, 2]
     assert set(reading[0]["per_type"]) <= set(QUESTION_TYPES) and 0.0 <= reading[-1]["accuracy"] <= 1.0

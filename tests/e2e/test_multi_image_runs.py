@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import two_image_data
+from data_files import two_image_data
 
 from vistune.chat.formats import Message
 from vistune.cli import main

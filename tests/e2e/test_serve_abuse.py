@@ -445,12 +445,11 @@ def test_prompts_encode_as_training_does_without_the_label_check(engine: Engine)
 
 def test_serve_takes_vllms_flags(engine: Engine, tmp_path: Path) -> None:
     """Issue 21 item 12: --dtype, --chat-template (a file or the Jinja itself), --max-model-len."""
-    from vistune.cli import _parser
+    from vistune.cli import parse
     from vistune.errors import VistuneError
     from vistune.serve.template import use_chat_template
 
-    args = vars(_parser().parse_args(["serve", "m", "--dtype", "bfloat16", "--chat-template", "t.jinja",
-                                      "--max-model-len", "2048"]))
+    args = parse(["serve", "m", "--dtype", "bfloat16", "--chat-template", "t.jinja", "--max-model-len", "2048"]).keywords
     assert (args["dtype"], args["chat_template"], args["max_model_len"]) == ("bfloat16", "t.jinja", 2048)
     template = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")

@@ -5,25 +5,15 @@ server really batched."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from benchmarks import serve_load
 
 
 def test_concurrent_load_through_the_cli_server(tiny_checkpoint: Path, dataset_dir: Path) -> None:
     args = argparse.Namespace(image=dataset_dir / "images" / "img_0.png", requests=32, concurrency=16,
                               max_tokens=8, device="cpu")
-    run = _bench().serve_and_load(tiny_checkpoint, 16, args)
+    run = serve_load.serve_and_load(tiny_checkpoint, 16, args)
     assert run["status_counts"] == {"200": 32}, run
     assert run["ok"] == 32 and run["lost"] == 0 and run["server_errors_5xx"] == 0
     assert run["server"]["completed"] == 32 and run["server"]["failed"] == 0 and run["server"]["running"] == 0
@@ -35,6 +25,6 @@ def test_worst_case_decode_measures_the_server(tiny_checkpoint: Path) -> None:
     """The memory benchmark's driver (issue 17 item 4), on small images: every request answered, and
     the server's resident memory read before, at the peak and after."""
     args = argparse.Namespace(device="cpu", decode_concurrency=3, decode_images=2, decode_side=256)
-    run = _bench().worst_case_decode(tiny_checkpoint, args)
+    run = serve_load.worst_case_decode(tiny_checkpoint, args)
     assert run["status_counts"] == {"200": 3}, run
     assert 0 < run["rss_mib_before"] <= run["rss_mib_peak"] and run["rss_mib_after"] <= run["rss_mib_peak"]

@@ -38,8 +38,8 @@ from vistune.config import load_config  # noqa: E402
 from vistune.infer.engine import Engine, Sampling  # noqa: E402
 from vistune.model.checkpoint import SPEC_FILE, Bundle, load_checkpoint, read_spec, save_checkpoint  # noqa: E402
 from vistune.model.vlm import IMAGE_TOKEN_ID, VisionLanguageModel  # noqa: E402
+from vistune.testing import smollm2_gguf  # noqa: E402
 from vistune.train import loop  # noqa: E402
-from fixtures import smollm2_gguf  # noqa: E402
 
 ALIGN_STEPS = 4
 

@@ -298,9 +298,8 @@ def test_held_out_loss_is_logged_every_n_steps(tmp_path: Path, clip_dir: Path, l
 
 
 def test_the_cli_passes_allow_config_change() -> None:
-    from vistune.cli import _parser
+    from vistune.cli import parse
 
-    args, _ = _parser().parse_known_args(["train", "run.yaml", "stages.s.lr=1", "--allow-config-change"])
-    assert args.allow_config_change is True and args.overrides == ["stages.s.lr=1"]
-    args, _ = _parser().parse_known_args(["train", "run.yaml"])
-    assert args.allow_config_change is False
+    args = parse(["train", "run.yaml", "stages.s.lr=1", "--allow-config-change"]).keywords
+    assert args["allow_config_change"] is True and args["overrides"] == ("stages.s.lr=1",)
+    assert parse(["train", "run.yaml"]).keywords["allow_config_change"] is False

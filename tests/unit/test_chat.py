@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from vistune.chat.encode import IGNORE_INDEX, ChatEncoder
+from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import VICUNA_SYSTEM, Message, Segment, get_format
 from vistune.errors import LabelError, RegistryKeyError
-from vistune.model.vlm import IMAGE_TOKEN_ID
+from vistune.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 CONV = [
     Message("user", "<image>\nWhat colour is the shape?"),

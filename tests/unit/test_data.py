@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures import bomb_png
+from data_files import bomb_png
 from transformers import AutoTokenizer
 
 from vistune.chat.encode import ChatEncoder
@@ -149,7 +149,7 @@ def test_precheck_finds_bad_labels_before_training(dataset_dir: Path, bpe_tokeni
 # -- an image over Pillow's bomb limit and a broken JSONL line are bad records (issue 17 items 8, 14) ----
 
 def test_image_over_the_bomb_limit_is_named_or_skipped(tmp_path: Path, clip_dir: Path, encoder: ChatEncoder) -> None:
-    from vistune.data.dataset import image_size
+    from vistune.images import image_size
 
     bomb_png(tmp_path / "bomb.png")
     samples = load_samples(_write(tmp_path, [rec(id="bomb", image="bomb.png")]), tmp_path, False, Problems())

@@ -375,6 +375,7 @@ def test_cli_datagen_convert_mix_align_instruct(tmp_path: Path, capsys: pytest.C
     assert main(["datagen", "mix", str(tmp_path / "g.jsonl"), f"{tmp_path / 'i.jsonl'}:0.67",
                  "--out", str(tmp_path / "m.json")]) == 0
     assert len(json.loads((tmp_path / "m.json").read_text())) == 3
+    assert main(["datagen", "mix", "--out", str(tmp_path / "none.json")]) == 2  # nothing to mix is an error
     assert main(["datagen", "instruct", "--jsonl", str(src), "--teacher", "gpt4", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "valid: template, openai:MODEL, hf:PATH" in capsys.readouterr().err
 

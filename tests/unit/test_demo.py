@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmark_scripts import benchmark
 
 from vistune.datagen.sources import read_coco
 from vistune.demo.world import (
@@ -26,7 +25,13 @@ from vistune.demo.world import (
     sample_scene,
 )
 from vistune.eval.metrics import exact_match, normalize_vqa_answer
-from vistune.eval.tasks.demo import Question, description_scores, objects_named, score_questions, select_questions
+from vistune.eval.tasks.demo import (
+    Question,
+    description_scores,
+    objects_named,
+    score_questions,
+    select_questions,
+)
 
 
 def test_normalize_answer_follows_vqa_processing() -> None:
@@ -45,7 +50,7 @@ def test_scenes_are_deterministic_and_valid() -> None:
     assert render(a).tobytes() == render(b).tobytes()
     for i in range(200):
         scene = sample_scene(random.Random(i), i)
-        assert 1 <= len(scene.objects) <= 4
+        assert 1 <= len(scene.objects) <= 3
         for o in scene.objects:
             assert 0 <= o.box[0] < o.box[2] <= 64 and 0 <= o.box[1] < o.box[3] <= 64
 
@@ -101,7 +106,8 @@ def test_world_is_in_the_coco_layout_and_reads_like_coco(tmp_path: Path) -> None
 def test_oracle_tokens_count_each_object_in_the_cell_of_its_box_centre(tmp_path: Path) -> None:
     """demo_oracle's ground-truth image tokens: per cell, the colours and shapes whose box centres fall
     there; the `total` question's answer is the scene's number of objects."""
-    oracle = benchmark("demo_oracle")
+    from benchmarks import demo_oracle as oracle
+
     build_world(tmp_path, {"train": 6, "test": 2}, seed=0)
     inst = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
     tokens = oracle.oracle_tokens(tmp_path / "annotations" / "instances_train.json", grid=4)
@@ -130,12 +136,14 @@ def test_regions_cover_the_patches_under_each_box(tmp_path: Path) -> None:
                                 {"id": 2, "name": "orange square", "supercategory": "square"}],
                  "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [27, 3, 24, 24]},
                                  {"id": 2, "image_id": 7, "category_id": 2, "bbox": [5, 57, 2, 2]},
-                                 {"id": 3, "image_id": 8, "category_id": 1, "bbox": [0, 0, 32, 32]}]}
+                                 {"id": 3, "image_id": 8, "category_id": 1, "bbox": [0, 0, 32, 32]},
+                                 {"id": 4, "image_id": 7, "category_id": 1, "bbox": [28, 40, 8, 8]}]}
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(instances))
     images = instances["images"] + [{"id": 9, "file_name": "c.png", "width": 64, "height": 64}]
     got = _regions(path, images, image_size=64, patch_size=8)
-    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle."), ([56], "An orange square.")]
+    assert got[0] == [([3, 4, 5, 11, 12, 13, 19, 20, 21], "A red circle."), ([56], "An orange square."),
+                      ([43], "A red circle.")]
     assert got[1] == [([0, 1, 8, 9], "A red circle.")]  # a 128 px image's box, scaled to the encoder's 64 px
     assert got[2] == []
 
@@ -167,7 +175,7 @@ def test_questions_are_drawn_evenly_over_each_types_answers(tmp_path: Path) -> N
     by_type: dict[str, Counter[str]] = {}
     for q in chosen:
         by_type.setdefault(q.type, Counter())[q.answer] += 1
-    assert by_type["count"] == Counter({"1": 3, "2": 3, "3": 3, "4": 3})
+    assert by_type["count"] == Counter({"1": 4, "2": 4, "3": 4})
     assert by_type["existence"] == Counter({"yes": 6, "no": 6})
     assert all(len(set(c.values())) == 1 for c in by_type.values())  # every answer equally often
 
@@ -207,7 +215,8 @@ def test_blind_descriptions_use_blank_images_of_the_processors_mean(tmp_path: Pa
     assert describe(Engine(), [image, image], blind=True, batch_size=1) == ["A red circle."] * 2  # type: ignore[arg-type]
     assert len(seen) == 2
     blank = seen[0][0]
-    assert blank.size == (64, 64) and blank.getcolors() == [(64 * 64, (128, 64, 0))]
+    # The mean as LLaVA's expand2square pads: int(x * 255), truncated (127.5 -> 127, 63.75 -> 63).
+    assert blank.size == (64, 64) and blank.getcolors() == [(64 * 64, (127, 63, 0))]
     describe(Engine(), [image], blind=False)  # type: ignore[arg-type]
     assert seen[-1] == [image]
 
@@ -239,3 +248,17 @@ def test_a_scenes_questions_come_in_no_fixed_order() -> None:
     type, and the model answered "right" to a size question asked first."""
     firsts = Counter(questions(sample_scene(random.Random(i), i), random.Random(i))[0][0] for i in range(200))
     assert len(firsts) >= 6 and max(firsts.values()) < 100
+
+
+def test_stage1_summary_reads_the_trend_from_means_over_tenths() -> None:
+    """The report's stage-1 line: first step, step at a tenth, last tenth's mean, and the mean of each
+    tenth, from which it says in how many tenths the loss fell (hand-made curve: flat, then falling)."""
+    from vistune.demo.report import _loss_summary, _stage1_note
+
+    losses = [2.0] * 10 + [1.0] * 10 + [1.0 - 0.05 * k for k in range(1, 9) for _ in range(10)]  # 100 steps
+    s = _loss_summary(losses)
+    assert s["first"] == 2.0 and s["at_one_tenth"] == 2.0 and abs(s["last_tenth_mean"] - 0.6) < 1e-9
+    assert [round(m, 2) for m in s["tenth_means"]] == [2.0, 1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6]
+    assert "falls in 8 of the 8 tenths that follow" in _stage1_note(s)
+    flat = _loss_summary([1.0] * 50)
+    assert "falls in 0 of the 8" in _stage1_note(flat)

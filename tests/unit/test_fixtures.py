@@ -23,7 +23,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from fixtures import COLOURS, SYSTEM_PROMPT, build_llama
+from vistune.testing import COLOURS, SYSTEM_PROMPT, build_llama
 
 # ---------------------------------------------------------------------------------------- tokenizers
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import two_image_data
+from data_files import two_image_data
 
 from vistune.data.records import Problems, load_samples
 from vistune.errors import DataError

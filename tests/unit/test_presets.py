@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from vistune.config import RunConfig, load_config
+from vistune.demo.pipeline import CONFIG_DIR as DEMO_CONFIGS
 from vistune.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RECIPES = sorted(CONFIGS.glob("*.yaml"))  # the run presets; configs/demo/ holds the demo's alternatives
-PRESETS = RECIPES + sorted((CONFIGS / "demo").glob("*.yaml"))
+RECIPES = sorted(CONFIGS.glob("*.yaml"))  # the run presets; the demo's alternatives ship in the package
+PRESETS = RECIPES + sorted(DEMO_CONFIGS.glob("*.yaml"))
 
 # LLaVA-1.5 (Liu et al., "Improved Baselines with Visual Instruction Tuning", 2023, Table 9; the authors'
 # scripts/v1_5/pretrain.sh and finetune.sh): what each stage's fields must resolve to.
@@ -42,7 +43,7 @@ def _recipe(stage_name: str, cfg: RunConfig) -> dict:
     return got
 
 
-@pytest.mark.parametrize("path", PRESETS, ids=lambda p: str(p.relative_to(CONFIGS)))
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name if p.parent == CONFIGS else f"demo/{p.name}")
 def test_every_preset_trains_its_llm_from_a_projector_that_fits(path: Path) -> None:
     """A stage that trains the LLM starts from a trained projector: an earlier stage's, or one a recipe
     preset writes for the same vision tower, projector and LLM (else the weights would not load, or the LLM

@@ -120,13 +120,10 @@ def test_loader_workers_default_per_process(monkeypatch: pytest.MonkeyPatch) -> 
 def test_generate_benchmark_times_until_the_device_is_done() -> None:
     """Fair benchmarks (issue 22): `generate_throughput.timed` waits for the device (CUDA runs kernels
     asynchronously) before it stops each timer; here a device whose work takes 50 ms after the call returns."""
-    import importlib.util
     import time
 
-    path = Path(__file__).parents[2] / "benchmarks" / "generate_throughput.py"
-    spec = importlib.util.spec_from_file_location("generate_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from benchmarks import generate_throughput
+
     pending: list[float] = []
 
     def launch() -> None:  # returns at once, as a CUDA launch does
@@ -136,7 +133,7 @@ def test_generate_benchmark_times_until_the_device_is_done() -> None:
         while pending:
             time.sleep(max(0.0, pending.pop() - time.perf_counter()))
 
-    assert module.timed(launch, 3, synchronize) >= 0.05
+    assert generate_throughput.timed(launch, 3, synchronize) >= 0.05
 
 
 class _DeepSpeedAccelerator:

@@ -75,8 +75,9 @@ def test_engine_refusals_are_data(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _documented_launches() -> list[tuple[str, str]]:
-    """(where, command) for every `vistune train` launch written in the README and the accelerate presets."""
-    sources = [ROOT / "README.md", *sorted((CONFIGS / "accelerate").glob("*.yaml"))]
+    """(where, command) for every `vistune train` launch written in the README, docs/ and the accelerate presets."""
+    sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+               *sorted((CONFIGS / "accelerate").glob("*.yaml"))]
     found = []
     for path in sources:
         text = path.read_text()
@@ -106,7 +107,7 @@ def _processes(words: list[str]) -> int:
 
 def test_documented_launch_commands_are_valid() -> None:
     launches = _documented_launches()
-    assert len(launches) >= 8, launches  # the README's and the presets' commands were all found
+    assert len(launches) >= 8, launches  # the commands of the README, docs/ and the presets were all found
     for where, command in launches:
         words = shlex.split(command.replace("$", ""))
         config = next(w for w in words if re.fullmatch(r"configs/\S+\.yaml", w) and "accelerate" not in w)

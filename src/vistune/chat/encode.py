@@ -23,9 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vistune.chat.formats import IMAGE_PLACEHOLDER, ConversationFormat, Message, Segment
 from vistune.errors import DataError, LabelError
-from vistune.model.vlm import IMAGE_TOKEN_ID
-
-IGNORE_INDEX = -100  # the label value transformers' loss skips
+from vistune.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 @dataclass

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from vistune.errors import LabelError, RegistryKeyError
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:  # kept out of the import path: the config imports this module to check format keys
     from transformers import PreTrainedTokenizerBase
-
-IMAGE_PLACEHOLDER = "<image>"
 
 Role = Literal["system", "user", "assistant"]
 

@@ -1,4 +1,5 @@
-"""Putting a vistune `Bundle` together from parts read out of another format."""
+"""Putting a vistune `Bundle` together from parts read out of another format: the model is composed by
+`vistune.model.checkpoint.compose`, as every model is; here the parts' weights and the spec are added."""
 
 from __future__ import annotations
 
@@ -16,11 +17,7 @@ from transformers import (
 
 from vistune.config import LLMConfig, VisionConfig
 from vistune.errors import CheckpointError
-from vistune.model.checkpoint import Bundle, ModelSpec
-from vistune.model.projector import build_projector
-from vistune.model.tiling import ImageLayout
-from vistune.model.vision import VisionTower
-from vistune.model.vlm import VisionLanguageModel
+from vistune.model.checkpoint import Bundle, ModelSpec, compose
 
 
 def causal_lm_from_state(config: PretrainedConfig, state: dict[str, torch.Tensor], where: str,
@@ -47,20 +44,17 @@ def assemble(encoder: nn.Module, vision: VisionConfig, projector_key: str, proje
              image_processor: BaseImageProcessor, conversation_format: str, system_prompt: str | None,
              model_max_length: int, provenance: dict[str, object], where: str | Path) -> Bundle:
     """A Bundle whose spec describes the parts; paths in it say where the parts came from."""
-    tower = VisionTower(encoder, vision.select_layer, vision.select_feature)
-    embed_dim = llm.get_input_embeddings().embedding_dim
-    projector = build_projector(projector_key, tower.hidden_size, embed_dim)
-    dtype = next(llm.parameters()).dtype
-    projector.to(dtype)
-    layout = ImageLayout.for_model(vision, encoder.config, tower.num_tokens)  # type: ignore[arg-type]
-    model = VisionLanguageModel(tower, projector, llm, layout).eval()
+    model = compose(encoder, vision, llm, projector_key).eval()
+    dtype = next(llm.parameters()).dtype  # the connector is stored in the LLM's dtype
+    model.projector.to(dtype)
     if model.image_newline is not None:
         model.image_newline.data = model.image_newline.data.to(dtype)
     # The projector's weights, and `image_newline` for anyres (the reader puts it in the same dict).
     model.load_connector_state(projector_state, str(where))
     spec = ModelSpec(
-        vision=vision, llm=llm_cfg, projector=projector_key, vision_hidden_size=tower.hidden_size,
-        llm_hidden_size=embed_dim, num_image_tokens=tower.num_tokens, conversation_format=conversation_format,
-        system_prompt=system_prompt, model_max_length=model_max_length, provenance=provenance,
+        vision=vision, llm=llm_cfg, projector=projector_key, vision_hidden_size=model.vision.hidden_size,
+        llm_hidden_size=llm.get_input_embeddings().embedding_dim, num_image_tokens=model.num_image_tokens,
+        conversation_format=conversation_format, system_prompt=system_prompt, model_max_length=model_max_length,
+        provenance=provenance,
     )
     return Bundle(model, tokenizer, image_processor, spec)

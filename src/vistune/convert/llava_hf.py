@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -49,15 +47,14 @@ from vistune.config import LLMConfig, VisionConfig
 from vistune.convert.assemble import assemble, causal_lm_from_state
 from vistune.convert.templates import carry_processor_template, processor_chat_template
 from vistune.errors import CheckpointError
+from vistune.files import replacing_folder
+from vistune.images import carried_fields
 from vistune.model.checkpoint import Bundle
 from vistune.model.llm import load_tokenizer
 from vistune.model.tiling import anyres_processor
 
 EXPORT_FILE = "vistune_export.json"
 HF_PROJECTOR = "mlp2x_gelu"
-# Image processor fields carried over when `pad` preprocessing becomes LlavaImageProcessor(do_pad=True).
-_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                     "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
 def _select_strategy(select_feature: str, has_cls: bool) -> str:
@@ -84,14 +81,11 @@ def _check_exportable(bundle: Bundle) -> None:
 def _pad_processor(source: BaseImageProcessor) -> BaseImageProcessor:
     """LlavaImageProcessor with do_pad: vistune's `pad` (expand to a square of the mean colour, then
     the encoder's processor) done by the HF processor itself."""
-    fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS and v is not None}
-    # LlavaImageProcessor center-crops to 224 by default; an encoder processor without a crop (SigLIP) must not.
-    fields.setdefault("do_center_crop", False)
     try:  # the PIL backend, as the fixtures and the encoders' processors use (no torchvision needed)
         from transformers import LlavaImageProcessorPil as LlavaImageProcessor
     except ImportError:
         from transformers import LlavaImageProcessor
-    return LlavaImageProcessor(**fields, do_pad=True)
+    return LlavaImageProcessor(**carried_fields(source), do_pad=True)
 
 
 def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
@@ -99,28 +93,45 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
     `anyres` model, `LlavaNextForConditionalGeneration`) and `AutoProcessor.from_pretrained` load
     unchanged. The folder appears complete or not at all."""
     _check_exportable(bundle)
-    layout = bundle.model.layout
-    anyres = layout.mode == "anyres"
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; give a new folder")
-    spec, model = bundle.spec, bundle.model
-    encoder, llm = model.vision.encoder, model.llm
     tokenizer = copy.deepcopy(bundle.tokenizer)
     tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    strategy = _select_strategy(bundle.spec.vision.select_feature, bundle.model.vision.has_cls)
+    hf, text_vocab = _hf_model(bundle, image_id, strategy)
+    hf.generation_config = _generation_config(bundle, tokenizer, image_id)
+    processor = _hf_processor(bundle, tokenizer, strategy)
+    spec = bundle.spec
+    export = {"text_vocab_size": text_vocab, "conversation_format": spec.conversation_format,
+              "system_prompt": spec.system_prompt, "model_max_length": spec.model_max_length,
+              "image_preprocess": spec.vision.image_preprocess, "select_feature": spec.vision.select_feature,
+              "provenance": spec.provenance}
+    return _save_folder(dst, hf, processor, export)
 
+
+def _grown_embeddings(llm: nn.Module, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LLM's input embeddings and LM head [V', D], grown to hold `image_id`: the new rows are the mean of
+    the existing ones, as transformers' conversion does."""
     embed = llm.get_input_embeddings().weight.detach()  # [V, D]
     head = llm.get_output_embeddings().weight.detach()  # [V, D]
-    text_vocab = embed.shape[0]
-    rows = max(text_vocab, image_id + 1)
-    grow = rows - text_vocab
+    grow = max(embed.shape[0], image_id + 1) - embed.shape[0]
     embed = torch.cat([embed, embed.mean(0, keepdim=True).expand(grow, -1)])  # [V', D]
     head = torch.cat([head, head.mean(0, keepdim=True).expand(grow, -1)])  # [V', D]
+    return embed, head
 
+
+def _hf_model(bundle: Bundle, image_id: int, strategy: str) -> tuple[PreTrainedModel, int]:
+    """The transformers model holding `bundle`'s weights (in the LLM's dtype), and the text vocabulary size
+    before the image row."""
+    spec, model = bundle.spec, bundle.model
+    encoder, llm, layout = model.vision.encoder, model.llm, model.layout
+    anyres = layout.mode == "anyres"
+    text_vocab = llm.get_input_embeddings().weight.shape[0]
+    embed, head = _grown_embeddings(llm, image_id)
     text_config = copy.deepcopy(llm.config)
-    text_config.vocab_size = rows
-    strategy = _select_strategy(spec.vision.select_feature, model.vision.has_cls)
+    text_config.vocab_size = embed.shape[0]
     config_class, model_class = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (
         LlavaConfig, LlavaForConditionalGeneration)
     extra = {"image_grid_pinpoints": [list(p) for p in layout.pinpoints]} if anyres else {}
@@ -149,19 +160,32 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
     for module, state in parts:
         module.load_state_dict({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, strict=True,
                                assign=True)
+    return hf, text_vocab
 
+
+def _hf_processor(bundle: Bundle, tokenizer: PreTrainedTokenizerBase,
+                  strategy: str) -> LlavaProcessor | LlavaNextProcessor:
+    """LlavaProcessor (LlavaNextProcessor for `anyres`) doing what vistune's preprocessing and chat format do."""
+    spec, model = bundle.spec, bundle.model
+    anyres = model.layout.mode == "anyres"
     if anyres:
-        image_processor = anyres_processor(bundle.image_processor, layout)
+        image_processor = anyres_processor(bundle.image_processor, model.layout)
     elif spec.vision.image_preprocess == "pad":
         image_processor = _pad_processor(bundle.image_processor)
     else:
         image_processor = copy.deepcopy(bundle.image_processor)
-    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=encoder.config.patch_size,
+    return (LlavaNextProcessor if anyres else LlavaProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision.encoder.config.patch_size,
         vision_feature_select_strategy=strategy,
         chat_template=processor_chat_template(spec.conversation_format, spec.system_prompt, bundle.tokenizer),
         image_token=IMAGE_PLACEHOLDER, num_additional_image_tokens=int(model.vision.has_cls),
     )
+
+
+def _generation_config(bundle: Bundle, tokenizer: PreTrainedTokenizerBase, image_id: int) -> GenerationConfig:
+    """The LLM's generation config, stopping where vistune's chat format ends a turn and never generating
+    the image token (so HF's greedy output equals vistune's)."""
+    llm, spec = bundle.model.llm, bundle.spec
     generation = copy.deepcopy(llm.generation_config) if getattr(llm, "generation_config", None) else GenerationConfig()
     stops = ChatEncoder(bundle.tokenizer, get_format(spec.conversation_format, spec.system_prompt),
                         spec.num_image_tokens).stop_token_ids()
@@ -169,24 +193,17 @@ def write_llava_hf(bundle: Bundle, dst: str | Path) -> Path:
         generation.eos_token_id = stops
     generation.pad_token_id = tokenizer.pad_token_id
     generation.suppress_tokens = [image_id]
-    hf.generation_config = generation
+    return generation
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+
+def _save_folder(dst: Path, hf: PreTrainedModel, processor: LlavaProcessor | LlavaNextProcessor,
+                 export: dict[str, Any]) -> Path:
+    """Model, processor and `EXPORT_FILE` written to `dst` (absent or empty) so that it appears complete or
+    not at all."""
+    with replacing_folder(dst) as tmp:
         hf.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
-        export = {"text_vocab_size": text_vocab, "conversation_format": spec.conversation_format,
-                  "system_prompt": spec.system_prompt, "model_max_length": spec.model_max_length,
-                  "image_preprocess": spec.vision.image_preprocess, "select_feature": spec.vision.select_feature,
-                  "provenance": spec.provenance}
         (tmp / EXPORT_FILE).write_text(json.dumps(export, indent=2, default=str))
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -201,35 +218,9 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
     model_class = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
     hf = model_class.from_pretrained(str(src), dtype=dtype or "auto")
     config = hf.config
-    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
-        raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
-                              f"{config.multimodal_projector_bias}) has no vistune projector; only gelu with biases "
-                              f"({HF_PROJECTOR}) does")
-    if not isinstance(config.vision_feature_layer, int):
-        raise CheckpointError(f"{src}: vision_feature_layer {config.vision_feature_layer} concatenates several "
-                              "layers, which vistune's vision tower does not do")
     encoder = hf.model.vision_tower
-    has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in encoder.modules())
-    if config.vision_feature_select_strategy == "default":
-        if not has_cls:
-            raise CheckpointError(f"{src}: strategy 'default' drops the first token of an encoder without a CLS "
-                                  "token; vistune selects patches by what the encoder has")
-        feature = "patch"
-    else:
-        feature = "cls_patch" if has_cls else "patch"
-
-    n_text = int(export.get("text_vocab_size", config.text_config.vocab_size))
-    text_config = copy.deepcopy(config.text_config)
-    text_config.vocab_size = n_text
-    decoder = hf.model.language_model
-    state = {f"{_prefix(text_config)}.{k}": v for k, v in decoder.state_dict().items()}
-    embed_key = f"{_prefix(text_config)}.embed_tokens.weight"
-    state[embed_key] = state[embed_key][:n_text]
-    if not text_config.tie_word_embeddings:
-        state["lm_head.weight"] = hf.lm_head.weight.detach()[:n_text]
-    llm = causal_lm_from_state(text_config, state, str(src))
-    llm.generation_config = copy.deepcopy(hf.generation_config)
-    llm.generation_config.suppress_tokens = None
+    feature = _select_feature(src, config, encoder)
+    llm = _text_llm(hf, int(export.get("text_vocab_size", config.text_config.vocab_size)), src)
 
     processor = AutoImageProcessor.from_pretrained(str(src))
     preprocess = export.get("image_preprocess") or ("pad" if getattr(processor, "do_pad", False) else "processor")
@@ -253,9 +244,44 @@ def read_llava_hf(src: str | Path, conversation_format: str | None = None, syste
         encoder, vision, HF_PROJECTOR, {k: v.detach() for k, v in projector_state.items()}, llm,
         LLMConfig(path=str(src)), tokenizer, processor, fmt,
         system_prompt if system_prompt is not None else export.get("system_prompt"),
-        int(export.get("model_max_length") or getattr(text_config, "max_position_embeddings", 2048)),
+        int(export.get("model_max_length") or getattr(llm.config, "max_position_embeddings", 2048)),
         {"converted_from": str(src.resolve()), "source_format": "llava-next" if anyres else "llava-hf"}, src,
     )
+
+
+def _select_feature(src: Path, config: Any, encoder: nn.Module) -> str:
+    """vistune's `select_feature` for a llava-hf config, after checking its projector and feature layer map
+    onto vistune's."""
+    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
+        raise CheckpointError(f"{src}: projector act {config.projector_hidden_act!r} (bias "
+                              f"{config.multimodal_projector_bias}) has no vistune projector; only gelu with biases "
+                              f"({HF_PROJECTOR}) does")
+    if not isinstance(config.vision_feature_layer, int):
+        raise CheckpointError(f"{src}: vision_feature_layer {config.vision_feature_layer} concatenates several "
+                              "layers, which vistune's vision tower does not do")
+    has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in encoder.modules())
+    if config.vision_feature_select_strategy == "default":
+        if not has_cls:
+            raise CheckpointError(f"{src}: strategy 'default' drops the first token of an encoder without a CLS "
+                                  "token; vistune selects patches by what the encoder has")
+        return "patch"
+    return "cls_patch" if has_cls else "patch"
+
+
+def _text_llm(hf: PreTrainedModel, n_text: int, src: Path) -> PreTrainedModel:
+    """The causal LM inside a llava-hf model, cut back to its `n_text` text rows (the image row removed)."""
+    text_config = copy.deepcopy(hf.config.text_config)
+    text_config.vocab_size = n_text
+    decoder = hf.model.language_model
+    state = {f"{_prefix(text_config)}.{k}": v for k, v in decoder.state_dict().items()}
+    embed_key = f"{_prefix(text_config)}.embed_tokens.weight"
+    state[embed_key] = state[embed_key][:n_text]
+    if not text_config.tie_word_embeddings:
+        state["lm_head.weight"] = hf.lm_head.weight.detach()[:n_text]
+    llm = causal_lm_from_state(text_config, state, str(src))
+    llm.generation_config = copy.deepcopy(hf.generation_config)
+    llm.generation_config.suppress_tokens = None
+    return llm
 
 
 def _prompt_format(src: Path, tokenizer: PreTrainedTokenizerBase, conversation_format: str | None,

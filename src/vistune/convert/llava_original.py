@@ -34,7 +34,7 @@ from vistune.convert.weights import load_model_weights, load_weight_file
 from vistune.errors import CheckpointError
 from vistune.model.checkpoint import Bundle
 from vistune.model.llm import load_llm, load_tokenizer
-from vistune.model.projector import check_projector_key
+from vistune.registry_keys import check_projector_key
 from vistune.model.vision import load_image_processor, load_vision_encoder
 
 PROJECTOR_PREFIX = "model.mm_projector."

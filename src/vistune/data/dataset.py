@@ -6,14 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from transformers import BaseImageProcessor
 
 from vistune.chat.encode import ChatEncoder
 from vistune.data.records import Sample
 from vistune.errors import DataError
+from vistune.images import image_size, load_image
 from vistune.model.tiling import ImageLayout, ImagePreprocessor
+from vistune.tokens import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -25,40 +26,11 @@ class Skipped:
     message: str
 
 
-def _too_large(path: object, sample: str, error: Image.DecompressionBombError) -> DataError:
-    # Pillow refuses, at open, a header claiming over 2 x MAX_IMAGE_PIXELS (179 MP by default): decoding it
-    # could take gigabytes. It is the record's fault, so it is skipped or named like any bad record.
-    return DataError(f"sample {sample}: image {path} is too large to decode safely ({error}); resize it or drop the "
-                     "record", "image over the decompression-bomb limit")
-
-
-def image_size(path: object, sample: str) -> tuple[int, int]:
-    """(height, width) read from the file's header only (no decoding), for token counts up front."""
-    try:
-        with Image.open(path) as im:  # type: ignore[arg-type]
-            return im.size[1], im.size[0]
-    except Image.DecompressionBombError as e:
-        raise _too_large(path, sample, e) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"sample {sample}: image {path} cannot be read ({e})", "unreadable image") from None
-
-
 def sample_image_tokens(layout: ImageLayout | None, sample: Sample) -> list[int] | None:
     """Each image's token count for `hd`/`anyres` (they depend on its size); None in `single`."""
     if layout is None or layout.mode == "single":
         return None
     return [layout.num_tokens(*image_size(p, sample.id)) for p in sample.images]
-
-
-def load_image(path: object, sample: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:  # type: ignore[arg-type]
-            im.load()
-            return im.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise _too_large(path, sample, e) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"sample {sample}: image {path} cannot be read ({e})", "unreadable image") from None
 
 
 class SupervisedDataset(Dataset):
@@ -124,7 +96,7 @@ def collate(items: list[dict[str, object] | Skipped], pad_token_id: int, padding
         return batch
     length = max(len(it["input_ids"]) for it in kept)  # type: ignore[arg-type]
     ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(kept), length), -100, dtype=torch.long)
+    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(kept), length), dtype=torch.long)
     for i, it in enumerate(kept):
         n = len(it["input_ids"])  # type: ignore[arg-type]

@@ -22,9 +22,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vistune.chat.encode import ChatEncoder
-from vistune.data.dataset import load_image, sample_image_tokens
+from vistune.data.dataset import sample_image_tokens
 from vistune.data.records import Problems, Sample
 from vistune.errors import DataError
+from vistune.files import write_text
+from vistune.images import load_image
 from vistune.model.tiling import ImageLayout
 
 _CHUNK = 2048
@@ -96,10 +98,7 @@ def shared_outcomes(compute: Callable[[], list[Outcome]], cache: Path, key: str,
             outcomes = [tuple(o) for o in stored["outcomes"]] if stored.get("key") == key else None
         if outcomes is None:
             outcomes = compute()
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "outcomes": outcomes}))
-            os.replace(tmp, cache)  # atomic: a reader never sees half a file
+            write_text(cache, json.dumps({"key": key, "outcomes": outcomes}))  # a reader never sees half a file
     barrier()
     if outcomes is None:
         outcomes = [tuple(o) for o in json.loads(cache.read_text())["outcomes"]]

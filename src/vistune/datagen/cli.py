@@ -1,34 +1,93 @@
-"""`vistune datagen ...`: the data-generation subcommands (instruct, align, convert, mix), each one
-typed function, and the argparse group that `vistune.cli` mounts. Heavy imports stay inside the commands.
+"""Generate training data: instruct, align, convert, mix, scienceqa (`vistune datagen ...`).
+
+Each command is one typed function; `vistune.cli` mounts COMMANDS, and tyro builds the flags from the
+signatures, the docstrings and the `Captions` and `TeacherOptions` groups. Heavy imports stay inside the commands.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from tyro.conf import Positional, arg
+
+if TYPE_CHECKING:
+    from vistune.datagen.teachers import Teacher
 
 
-def datagen_instruct(out: Path, teacher: str, kinds: str, captions: Path | None, instances: Path | None,
-                     jsonl: Path | None, base_url: str | None, gguf_file: str | None, limit: int | None,
-                     concurrency: int, seed: int, max_tokens: int | None, temperature: float | None,
-                     max_retries: int, price: list[float] | None, prompts: Path | None, reask: int,
-                     no_progress: bool) -> None:
-    """Instruction data (conversation, detail, complex) from captions and boxes by a teacher; resumable."""
+@dataclass(frozen=True)
+class Captions:
+    """Where the images and their captions come from: COCO files, or a JSONL."""
+
+    captions: Path | None = None  # COCO captions_*.json
+    jsonl: Path | None = None  # JSONL of {image, captions} (instruct: and boxes) instead of COCO files
+    limit: int | None = None  # first N images only
+
+    def records(self, instances: Path | None = None) -> list:
+        """The source's records (the first --limit), from --jsonl or from --captions with --instances' boxes."""
+        from vistune.datagen.sources import read_coco, read_jsonl
+        from vistune.errors import DataError
+
+        if self.jsonl is not None and self.captions is None:
+            records = read_jsonl(self.jsonl)
+            return records[:self.limit] if self.limit is not None else records
+        if self.captions is not None and self.jsonl is None:
+            return read_coco(self.captions, instances, self.limit)
+        raise DataError("give either --captions (COCO, with optional --instances) or --jsonl")
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """The teacher model that writes the instruction data, and how it is asked."""
+
+    teacher: str  # template | openai:MODEL | hf:PATH (a folder or a .gguf file)
+    base_url: str | None = None  # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (key: $OPENAI_API_KEY)
+    gguf_file: str | None = None  # hf teacher: GGUF file name inside PATH
+    max_tokens: int | None = None  # reply length cap (openai default 1024, hf 512)
+    temperature: float | None = None  # openai default 0.2, hf default 0 (greedy)
+    max_retries: int = 6  # openai: retries per request on 429/5xx/timeouts
+    price: Annotated[tuple[float, float] | None, arg(metavar="IN OUT")] = None
+    """price per 1M prompt / completion tokens"""
+
+    def build(self) -> Teacher:
+        """The teacher, with the options its kind takes (the others do not apply to it)."""
+        from vistune.datagen.teachers import RetryPolicy, get_teacher
+
+        options: dict = {}
+        length = "max_tokens"  # what the kind calls the reply length cap
+        if self.teacher.startswith("openai:"):
+            options = {"base_url": self.base_url, "retry": RetryPolicy(max_retries=self.max_retries),
+                       "prices": self.price}
+        elif self.teacher.startswith("hf:"):
+            options, length = {"gguf_file": self.gguf_file}, "max_new_tokens"
+        if options:  # the template teacher takes neither
+            options |= {k: v for k, v in ((length, self.max_tokens), ("temperature", self.temperature))
+                        if v is not None}
+        return get_teacher(self.teacher, **options)
+
+
+def datagen_instruct(out: Path, teacher: TeacherOptions, source: Captions = Captions(), instances: Path | None = None,
+                     kinds: str = "conversation,detail,complex", concurrency: int = 8, seed: int = 0,
+                     prompts: Path | None = None, reask: int = 0, no_progress: bool = False) -> None:
+    """Instruction data (conversation, detail, complex) from captions and boxes by a teacher; resumable.
+
+    Args:
+        out: output .jsonl, rejects to OUT.rejects.jsonl; an existing OUT is resumed only if this command wrote it
+        instances: COCO instances_*.json (boxes)
+        kinds: comma-separated (default: all three)
+        concurrency: requests in flight
+        seed: the seed of the prompts' choices
+        prompts: a folder laid out like datagen/prompts/ to use instead
+        reask: ask again this many times after an invalid reply
+        no_progress: no progress bar
+    """
     from vistune.datagen.instruct import run_instruct
-    from vistune.datagen.teachers import RetryPolicy, get_teacher
 
-    records = _datagen_records(captions, instances, jsonl, limit)
-    options: dict = {}
-    if teacher.startswith("openai:"):
-        options = {"base_url": base_url, "retry": RetryPolicy(max_retries=max_retries),
-                   "prices": tuple(price) if price else None}
-        options |= {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
-    elif teacher.startswith("hf:"):
-        options = {"gguf_file": gguf_file}
-        options |= {k: v for k, v in (("max_new_tokens", max_tokens), ("temperature", temperature)) if v is not None}
-    summary = run_instruct(records, [k.strip() for k in kinds.split(",") if k.strip()], get_teacher(teacher, **options),
-                           out, seed=seed, concurrency=concurrency, progress=not no_progress, prompts_dir=prompts,
+    records = source.records(instances)
+    summary = run_instruct(records, [k.strip() for k in kinds.split(",") if k.strip()], teacher.build(), out,
+                           seed=seed, concurrency=concurrency, progress=not no_progress, prompts_dir=prompts,
                            reask=reask)
     print(summary.text())
     if summary.unfinished:
@@ -38,30 +97,63 @@ def datagen_instruct(out: Path, teacher: str, kinds: str, captions: Path | None,
                            "run the same command again to retry them")
 
 
-def datagen_align(out: Path, captions: Path | None, jsonl: Path | None, limit: int | None, seed: int,
-                  per_caption: bool, np_filter: bool, min_np_count: int, max_np_count: int,
-                  prompts: Path | None) -> None:
-    """Stage-1 alignment data: one brief-caption record per image (or per caption), optional noun-phrase filter."""
+def datagen_align(out: Path, source: Captions = Captions(), seed: int = 0, per_caption: bool = False,
+                  np_filter: bool = False, min_np_count: int = 3, max_np_count: int = 100,
+                  prompts: Path | None = None) -> None:
+    """Stage-1 alignment data: one brief-caption record per image (or per caption), optional noun-phrase filter.
+
+    Args:
+        out: output .jsonl (or .json)
+        seed: the seed of the instructions' choice
+        per_caption: one record per caption, not per image
+        np_filter: the paper's noun-phrase frequency filter (needs vistune[nlp])
+        min_np_count: the filter keeps noun phrases seen at least this often
+        max_np_count: and caps each noun phrase at this many captions
+        prompts: a folder laid out like datagen/prompts/ to use instead
+    """
     from vistune.datagen.align import run_align
 
-    records = _datagen_records(captions, None, jsonl, limit)
-    print(run_align(records, out, seed=seed, per_caption=per_caption, filter_noun_phrases=np_filter,
+    print(run_align(source.records(), out, seed=seed, per_caption=per_caption, filter_noun_phrases=np_filter,
                     min_np_count=min_np_count, max_np_count=max_np_count, prompts_dir=prompts).text())
 
 
-def datagen_convert(layout: str, questions: Path, annotations: Path | None, out: Path, image_template: str | None,
-                    no_merge: bool, seed: int, box_frame: str, max_turns: int | None) -> None:
-    """Convert an academic VQA set in its published layout to LLaVA records with LLaVA-1.5's prompts."""
+def datagen_convert(layout: Annotated[str, Positional, arg(metavar="LAYOUT")], questions: Path, out: Path,
+                    annotations: Path | None = None, image_template: str | None = None, no_merge: bool = False,
+                    seed: int = 0, box_frame: Literal["square", "image"] = "square",
+                    max_turns: int | None = None) -> None:
+    """Convert an academic VQA set in its published layout to LLaVA records with LLaVA-1.5's prompts.
+
+    Args:
+        layout: vqav2 | okvqa | gqa | ocrvqa | aokvqa | textcaps | refcoco | vg
+        questions: the set's questions file
+        out: output .jsonl
+        annotations: vqav2/okvqa annotations, refcoco instances.json, vg image_data.json
+        image_template: e.g. 'coco/train2014/COCO_train2014_{image_id:012d}.jpg'
+        no_merge: one record per question instead of one per image
+        seed: the seed of the prompts' choice
+        box_frame: the frame box coordinates are given in (the padded square, or the image)
+        max_turns: split an image's questions into conversations of this many turns
+    """
     from vistune.datagen.mix import convert_vqa
 
     print(convert_vqa(layout, questions, annotations, out, image_template=image_template,
                       merge_per_image=not no_merge, seed=seed, box_frame=box_frame, max_turns=max_turns).text())
 
 
-def datagen_mix(inputs: list[str], out: Path, seed: int) -> None:
-    """Combine LLaVA sets, each `FILE[:RATIO]` (RATIO: the fraction kept at random, default 1), shuffled."""
-    from vistune.datagen.mix import run_mix
+def datagen_mix(inputs: Annotated[tuple[str, ...], Positional, arg(metavar="FILE[:RATIO]")], out: Path,
+                seed: int = 0) -> None:
+    """Combine LLaVA sets, each `FILE[:RATIO]` (RATIO: the fraction kept at random, default 1), shuffled.
 
+    Args:
+        inputs: FILE[:RATIO], e.g. instruct.jsonl vqav2.jsonl:0.75
+        out: output .jsonl
+        seed: the seed of the sampling and the shuffle
+    """
+    from vistune.datagen.mix import run_mix
+    from vistune.errors import DataError
+
+    if not inputs:  # tyro reads a variable-length positional as zero or more
+        raise DataError("name the sets to mix: FILE[:RATIO] ...")
     pairs = []
     for spec in inputs:
         path, sep, ratio = spec.rpartition(":")
@@ -72,82 +164,20 @@ def datagen_mix(inputs: list[str], out: Path, seed: int) -> None:
     print(run_mix(pairs, out, seed=seed).text())
 
 
-def datagen_scienceqa(root: Path, split: str, prompt_format: str, out: Path | None) -> None:
-    """ScienceQA (problems.json + pid_splits.json) to LLaVA records in the text of LLaVA's convert_sqa_to_llava.py."""
+def datagen_scienceqa(root: Annotated[Path, Positional, arg(metavar="ROOT")], split: str = "train",
+                      prompt_format: str = "QCM-LEA", out: Path | None = None) -> None:
+    """ScienceQA (problems.json + pid_splits.json) to LLaVA records in the text of LLaVA's convert_sqa_to_llava.py.
+
+    Args:
+        root: ScienceQA's data/scienceqa folder (problems.json, pid_splits.json)
+        split: train | val | test | minival ...
+        prompt_format: INPUT-OUTPUT as LLaVA's script (default QCM-LEA, what LLaVA trained on)
+        out: default ROOT/llava_{split}_{format}.json
+    """
     from vistune.datagen.scienceqa import convert_scienceqa
 
     path, n, with_image = convert_scienceqa(root, split, prompt_format, out)
     print(f"scienceqa {split} ({prompt_format}): {n} records ({with_image} with an image) -> {path}")
-
-
-def _datagen_records(captions: Path | None, instances: Path | None, jsonl: Path | None, limit: int | None) -> list:
-    from vistune.datagen.sources import read_coco, read_jsonl
-    from vistune.errors import DataError
-
-    if (captions is None) == (jsonl is None):
-        raise DataError("give either --captions (COCO, with optional --instances) or --jsonl")
-    if jsonl is not None:
-        records = read_jsonl(jsonl)
-        return records[:limit] if limit is not None else records
-    return read_coco(captions, instances, limit)  # type: ignore[arg-type]
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """The `datagen` command group, with one subparser per command in COMMANDS."""
-    d = sub.add_parser("datagen", help="generate training data (instruction, alignment, mixtures)",
-                       description="Generate training data: instruct, align, convert, mix, scienceqa.")
-    dsub = d.add_subparsers(dest="datagen_command", required=True)
-    di = dsub.add_parser("instruct", help=datagen_instruct.__doc__, description=datagen_instruct.__doc__)
-    di.add_argument("--captions", type=Path, help="COCO captions_*.json")
-    di.add_argument("--instances", type=Path, help="COCO instances_*.json (boxes)")
-    di.add_argument("--jsonl", type=Path, help="JSONL of {image, captions, boxes} instead of COCO files")
-    di.add_argument("--kinds", default="conversation,detail,complex", help="comma-separated (default: all three)")
-    di.add_argument("--teacher", required=True, help="template | openai:MODEL | hf:PATH (a folder or a .gguf file)")
-    di.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (key: $OPENAI_API_KEY)")
-    di.add_argument("--gguf-file", help="hf teacher: GGUF file name inside PATH")
-    di.add_argument("--out", type=Path, required=True, help="output .jsonl; rejects go to OUT.rejects.jsonl; "
-                    "an existing OUT is resumed only when this command wrote it")
-    di.add_argument("--limit", type=int, help="first N images only")
-    di.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    di.add_argument("--seed", type=int, default=0)
-    di.add_argument("--max-tokens", type=int, help="reply length cap (openai default 1024, hf 512)")
-    di.add_argument("--temperature", type=float, help="openai default 0.2, hf default 0 (greedy)")
-    di.add_argument("--max-retries", type=int, default=6, help="openai: retries per request on 429/5xx/timeouts")
-    di.add_argument("--price", type=float, nargs=2, metavar=("IN", "OUT"), help="price per 1M prompt / completion tokens")
-    di.add_argument("--prompts", type=Path, help="a folder laid out like datagen/prompts/ to use instead")
-    di.add_argument("--reask", type=int, default=0, help="ask again this many times after an invalid reply")
-    di.add_argument("--no-progress", action="store_true")
-    da = dsub.add_parser("align", help=datagen_align.__doc__, description=datagen_align.__doc__)
-    da.add_argument("--captions", type=Path, help="COCO captions_*.json")
-    da.add_argument("--jsonl", type=Path, help="JSONL of {image, captions}")
-    da.add_argument("--out", type=Path, required=True, help="output .jsonl (or .json)")
-    da.add_argument("--limit", type=int)
-    da.add_argument("--seed", type=int, default=0)
-    da.add_argument("--per-caption", action="store_true", help="one record per caption, not per image")
-    da.add_argument("--np-filter", action="store_true", help="the paper's noun-phrase frequency filter (needs vistune[nlp])")
-    da.add_argument("--min-np-count", type=int, default=3)
-    da.add_argument("--max-np-count", type=int, default=100)
-    da.add_argument("--prompts", type=Path)
-    dc = dsub.add_parser("convert", help=datagen_convert.__doc__, description=datagen_convert.__doc__)
-    dc.add_argument("layout", help="vqav2 | okvqa | gqa | ocrvqa | aokvqa | textcaps | refcoco | vg")
-    dc.add_argument("--questions", type=Path, required=True)
-    dc.add_argument("--annotations", type=Path, help="vqav2/okvqa annotations, refcoco instances.json, vg image_data.json")
-    dc.add_argument("--out", type=Path, required=True)
-    dc.add_argument("--image-template", help="e.g. 'coco/train2014/COCO_train2014_{image_id:012d}.jpg'")
-    dc.add_argument("--no-merge", action="store_true", help="one record per question instead of one per image")
-    dc.add_argument("--seed", type=int, default=0)
-    dc.add_argument("--box-frame", default="square", choices=["square", "image"])
-    dc.add_argument("--max-turns", type=int, help="split an image's questions into conversations of this many turns")
-    ds = dsub.add_parser("scienceqa", help=datagen_scienceqa.__doc__, description=datagen_scienceqa.__doc__)
-    ds.add_argument("root", type=Path, help="ScienceQA's data/scienceqa folder (problems.json, pid_splits.json)")
-    ds.add_argument("--split", default="train", help="train | val | test | minival ... (default train)")
-    ds.add_argument("--prompt-format", default="QCM-LEA", help="INPUT-OUTPUT as LLaVA's script (default QCM-LEA, "
-                    "what LLaVA trained on)")
-    ds.add_argument("--out", type=Path, help="default ROOT/llava_{split}_{format}.json")
-    dm = dsub.add_parser("mix", help=datagen_mix.__doc__, description=datagen_mix.__doc__)
-    dm.add_argument("inputs", nargs="+", help="FILE[:RATIO], e.g. instruct.jsonl vqav2.jsonl:0.75")
-    dm.add_argument("--out", type=Path, required=True)
-    dm.add_argument("--seed", type=int, default=0)
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"instruct": datagen_instruct, "align": datagen_align,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.errors import DataError
+from vistune.files import replacing
 
 _LINE_START = b'{"id": '  # how `append` begins every line
 
@@ -82,10 +83,6 @@ class JsonlAppender:
 
 def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
     """Whole-file write for the fast, deterministic builders (align, mix): temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

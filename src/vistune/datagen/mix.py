@@ -36,17 +36,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vistune.chat.formats import IMAGE_PLACEHOLDER
+from vistune.answer_formats import CAPTION, GROUND, LETTER_ANSWER, REGION, SHORT_ANSWER
 from vistune.data.records import read_records
 from vistune.datagen.outputs import write_records
 from vistune.datagen.summary import Summary
 from vistune.errors import DataError, RegistryKeyError
-
-SHORT = "Answer the question using a single word or phrase."
-LETTER = "Answer with the option's letter from the given choices directly."
-CAPTION = "Provide a one-sentence caption for the provided image."
-REGION = "Please provide a short description for this region: {box}"
-GROUND = "Please provide the bounding box coordinate of the region this sentence describes: {phrase}"
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 IMAGE_TEMPLATES = {  # where LLaVA-1.5's mixture keeps each set's images, relative to one image folder
     "vqav2": "coco/train2017/{image_id:012d}.jpg",
@@ -124,18 +119,18 @@ def _vqa(questions: Path, annotations: Path | None, layout: str) -> Iterator[Ite
         if a is None:
             continue
         answer = a.get("multiple_choice_answer") or _majority(a["answers"])
-        yield q["image_id"], f"{q['question']}\n{SHORT}", answer, {}
+        yield q["image_id"], f"{q['question']}\n{SHORT_ANSWER}", answer, {}
 
 
 def _gqa(questions: Path) -> Iterator[Item]:
     for q in _load(questions).values():
-        yield q["imageId"], f"{q['question']}\n{SHORT}", str(q["answer"]), {}
+        yield q["imageId"], f"{q['question']}\n{SHORT_ANSWER}", str(q["answer"]), {}
 
 
 def _ocrvqa(questions: Path) -> Iterator[Item]:
     for image_id, d in _load(questions).items():
         for q, a in zip(d["questions"], d["answers"]):
-            yield image_id, f"{q}\n{SHORT}", str(a), {}
+            yield image_id, f"{q}\n{SHORT_ANSWER}", str(a), {}
 
 
 def _aokvqa(questions: Path) -> Iterator[Item]:
@@ -143,7 +138,7 @@ def _aokvqa(questions: Path) -> Iterator[Item]:
         if q.get("correct_choice_idx") is None:  # the test split has no answers
             continue
         options = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(q["choices"]))
-        yield q["image_id"], f"{q['question']}\n{options}\n{LETTER}", chr(65 + q["correct_choice_idx"]), {}
+        yield q["image_id"], f"{q['question']}\n{options}\n{LETTER_ANSWER}", chr(65 + q["correct_choice_idx"]), {}
 
 
 def _textcaps(questions: Path, rng: random.Random, merge: bool) -> Iterator[Item]:

@@ -12,13 +12,13 @@ output of ours without one.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vistune.datagen.jsonl import write_jsonl_atomic
 from vistune.errors import DataError
+from vistune.files import write_text
 
 SIDECAR_SUFFIX = ".datagen"
 
@@ -59,11 +59,7 @@ def claim_output(out: Path, command: str, companions: tuple[Path, ...] = (),
         raise DataError(f"{path} was written by `vistune datagen {owner}`, not `{command}`; refusing to touch it: "
                         f"choose another --out, or delete the file if its content is not needed")
     if owner != command:
-        side = sidecar_path(out)
-        side.parent.mkdir(parents=True, exist_ok=True)
-        tmp = side.with_name(f".{side.name}.tmp")
-        tmp.write_text(json.dumps({"command": command, "writer": "vistune datagen"}) + "\n", encoding="utf-8")
-        os.replace(tmp, side)
+        write_text(sidecar_path(out), json.dumps({"command": command, "writer": "vistune datagen"}) + "\n")
 
 
 def write_records(out: Path, records: list[dict[str, Any]], command: str) -> None:
@@ -74,6 +70,4 @@ def write_records(out: Path, records: list[dict[str, Any]], command: str) -> Non
     if out.suffix != ".json":
         write_jsonl_atomic(out, records)
         return
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, json.dumps(records, ensure_ascii=False, indent=1))

@@ -17,12 +17,13 @@ The text follows LLaVA's `scripts/convert_sqa_to_llava.py` (with `convert_sqa_to
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from vistune.datagen.outputs import claim_output
 from vistune.errors import DataError
+from vistune.files import write_text
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 OPTIONS = "ABCDE"  # build_prompt_chatbot's default option letters
 
@@ -107,11 +108,9 @@ def convert_scienceqa(root: Path, split: str = "train", prompt_format: str = "QC
                                                          {"from": "gpt", "value": text_out}]})
         else:
             records.append({"id": pid, "image": f"{pid}/{p['image']}",
-                            "conversations": [{"from": "human", "value": f"{text_in}\n<image>"},
+                            "conversations": [{"from": "human", "value": f"{text_in}\n{IMAGE_PLACEHOLDER}"},
                                               {"from": "gpt", "value": text_out}]})
     path = out or root / f"llava_{split}_{prompt_format}.json"
     claim_output(path, "scienceqa")  # LLaVA's own file of this name may sit there: never replace it
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(records, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(records, indent=2))
     return path, len(records), sum("image" in r for r in records)

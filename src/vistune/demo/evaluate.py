@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vistune.answer_formats import SHORT_ANSWER
 from vistune.eval.run import generate_replies
-from vistune.eval.tasks.base import SHORT_ANSWER
 from vistune.eval.tasks.demo import (
     DemoTask,
     Question,
@@ -23,12 +23,12 @@ from vistune.eval.tasks.demo import (
     select_questions,
 )
 from vistune.infer.engine import Engine, Sampling
+from vistune.tokens import IMAGE_PLACEHOLDER
 
-SHORT_ANSWER_PROMPT = SHORT_ANSWER
 BATCH_SIZE = 32
 DESCRIBE = "Describe the image briefly."  # held out: stage 2's brief captions use other wordings
 
-__all__ = ["DESCRIBE", "SHORT_ANSWER_PROMPT", "Question", "ask_all", "blank_like", "describe", "evaluate",
+__all__ = ["DESCRIBE", "Question", "ask_all", "blank_like", "describe", "evaluate",
            "load_questions", "reading_request", "score", "true_objects"]
 
 
@@ -57,8 +57,8 @@ def describe(engine: Engine, images: list[Path], instruction: str = DESCRIBE, bl
     out: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        convs = [[{"role": "user", "content": f"<image>\n{instruction}"}] for _ in chunk]
-        pictures = [[blank_like(p, engine) if blind else p] for p in chunk]
+        convs = [[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{instruction}"}] for _ in chunk]
+        pictures = [[blank_like(p, engine.bundle.image_processor) if blind else p] for p in chunk]
         out += engine.generate(convs, pictures, Sampling(max_new_tokens=max_new_tokens))
     return [r.strip() for r in out]
 
@@ -111,7 +111,7 @@ def evaluate(model: Path, world: Path, per_type: int, n_descriptions: int, seed:
 def reading_request(description: str, question: str) -> str:
     """The user turn asking a short-answer question about a description given as text: the shape of the
     stand-in LLM's reading examples (pretraining), of its reading check, and of benchmarks/demo_reading.py."""
-    return f"{description}\n{question}\n{SHORT_ANSWER_PROMPT}"
+    return f"{description}\n{question}\n{SHORT_ANSWER}"
 
 
 def ask_from_captions(lm_dir: Path, questions: list[Question], captions: dict[str, list[str]],

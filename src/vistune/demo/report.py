@@ -5,7 +5,6 @@ and blind)."""
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from vistune.demo.evaluate import Question
+from vistune.files import replacing, write_text
 
 GRID = 8  # test images in examples.png and report.md
 
@@ -34,10 +34,9 @@ def _pyplot():  # noqa: ANN202
 
 
 def _save(fig: Any, out: Path) -> None:
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(out) as tmp:  # keeps the .png suffix, which savefig reads the format from
+        fig.savefig(tmp, dpi=110)
     _pyplot().close(fig)
-    os.replace(tmp, out)
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], out: Path) -> None:
@@ -93,9 +92,7 @@ def _cut(text: str, n: int) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _curves(out: Path) -> dict[str, list[tuple[int, float]]]:
@@ -137,12 +134,16 @@ def write_report(out: Path, *, facts: dict, results: dict, timings: dict[str, fl
     return report
 
 
-def _loss_summary(losses: list[float]) -> dict[str, float]:
-    """Stage 1's loss at its start, after a tenth of its steps, and as the mean of its last tenth."""
+def _loss_summary(losses: list[float]) -> dict:
+    """Stage 1's loss at its start, after a tenth of its steps, the mean of its last tenth, and the mean
+    of each tenth in order (whether it keeps falling is read from those, not from one noisy step)."""
     if not losses:
         return {}
     tenth = max(1, len(losses) // 10)
-    return {"first": losses[0], "at_one_tenth": losses[tenth - 1], "last_tenth_mean": sum(losses[-tenth:]) / tenth}
+    means = [sum(losses[k:k + tenth]) / len(losses[k:k + tenth]) for k in range(0, tenth * 10, tenth)
+             if losses[k:k + tenth]]
+    return {"first": losses[0], "at_one_tenth": losses[tenth - 1], "last_tenth_mean": sum(losses[-tenth:]) / tenth,
+            "tenth_means": means}
 
 
 def _markdown(report: dict, rows: list[dict], results: dict) -> list[str]:
@@ -217,8 +218,14 @@ def _example_md(row: dict) -> list[str]:
 def _stage1_note(s: dict[str, float]) -> str:
     if not s:
         return ""
+    means = s.get("tenth_means", [])
+    trend = ""
+    if len(means) >= 3:
+        falling = sum(b < a for a, b in zip(means[1:], means[2:]))
+        trend = (f" Means over each tenth: {', '.join(f'{m:.2f}' for m in means)}; after the first tenth it falls "
+                 f"in {falling} of the {len(means) - 2} tenths that follow.")
     return (f"Stage 1 (projector only): loss {s['first']:.2f} at the first step, {s['at_one_tenth']:.2f} after a "
-            f"tenth of its steps, {s['last_tenth_mean']:.2f} over its last tenth.")
+            f"tenth of its steps, {s['last_tenth_mean']:.2f} over its last tenth.{trend}")
 
 
 def _reading_check(report: dict) -> list[str]:

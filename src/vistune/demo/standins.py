@@ -24,12 +24,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 
 from vistune.chat.formats import chatml_template
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, PreTrainedTokenizerBase
+    from transformers import CLIPConfig, CLIPModel, LlamaConfig, PreTrainedTokenizerBase
 
 SYSTEM_PROMPT = "You are a helpful assistant that can see images."
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+Regions = list[list[tuple[list[int], str]]]  # per image: (patch indices a box covers, the box's caption)
 
 
 def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 2048) -> Path:
@@ -42,7 +44,7 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 2048) -> Path
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    chat_words = ["system", "user", "assistant", SYSTEM_PROMPT, "<image>"]
+    chat_words = ["system", "user", "assistant", SYSTEM_PROMPT, IMAGE_PLACEHOLDER]
     tok.train_from_iterator(texts + chat_words * 100, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|pad|>", model_max_length=1024)
@@ -93,7 +95,7 @@ def load_pixels(image_folder: Path, file_names: list[str], image_size: int):  # 
     return torch.stack(out)
 
 
-def box_regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> list[list[tuple[list[int], str]]]:
+def box_regions(instances_file: Path, images: list[dict], image_size: int, patch_size: int) -> Regions:
     """Per image (in the order of `images`, COCO image records), each box of a COCO instances file as
     (the row-major indices of the patches whose centres it covers, or the patch at its centre, and
     the caption "A <category name>."), for the CLIP stand-in's region-text loss."""
@@ -121,94 +123,113 @@ def box_regions(instances_file: Path, images: list[dict], image_size: int, patch
 # CLIP
 # --------------------------------------------------------------------------------------------------
 
-def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: Path, out: Path, *,
-               image_size: int, patch_size: int = 8, width: int = 128, layers: int = 4, steps: int = 400,
-               batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-               regions: list[list[tuple[list[int], str]]] | None = None, region_layer: int = -2) -> dict:
-    """Contrastive image-text training of a small CLIP; pixels [N, 3, H, W] already normalised the
-    way the saved image processor will normalise them. Returns the loss curve and held-out stats.
+_CLIP_TEXT_LEN = 48  # tokens; captions of this world are shorter
 
-    `regions[i]`: image i's boxes as (patch indices the box covers, the box's caption). With them,
-    each batch adds a region-text contrastive loss, as RegionCLIP does: a box's feature is the mean
-    of its patch tokens at `region_layer` (the layer LLaVA reads, by default), through the tower's
-    final norm and projection, matched against its caption among the batch's other region captions
-    (one box per distinct caption: equal captions would be false negatives). Scene captions alone
-    teach a tower this small, in minutes, which colours a scene holds but hardly which shape each
-    object has (a linear probe on an object's patch reads its colour, not its shape); a real CLIP's
-    patch tokens carry what each object is."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    max_len = 48
-    config = CLIPConfig(
+def _clip_config(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int, width: int,
+                 layers: int) -> CLIPConfig:
+    """A small CLIP: a 2-layer text tower and a `layers`-layer ViT, both `width` wide."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
         text_config={"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": width * 2,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": max_len,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": _CLIP_TEXT_LEN,
                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                      "bos_token_id": tokenizer.bos_token_id},
         vision_config={"image_size": image_size, "patch_size": patch_size, "hidden_size": width,
                        "intermediate_size": width * 2, "num_hidden_layers": layers, "num_attention_heads": 4},
         projection_dim=width,
     )
-    model = CLIPModel(config)
 
-    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
-        # CLIP pools the text at its first EOS token, so every caption ends with one.
-        enc = tokenizer([t + tokenizer.eos_token for t in texts], padding="max_length", truncation=True,
-                        max_length=max_len, return_tensors="pt")
-        enc["input_ids"][:, -1] = torch.where(enc["attention_mask"][:, -1] == 1, tokenizer.eos_token_id,
-                                              enc["input_ids"][:, -1])
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+def _clip_text(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Token ids [N, L] and mask; CLIP pools the text at its first EOS token, so every caption ends with one."""
+    enc = tokenizer([t + tokenizer.eos_token for t in texts], padding="max_length", truncation=True,
+                    max_length=_CLIP_TEXT_LEN, return_tensors="pt")
+    enc["input_ids"][:, -1] = torch.where(enc["attention_mask"][:, -1] == 1, tokenizer.eos_token_id,
+                                          enc["input_ids"][:, -1])
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _region_batch(tokenizer: PreTrainedTokenizerBase, idx: list[int], regions: Regions,
+                  n_patches: int) -> dict[str, torch.Tensor]:
+    """The batch's boxes, one per distinct caption (equal captions would be false negatives): the
+    averaging masks [K, B, P] over each box's patch tokens, and the captions' token ids."""
+    picked: dict[str, tuple[int, list[int]]] = {}  # caption -> (row in batch, patches)
+    for row, i in enumerate(idx):
+        for patches, text in regions[i]:
+            picked.setdefault(text, (row, patches))
+    masks = torch.zeros(len(picked), len(idx), n_patches)  # [K, B, P]
+    for k, (row, patches) in enumerate(picked.values()):
+        masks[k, row, patches] = 1.0 / len(patches)
+    text = _clip_text(tokenizer, list(picked))
+    return {"region_masks": masks, "region_ids": text["input_ids"], "region_attention": text["attention_mask"]}
+
+
+def _clip_loss(m: CLIPModel, region_layer: int, region_masks: torch.Tensor | None = None,
+               region_ids: torch.Tensor | None = None, region_attention: torch.Tensor | None = None,
+               **batch: torch.Tensor) -> torch.Tensor:
+    """CLIP's image-text loss, plus (with regions) the same symmetric loss over box-caption pairs."""
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    out = m(**batch, return_loss=True, output_hidden_states=region_masks is not None)
+    if region_masks is None:
+        return out.loss
+    tokens = out.vision_model_output.hidden_states[region_layer][:, 1:]  # [B, P, D], the class token left out
+    pooled = torch.einsum("kbp,bpd->kd", region_masks, tokens)  # [K, D]
+    region = m.visual_projection(m.vision_model.post_layernorm(pooled))
+    region_text = m.get_text_features(input_ids=region_ids, attention_mask=region_attention).pooler_output
+    region, region_text = region / region.norm(dim=-1, keepdim=True), region_text / region_text.norm(dim=-1, keepdim=True)
+    return out.loss + image_text_contrastive_loss(m.logit_scale.exp() * region_text @ region.T)  # [K texts, K boxes]
+
+
+def _save_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, out: Path, image_size: int) -> None:
+    """The tower as an HF folder with an image processor using CLIP's published normalisation."""
+    from transformers import CLIPImageProcessor
+
+    model.save_pretrained(out)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=mean, image_std=std).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def train_clip(pixels: torch.Tensor, captions: list[list[str]], tokenizer_dir: Path, out: Path, *,
+               image_size: int, patch_size: int = 8, width: int = 128, layers: int = 4, steps: int = 400,
+               batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+               regions: Regions | None = None, region_layer: int = -2) -> dict:
+    """Contrastive image-text training of a small CLIP; pixels [N, 3, H, W] already normalised the
+    way the saved image processor will normalise them. Returns the loss curve and held-out stats.
+
+    `regions[i]`: image i's boxes as (patch indices the box covers, the box's caption). With them,
+    each batch adds a region-text contrastive loss, as RegionCLIP does: a box's feature is the mean
+    of its patch tokens at `region_layer` (the layer LLaVA reads, by default), through the tower's
+    final norm and projection, matched against its caption among the batch's other region captions.
+    Scene captions alone teach a tower this small, in minutes, which colours a scene holds but hardly
+    which shape each object has (a linear probe on an object's patch reads its colour, not its shape);
+    a real CLIP's patch tokens carry what each object is."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = CLIPModel(_clip_config(tokenizer, image_size, patch_size, width, layers))
     n_val = min(max(64, len(captions) // 20), len(captions) // 4)  # held out for the retrieval check
     train_idx = list(range(n_val, len(captions)))
-
     n_patches = (image_size // patch_size) ** 2
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:
             idx = rng.sample(train_idx, min(batch_size, len(train_idx)))
-            batch = {"pixel_values": pixels[idx], **encode([rng.choice(captions[i]) for i in idx])}
-            if regions:
-                picked: dict[str, tuple[int, list[int]]] = {}  # caption -> (row in batch, patches)
-                for row, i in enumerate(idx):
-                    for patches, text in regions[i]:
-                        picked.setdefault(text, (row, patches))
-                masks = torch.zeros(len(picked), len(idx), n_patches)  # [K, B, P]: which tokens to average
-                for k, (row, patches) in enumerate(picked.values()):
-                    masks[k, row, patches] = 1.0 / len(patches)
-                region_text = encode(list(picked))
-                batch.update(region_masks=masks, region_ids=region_text["input_ids"],
-                             region_attention=region_text["attention_mask"])
-            yield batch
+            batch = {"pixel_values": pixels[idx], **_clip_text(tokenizer, [rng.choice(captions[i]) for i in idx])}
+            yield {**batch, **_region_batch(tokenizer, idx, regions, n_patches)} if regions else batch
 
-    def loss_of(m: torch.nn.Module, region_masks: torch.Tensor | None = None, region_ids: torch.Tensor | None = None,
-                region_attention: torch.Tensor | None = None, **batch: torch.Tensor) -> torch.Tensor:
-        out = m(**batch, return_loss=True, output_hidden_states=region_masks is not None)
-        if region_masks is None:
-            return out.loss
-        tokens = out.vision_model_output.hidden_states[region_layer][:, 1:]  # [B, P, D], the class token left out
-        pooled = torch.einsum("kbp,bpd->kd", region_masks, tokens)  # [K, D]
-        region = m.visual_projection(m.vision_model.post_layernorm(pooled))
-        region_text = m.get_text_features(input_ids=region_ids, attention_mask=region_attention).pooler_output
-        region, region_text = region / region.norm(dim=-1, keepdim=True), region_text / region_text.norm(dim=-1, keepdim=True)
-        # CLIP's own symmetric loss (transformers'), on the region pairs' similarities [K texts, K boxes].
-        return out.loss + image_text_contrastive_loss(m.logit_scale.exp() * region_text @ region.T)
-
-    losses = _fit(model, batches(), loss_of, steps, lr, "clip")
-    # Held-out image -> caption retrieval among the validation images: how well the tower sees.
-    with torch.no_grad():
+    losses = _fit(model, batches(), lambda m, **b: _clip_loss(m, region_layer, **b), steps, lr, "clip")
+    with torch.no_grad():  # held-out image -> caption retrieval among the validation images: how well it sees
         idx = list(range(n_val))
-        logits = model(pixel_values=pixels[idx], **encode([captions[i][0] for i in idx])).logits_per_image
+        logits = model(pixel_values=pixels[idx], **_clip_text(tokenizer, [captions[i][0] for i in idx])).logits_per_image
         top1 = (logits.argmax(-1) == torch.arange(len(idx))).float().mean().item()
-    model.save_pretrained(out)
-    mean = [0.48145466, 0.4578275, 0.40821073]  # CLIP's published normalisation
-    std = [0.26862954, 0.26130258, 0.27577711]
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=mean, image_std=std).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_clip(model, tokenizer, out, image_size)
     return {"losses": losses, "val_retrieval_top1": top1, "val_images": n_val,
             "parameters": sum(p.numel() for p in model.vision_model.parameters())}
 

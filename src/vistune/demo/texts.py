@@ -50,11 +50,11 @@ def texts_for_tokenizer(captions: dict, vqa_questions: Path, vqa_answers: Path, 
     answer on a line of its own, where replies start, and the teacher's replies. Trained on captions
     alone, BPE only ever saw answer words after a space and split a reply like "yes" into single
     letters; without the replies it split "The" at a reply's start into "T" + "he"."""
-    from vistune.demo.evaluate import SHORT_ANSWER_PROMPT
+    from vistune.answer_formats import SHORT_ANSWER
 
     answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(vqa_answers.read_text())["annotations"]}
     return [a["caption"] for a in captions["annotations"]] + [
-        f"{q['question']}\n{SHORT_ANSWER_PROMPT}\n{answers[q['question_id']]}"
+        f"{q['question']}\n{SHORT_ANSWER}\n{answers[q['question_id']]}"
         for q in json.loads(vqa_questions.read_text())["questions"]] + teacher
 
 

@@ -1,6 +1,6 @@
 """The demo's synthetic world: rendered scenes of coloured shapes, written in the COCO layout.
 
-A scene holds 1-4 large, separate objects (shape, colour, size, position) on a pale textured
+A scene holds 1-3 large, separate objects (shape, colour, size, position) on a pale textured
 background; two scenes in five hold a single object. Its ground truth becomes what a real data set
 ships:
 - `annotations/captions_{split}.json`: several captions per image in varied wording (COCO captions),
@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vistune.files import write_text
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -58,9 +60,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 BACKGROUNDS = ("plain", "gradient")
 #: Box side in pixels of a small / large object on a 64-px canvas: large enough that each object
 #: covers several of the CLIP stand-in's 8-px patches, so its shape is in its tokens.
-SIZES: dict[str, tuple[int, int]] = {"small": (13, 17), "large": (24, 30)}
-#: Objects per scene, drawn uniformly from this tuple: one object in two scenes of five.
-OBJECT_COUNTS: tuple[int, ...] = (1, 1, 2, 3, 4)
+SIZES: dict[str, tuple[int, int]] = {"small": (18, 22), "large": (28, 34)}
+#: Objects per scene, drawn uniformly from this tuple: one object in two scenes of five, at most three.
+OBJECT_COUNTS: tuple[int, ...] = (1, 1, 2, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,14 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def side_at(x: float) -> str | None:
+    """"left" or "right" for a centre at `x` (a fraction of the width) clearly on one side, else None."""
+    return "left" if x < 0.42 else "right" if x > 0.58 else None
+
+
 def side(obj: Obj, canvas: int = 64) -> str | None:
     """"left" or "right" when the object's centre is clearly on one side of the image, else None."""
-    x = obj.centre[0] / canvas
-    return "left" if x < 0.42 else "right" if x > 0.58 else None
+    return side_at(obj.centre[0] / canvas)
 
 
 def captions(scene: Scene, rng: random.Random, n: int = 5, canvas: int = 64) -> list[str]:
@@ -195,6 +201,9 @@ def captions(scene: Scene, rng: random.Random, n: int = 5, canvas: int = 64) -> 
     for o in scene.objects:
         groups.setdefault(o.category, []).append(o)
     ordered = sorted(groups.values(), key=lambda g: g[0].centre[0])  # left to right
+    # In the colour list's order (red, green, blue, yellow): an order the image tells, so a describer
+    # that has named the red objects moves on to the next colour instead of naming red again.
+    by_colour = sorted(groups.values(), key=lambda g: (list(COLOURS).index(g[0].colour), SHAPES.index(g[0].shape)))
     bg = {"plain": "a plain", "stripes": "a striped", "gradient": "a shaded", "speckles": "a speckled",
           "checks": "a checkered"}[scene.background]
     count = len(scene.objects)
@@ -202,7 +211,7 @@ def captions(scene: Scene, rng: random.Random, n: int = 5, canvas: int = 64) -> 
     where = side(lone, canvas) if lone else None
     templates = [
         lambda: f"{_join([_phrase(g, True) for g in ordered])} on {bg} background.",
-        lambda: f"A picture of {_join([_phrase(g, False) for g in rng.sample(ordered, len(ordered))])}.",
+        lambda: f"A picture of {_join([_phrase(g, False) for g in by_colour])}.",
         lambda: f"{NUMBER_WORDS[count].capitalize()} {'shape' if count == 1 else 'shapes'}: "
                 f"{_join([_phrase(g, False) for g in ordered])}.",
         lambda: f"From left to right: {_join([_phrase(g, False) for g in ordered])}.",
@@ -308,9 +317,7 @@ def answer_type(answer: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    write_text(path, json.dumps(data))
 
 
 def write_split(scenes: list[Scene], root: Path, split: str, seed: int, canvas: int = 64,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from vistune.errors import DataError
 from vistune.eval.tasks import Item, Task, get_task
 from vistune.eval.tasks.base import write_text_atomic
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from vistune.eval.judge import Judge
@@ -127,9 +128,10 @@ def generate_replies(engine: Engine, task: Task, items: Sequence[Item], batch_si
 
     sampling = Sampling(max_new_tokens=max_new_tokens or task.max_new_tokens)
     replies: list[str] = []
+    processor = engine.bundle.image_processor
     for chunk in tqdm(_batches(task, items, batch_size), desc=desc or task.name, leave=False):
-        convs = [[{"role": "user", "content": "<image>\n" * len(it.images) + it.prompt}] for it in chunk]
-        out = engine.generate(convs, [task.images(it, engine) for it in chunk], sampling)
+        convs = [[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n" * len(it.images) + it.prompt}] for it in chunk]
+        out = engine.generate(convs, [task.images(it, processor) for it in chunk], sampling)
         if on_batch is not None:
             on_batch(chunk, out)
         replies += out

@@ -21,8 +21,8 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from vistune.chat.encode import ChatEncoder
 from vistune.chat.formats import IMAGE_PLACEHOLDER, Message, get_format
-from vistune.data.dataset import load_image
 from vistune.errors import DataError
+from vistune.images import load_image
 from vistune.infer.rows import Completion, Row, RowSampler, RowTracker, Sampling
 from vistune.infer.load import ModelIdentity, load_model, model_identity
 from vistune.model.checkpoint import Bundle

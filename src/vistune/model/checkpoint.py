@@ -28,7 +28,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from transformers import BaseImageProcessor, PreTrainedTokenizerBase
 
-from vistune.config import LLMConfig, VisionConfig, _Strict
+from vistune.config import LLMConfig, VisionConfig
 from vistune.errors import CheckpointError
 from vistune.model.llm import load_llm, load_tokenizer
 from vistune.model.projector import build_projector
@@ -36,6 +36,7 @@ from vistune.model.quiet import quiet_loading
 from vistune.model.tiling import ImageLayout
 from vistune.model.vision import VisionTower, load_image_processor, load_vision_encoder
 from vistune.model.vlm import VisionLanguageModel
+from vistune.strict import Strict
 
 SPEC_FILE = "vistune.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -44,7 +45,7 @@ PROJECTOR_FILE = "projector.safetensors"
 _COPY_SUFFIXES = {".json", ".txt", ".model", ".safetensors", ".gguf", ".jinja", ".tiktoken", ".py"}
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """Everything needed to rebuild a model, as stored in `vistune.json`."""
 
     format_version: Literal[1] = 1
@@ -73,13 +74,20 @@ class Bundle:
     spec: ModelSpec
 
 
+def compose(encoder: torch.nn.Module, vision: VisionConfig, lm: torch.nn.Module, projector: str) -> VisionLanguageModel:
+    """A model from loaded parts: `encoder` read as `vision` says, a freshly initialised `projector` (float32)
+    between it and `lm`, and the image layout the encoder and `vision` give. Every model is composed here:
+    `build_model` from source folders, `vistune.convert.assemble` from another format's weights."""
+    tower = VisionTower(encoder, vision.select_layer, vision.select_feature)
+    proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
+    return VisionLanguageModel(tower, proj, lm, ImageLayout.for_model(vision, tower))
+
+
 def build_model(vision: VisionConfig, llm: LLMConfig, projector: str, vision_dtype: torch.dtype = torch.float32,
                 llm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
     """A model from its parts' source folders; the projector is freshly initialised."""
-    tower = VisionTower(load_vision_encoder(vision.path, vision_dtype), vision.select_layer, vision.select_feature)
-    lm = load_llm(llm.path, llm.gguf_file, llm_dtype, llm.attn_implementation)
-    proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
-    return VisionLanguageModel(tower, proj, lm, ImageLayout.for_model(vision, tower.encoder.config, tower.num_tokens))
+    return compose(load_vision_encoder(vision.path, vision_dtype), vision,
+                   load_llm(llm.path, llm.gguf_file, llm_dtype, llm.attn_implementation), projector)
 
 
 def load_projector(model: VisionLanguageModel, folder: str | Path, expected_key: str) -> None:

@@ -28,12 +28,12 @@ from transformers import BaseImageProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
+from vistune.config import VisionConfig
 from vistune.errors import ConfigError
+from vistune.images import carried_fields, pad_colour
+from vistune.model.vision import VisionTower, expand_to_square, preprocess_images
 
 ImageMode = Literal["single", "hd", "anyres"]
-# Image processor fields carried over from the encoder's processor to the anyres (LlavaNext) one.
-_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                     "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
 def default_pinpoints(tile: int) -> list[tuple[int, int]]:
@@ -83,12 +83,10 @@ class ImageLayout:
         return cls(mode, tile, side, tile_tokens, tuple(hd_grid), tuple(points))  # type: ignore[arg-type]
 
     @classmethod
-    def for_model(cls, vision: object, encoder_config: object, tile_tokens: int) -> ImageLayout:
-        """The layout of a model from its `VisionConfig` and its encoder's config."""
-        return cls.build(getattr(vision, "image_mode", "single"), int(encoder_config.image_size),  # type: ignore[attr-defined]
-                         int(encoder_config.patch_size), tile_tokens,  # type: ignore[attr-defined]
-                         tuple(getattr(vision, "hd_grid", (2, 2))),  # type: ignore[arg-type]
-                         getattr(vision, "image_grid_pinpoints", None), getattr(vision, "max_tiles", None))
+    def for_model(cls, vision: VisionConfig, tower: VisionTower) -> ImageLayout:
+        """The layout of a model from its vision config and its vision tower (the encoder's geometry)."""
+        return cls.build(vision.image_mode, tower.image_size, tower.patch_size, tower.num_tokens, vision.hd_grid,
+                         vision.image_grid_pinpoints, vision.max_tiles)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of tiles for an image of `height x width` (besides the global/base tile)."""
@@ -165,8 +163,7 @@ def anyres_processor(source: BaseImageProcessor, layout: ImageLayout) -> BaseIma
         from transformers import LlavaNextImageProcessorPil as LlavaNextImageProcessor
     except ImportError:
         from transformers import LlavaNextImageProcessor
-    fields = {k: v for k, v in source.to_dict().items() if k in _PROCESSOR_FIELDS and v is not None}
-    fields.setdefault("do_center_crop", False)  # an encoder processor without a crop (SigLIP) must not crop
+    fields = carried_fields(source)
     # LlavaNext takes its tile side from crop_size (default 224): give it the encoder's when there is none.
     fields.setdefault("crop_size", {"height": layout.tile, "width": layout.tile})
     return LlavaNextImageProcessor(**fields, image_grid_pinpoints=[list(p) for p in layout.pinpoints])
@@ -187,8 +184,6 @@ class ImagePreprocessor:
         return self.layout.num_tokens(h, w)
 
     def __call__(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        from vistune.model.vision import expand_to_square, preprocess_images
-
         images = [im.convert("RGB") for im in images]
         sizes = torch.tensor([[im.size[1], im.size[0]] for im in images], dtype=torch.long)  # [N, 2] (H, W)
         if self.layout.mode == "single":
@@ -200,8 +195,7 @@ class ImagePreprocessor:
                 out = self.anyres(images=[im], return_tensors="pt", do_pad=False)["pixel_values"]
                 tiles.append(out[0] if isinstance(out, list) else out.reshape(-1, *out.shape[-3:]))
             return torch.cat([torch.as_tensor(t) for t in tiles]), sizes
-        mean = getattr(self.processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        background = tuple(int(m * 255) for m in mean)
+        background = pad_colour(self.processor)
         rows, cols = self.layout.hd_grid
         crops: list[Image.Image] = []
         for im in images:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, BaseImageProcessor
 
 from vistune.errors import CheckpointError
+from vistune.images import pad_colour
 from vistune.model.quiet import quiet_loading
 
 
@@ -73,6 +74,9 @@ class VisionTower(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.num_patches = image_grid(encoder.config)
+        # The encoder's input side and patch side in pixels (integers: image_grid checked them).
+        self.image_size: int = encoder.config.image_size
+        self.patch_size: int = encoder.config.patch_size
         n_layers = encoder.config.num_hidden_layers
         # hidden_states holds the embeddings then one entry per layer: n_layers + 1 in all
         if not -(n_layers + 1) <= select_layer <= n_layers:
@@ -129,8 +133,6 @@ def preprocess_images(images: list[Image.Image], processor: BaseImageProcessor,
     """PIL images -> pixel_values [N, 3, H, W] (float32)."""
     images = [im.convert("RGB") for im in images]
     if mode == "pad":
-        mean = getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        # Truncated, not rounded: LLaVA's expand2square and HF's LlavaImageProcessor both use int(m * 255).
-        background = tuple(int(m * 255) for m in mean)
+        background = pad_colour(processor)
         images = [expand_to_square(im, background) for im in images]  # type: ignore[arg-type]
     return processor(images=images, return_tensors="pt")["pixel_values"]

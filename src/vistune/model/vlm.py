@@ -21,8 +21,8 @@ from vistune.errors import CheckpointError
 from vistune.model.loss import chunked_lm_loss
 from vistune.model.tiling import ImageLayout
 from vistune.model.vision import VisionTower
+from vistune.tokens import IMAGE_TOKEN_ID
 
-IMAGE_TOKEN_ID = -200  # the value LLaVA uses for its image placeholder, kept for familiarity
 NEWLINE_KEY = "image_newline"  # its key in the projector file: it trains and is saved with the projector
 
 

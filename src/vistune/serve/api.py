@@ -15,9 +15,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,7 +33,7 @@ from vistune.infer.engine import Completion, Engine, Prompt, Sampling
 from vistune.serve.batcher import Batcher, Ticket
 from vistune.serve.budget import PixelBudget
 from vistune.serve.guard import Guard, error_body, error_response
-from vistune.serve.limits import Limits, RequestError, client_safe
+from vistune.serve.limits import Limits, RequestError, ServingLimits, client_safe
 from vistune.serve.schema import ChatCompletionRequest, ImagePart
 
 log = logging.getLogger("vistune.serve")
@@ -126,25 +126,96 @@ def _invalid_request(e: RequestValidationError) -> JSONResponse:
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, limits: Limits = Limits(),
-               max_batch_size: int = 32, max_wait_ms: float = 5.0, ui_path: str | None = None,
-               ui_api_base: str | None = None, max_model_len: int | None = None) -> FastAPI:
+               max_batch_size: int = ServingLimits.max_batch_size, max_wait_ms: float = ServingLimits.max_wait_ms,
+               ui_path: str | None = None, ui_api_base: str | None = None, max_model_len: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. With ui_path, the Gradio chat page is
     mounted there (see `vistune.serve.ui`); it talks to this API over HTTP at ui_api_base
     (this server's own /v1 URL). max_model_len: a context shorter than the model's own."""
+    model_max = engine.bundle.spec.model_max_length
     batcher = Batcher(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-    budget = PixelBudget(limits.max_decode_pixels, limits.decode_wait_s)
-    max_length = min(engine.bundle.spec.model_max_length, max_model_len or engine.bundle.spec.model_max_length)
-    created = int(time.time())
+    service = _Service(engine, model_name, limits, batcher, PixelBudget(limits.max_decode_pixels, limits.decode_wait_s),
+                       max_length=min(model_max, max_model_len or model_max))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        service.batcher.start()
         yield
-        batcher.stop()
+        service.batcher.stop()
 
     app = FastAPI(title="vistune", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.batcher, app.state.budget = batcher, budget
+    app.state.batcher, app.state.budget = service.batcher, service.budget
+    _answer_errors_as_openai(app)
+    _add_routes(app, service)
+    if ui_path is not None:
+        from vistune.serve.ui import mount_ui
 
+        if ui_api_base is None:
+            raise ValueError("ui_path needs ui_api_base, the URL of this server's /v1")
+        mount_ui(app, ui_path, ui_api_base, model_name, api_key=api_key, max_file_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, ui_prefix=ui_path)
+    return app
+
+
+@dataclass
+class _Service:
+    """What the routes share: the engine behind its batcher, the limits, the decode budget."""
+
+    engine: Engine
+    model_name: str
+    limits: Limits
+    batcher: Batcher
+    budget: PixelBudget
+    max_length: int  # the context: the model's, or the shorter max_model_len
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    async def prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, int | None]:
+        """The request checked and made into the model's inputs; and the max_tokens it asked for."""
+        if req.model != self.model_name:
+            raise RequestError(404, f"model {req.model!r} is not served here; this server serves "
+                                    f"{self.model_name!r}", "model_not_found", "model")
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None:
+            self.limits.check_max_tokens(asked)
+        parsed = await run_in_threadpool(_parse, req, self.limits)
+        async with self.budget.reserve(parsed.pixels):
+            prompt = await run_in_threadpool(_prepare, self.engine, parsed)
+        del parsed  # the decoded images go with it; only the model's small tensors stay
+        return prompt, asked
+
+    def sampling(self, req: ChatCompletionRequest, n_prompt: int, asked: int | None) -> Sampling:
+        """The request's sampling, its max_tokens fitted into the context when it asked for none."""
+        max_tokens = asked if asked is not None else max(1, min(self.limits.max_tokens, self.max_length - n_prompt))
+        self.limits.check_prompt(n_prompt, max_tokens, self.max_length)
+        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(stops) > 4:
+            raise RequestError(400, f"{len(stops)} stop strings; at most 4", "invalid_stop", "stop")
+        return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                        stop=tuple(s for s in stops if s), ignore_eos=req.ignore_eos)
+
+    async def complete(self, req: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        """POST /v1/chat/completions: one answer, whole or as server-sent events."""
+        prompt, asked = await self.prompt(req)
+        ticket = self.batcher.submit(prompt, self.sampling(req, len(prompt.input_ids), asked), req.stream)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(ticket, rid, self.model_name, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            c = await _await_or_cancel(ticket, request)
+        except Exception as e:  # the model failed on this row: answered here, so the connection stays usable
+            return _fault_response(e)
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None}],
+            "usage": _usage(c),
+        })
+
+
+def _answer_errors_as_openai(app: FastAPI) -> None:
+    """Every error, from a bad request to a model fault, in OpenAI's error shape."""
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, e: RequestError) -> JSONResponse:
         headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
@@ -162,6 +233,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
     async def on_fault(_: Request, e: Exception) -> JSONResponse:
         return _fault_response(e)
 
+
+def _add_routes(app: FastAPI, service: _Service) -> None:
+    """/health, /stats, /v1/models, /v1/chat/completions, and a pointer away from /v1/completions."""
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Open to all (load balancers, probes): nothing beyond the status."""
@@ -170,12 +244,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         """The batcher's counters and the decode budget in use (needs the key)."""
-        return {"status": "ok", "model": model_name, **vars(batcher.stats), "decode_pixels_in_use": budget.in_use}
+        return {"status": "ok", "model": service.model_name, **vars(service.batcher.stats),
+                "decode_pixels_in_use": service.budget.in_use}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "vistune", "max_model_len": max_length}]}
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": service.created,
+                                            "owned_by": "vistune", "max_model_len": service.max_length}]}
 
     @app.post("/v1/completions")
     async def completions() -> JSONResponse:
@@ -185,50 +260,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        if req.model != model_name:
-            raise RequestError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
-                               "model_not_found", "model")
-        asked = req.max_completion_tokens or req.max_tokens
-        if asked is not None:
-            limits.check_max_tokens(asked)
-        parsed = await run_in_threadpool(_parse, req, limits)
-        async with budget.reserve(parsed.pixels):
-            prompt = await run_in_threadpool(_prepare, engine, parsed)
-        del parsed  # the decoded images go with it; only the model's small tensors stay
-        n_prompt = len(prompt.input_ids)
-        max_tokens = asked if asked is not None else max(1, min(limits.max_tokens, max_length - n_prompt))
-        limits.check_prompt(n_prompt, max_tokens, max_length)
-        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if len(stops) > 4:
-            raise RequestError(400, f"{len(stops)} stop strings; at most 4", "invalid_stop", "stop")
-        sampling = Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                            stop=tuple(s for s in stops if s), ignore_eos=req.ignore_eos)
-        ticket = batcher.submit(prompt, sampling, req.stream)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(ticket, rid, model_name, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            c = await _await_or_cancel(ticket, request)
-        except Exception as e:  # the model failed on this row: answered here, so the connection stays usable
-            return _fault_response(e)
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": None}],
-            "usage": _usage(c),
-        })
-
-    if ui_path is not None:
-        from vistune.serve.ui import mount_ui
-
-        if ui_api_base is None:
-            raise ValueError("ui_path needs ui_api_base, the URL of this server's /v1")
-        mount_ui(app, ui_path, ui_api_base, model_name, api_key=api_key, max_file_bytes=limits.max_body_bytes)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, ui_prefix=ui_path)
-    return app
+        return await service.complete(req, request)
 
 
 def _fault_response(e: Exception) -> JSONResponse:

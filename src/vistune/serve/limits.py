@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
+MIB = 1024 * 1024
+
 #: Formats a client may send. PIL can open many more (EPS via Ghostscript, ...): no reason to let them in.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
@@ -46,9 +48,9 @@ def client_safe(text: str) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits of `vistune serve` (each one's CLI flag is the field name with dashes)."""
+    """Per-request limits of the API (the CLI sets them through `ServingLimits`)."""
 
-    max_body_bytes: int = 20 * 1024 * 1024  # a few base64 images; base64 adds a third
+    max_body_bytes: int = 20 * MIB  # a few base64 images; base64 adds a third
     max_images: int = 4  # per request; each costs the model's image tokens (576 for LLaVA-1.5)
     max_image_pixels: int = 4096 * 4096  # width x height, checked from the header before decoding
     max_tokens: int = 1024  # the most a request may ask for with max_tokens
@@ -156,3 +158,55 @@ class Limits:
         except httpx.HTTPError as e:
             raise RequestError(400, f"{where}: fetching {url} failed ({type(e).__name__}: {client_safe(str(e))})",
                                "image_fetch_failed", where) from None
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Connection limits of the HTTP server (`serve.server`; the CLI sets them through `ServingLimits`)."""
+
+    request_timeout_s: float = 30.0  # the whole request (headers and body) must arrive within this
+    timeout_keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's default)
+    limit_concurrency: int = 256  # open connections and tasks; more are answered 503
+    max_header_bytes: int = 16 * 1024  # h11's default: request line and headers together
+
+
+# The one place the CLI's limits are declared, for `serve` and `ui` alike: the request limits become
+# `Limits`, the connection limits `ServerLimits`, the batch size and wait go to the batcher, and every
+# default those hold too is read from them. `ui` had its own batch of 8: it is `serve --ui` on another
+# port and its page runs on the same batched API, so it now gets serve's 32 (the documented default), a
+# cap under load and no cost at one user, since a batch holds only the requests waiting.
+@dataclass(frozen=True)
+class ServingLimits:
+    """Serving limits: batching, per-request limits, connection limits."""
+
+    max_batch_size: int = 32  # requests per generate call (1 = no batching)
+    max_wait_ms: float = 5.0  # how long a batch waits to fill up
+    max_body_mb: float = Limits.max_body_bytes / MIB  # request body limit, MiB
+    max_images: int = Limits.max_images  # images per request
+    max_image_pixels: int = Limits.max_image_pixels  # width x height per image
+    max_tokens: int = Limits.max_tokens  # the largest max_tokens a request may ask for
+    max_prompt_tokens: int | None = Limits.max_prompt_tokens  # None: the model's model_max_length
+    allow_image_host: tuple[str, ...] = ()
+    """fetch http(s) image URLs from this host; by default no URL is fetched"""
+    max_decode_pixels: int | None = None
+    """image pixels decoded at once across requests (None: max-images x max-image-pixels)"""
+    decode_wait_s: float = Limits.decode_wait_s
+    """how long a request waits for decode budget before a 503 with Retry-After"""
+    request_timeout_s: float = ServerLimits.request_timeout_s
+    """a request's headers and body must arrive within this (slow clients are cut off)"""
+    timeout_keep_alive_s: int = ServerLimits.timeout_keep_alive_s  # idle keep-alive connections close after this
+    limit_concurrency: int = ServerLimits.limit_concurrency  # open connections; more are answered 503
+
+    def request_limits(self) -> Limits:
+        """The per-request limits these flags set."""
+        return Limits(max_body_bytes=int(self.max_body_mb * MIB), max_images=self.max_images,
+                      max_image_pixels=self.max_image_pixels, max_tokens=self.max_tokens,
+                      max_prompt_tokens=self.max_prompt_tokens,
+                      allowed_image_hosts=tuple(h.lower() for h in self.allow_image_host),
+                      max_decode_pixels=self.max_decode_pixels or self.max_images * self.max_image_pixels,
+                      decode_wait_s=self.decode_wait_s)
+
+    def server_limits(self) -> ServerLimits:
+        """The connection limits these flags set."""
+        return ServerLimits(request_timeout_s=self.request_timeout_s, timeout_keep_alive_s=self.timeout_keep_alive_s,
+                            limit_concurrency=self.limit_concurrency)

@@ -13,22 +13,13 @@ servers both build their server here.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Connection limits of `vistune serve` (each one's CLI flag is the field name with dashes)."""
-
-    request_timeout_s: float = 30.0  # the whole request (headers and body) must arrive within this
-    timeout_keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's default)
-    limit_concurrency: int = 256  # open connections and tasks; more are answered 503
-    max_header_bytes: int = 16 * 1024  # h11's default: request line and headers together
+from vistune.serve.limits import ServerLimits
 
 
 class ReadTimeoutH11(H11Protocol):

@@ -1,7 +1,7 @@
 """Several processes: which engine (DDP, FSDP, DeepSpeed ZeRO) and how batches are split among them.
 
 The engines are accelerate's: the stage's `distributed` key picks accelerate's plugin, and
-`accelerate launch` / `torchrun` start the processes (see configs/accelerate/ and the README). What is
+`accelerate launch` / `torchrun` start the processes (see configs/accelerate/ and docs/training.md). What is
 ours is only the bookkeeping that makes N processes train exactly like one with the same global batch:
 
 - every process computes the same epoch order (a pure function of seed and epoch) and takes every

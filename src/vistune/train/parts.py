@@ -48,11 +48,16 @@ def count(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def describe_parts(model: VisionLanguageModel) -> dict[str, tuple[int, int]]:
+    """(trainable, total) parameters of each part (vision, projector, llm), as `vistune info` shows them.
+    The projector's are its own weights; `describe` adds anyres' row-end embedding, which trains with it."""
+    return {name: count(getattr(model, name)) for name in ("vision", "projector", "llm")}
+
+
 def describe(model: VisionLanguageModel) -> str:
     """One line per part: trainable / total parameters."""
     lines = []
-    for name in ("vision", "projector", "llm"):
-        trainable, total = count(getattr(model, name))
+    for name, (trainable, total) in describe_parts(model).items():
         newline = model.image_newline
         if name == "projector" and newline is not None:  # anyres' row-end embedding counts with the projector
             total += newline.numel()

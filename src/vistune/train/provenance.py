@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,24 +24,17 @@ from accelerate import Accelerator
 
 from vistune.config import ModelConfig, StageConfig
 from vistune.errors import ConfigError
+from vistune.files import write_text
 from vistune.train.console import log
-from vistune.train.state import clean_stale_temps, list_checkpoints
+from vistune.train.state import FINGERPRINT_FILE, clean_stale_temps, list_checkpoints
 from vistune.train.step_model import write_stage_file
 
 VERSIONS_FILE = "versions.json"
-FINGERPRINT_FILE = "fingerprint.json"
 # Stage fields that do not change what is trained: how often to log/save/validate, where to report,
 # how many loader workers. output_dir is left out so that a checkpoint folder can be moved or copied.
 _NOT_SHAPING = {"output_dir", "resume", "stop_after_steps", "save_every", "save_every_minutes", "keep_checkpoints",
                 "log_every", "report_to", "val_every", "save_frozen"}
 _NOT_SHAPING_DATA = {"num_workers", "verify_images"}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _git_revision() -> str | None:
@@ -78,7 +69,7 @@ def write_run_files(out: Path, model: ModelConfig, stage: StageConfig, name: str
     """config.yaml (`write_stage_file`: step-N folders are also rebuilt from it) and versions.json in `out`
     (main process)."""
     write_stage_file(out, model, stage, name)
-    write_atomic(out / VERSIONS_FILE, json.dumps(versions(), indent=2) + "\n")
+    write_text(out / VERSIONS_FILE, json.dumps(versions(), indent=2) + "\n")
 
 
 def data_identity(path: str | Path, ids: list[str]) -> dict[str, Any]:

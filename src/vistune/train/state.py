@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from vistune.errors import CheckpointError
+from vistune.files import replacing_folder
 
 
 @dataclass
@@ -52,6 +52,10 @@ class Progress:
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# The files of a resume checkpoint that other modules read (step_model.py, provenance.py).
+WEIGHTS_FILE = "trainable.safetensors"
+PROGRESS_FILE = "progress.json"  # written last: its presence marks the checkpoint complete
+FINGERPRINT_FILE = "fingerprint.json"  # the run's config and data identity (provenance.py)
 ENGINE_DIR = "engine"  # DeepSpeed's own partitioned state (engine_state.py), in place of the two files above
 
 
@@ -83,27 +87,24 @@ def save_resume(folder: Path, state: tuple[dict[str, torch.Tensor], dict] | None
     ckpt_root = folder / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{progress.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    if state is not None:
-        weights, optim_state = state
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-    if engine_dir is not None:
-        os.replace(engine_dir, tmp / ENGINE_DIR)
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-    torch.save(rng, tmp / "rng.pt")
-    if fingerprint is not None:
-        (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
-    state = asdict(progress)
-    state["python_random"] = random.getstate()
-    # progress.json last: its presence marks the checkpoint complete.
-    (tmp / "progress.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with replacing_folder(final, prefix=".tmp-") as tmp:  # the prefix clean_stale_temps looks for
+        if state is not None:
+            weights, optim_state = state
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            torch.save(optim_state, tmp / "optimizer.pt")
+        if engine_dir is not None:
+            os.replace(engine_dir, tmp / ENGINE_DIR)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        torch.save(rng, tmp / "rng.pt")
+        if fingerprint is not None:
+            (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
+        state = asdict(progress)
+        state["python_random"] = random.getstate()
+        # progress.json last: its presence marks the checkpoint complete.
+        (tmp / PROGRESS_FILE).write_text(json.dumps(state))
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -124,7 +125,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     root = folder / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file())
+    return sorted(p for p in root.glob("step-*") if (p / PROGRESS_FILE).is_file())
 
 
 def load_resume(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -141,7 +142,7 @@ def load_resume(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     optim_state: dict = {}
     problem = None
     if reader:
-        weights = load_file(str(ckpt / "trainable.safetensors"))
+        weights = load_file(str(ckpt / WEIGHTS_FILE))
         wanted = _trainable_names(model)
         if set(weights) != wanted:
             problem = (f"{ckpt}: its trainable parameters differ from this stage's "
@@ -171,7 +172,7 @@ def read_progress(ckpt: Path, scheduler: torch.optim.lr_scheduler.LRScheduler) -
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((ckpt / "progress.json").read_text())
+    state = json.loads((ckpt / PROGRESS_FILE).read_text())
     py = state.pop("python_random")
     random.setstate((py[0], tuple(py[1]), py[2]))
     return Progress(**state)

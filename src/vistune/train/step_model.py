@@ -10,7 +10,6 @@ from the current folder, as `vistune train` read them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,14 +18,14 @@ from safetensors.torch import load_file
 
 from vistune.config import ModelConfig, RunConfig, StageConfig, load_config
 from vistune.errors import CheckpointError, ConfigError
+from vistune.files import write_text
 from vistune.model.checkpoint import Bundle, ModelSpec, build_model, load_projector
 from vistune.model.llm import load_tokenizer
 from vistune.model.vision import load_image_processor
 from vistune.train.parts import apply_parts
+from vistune.train.state import PROGRESS_FILE, WEIGHTS_FILE
 
 CONFIG_FILE = "config.yaml"
-_WEIGHTS = "trainable.safetensors"
-_PROGRESS = "progress.json"
 
 
 def stage_file(step_folder: Path) -> Path:
@@ -38,14 +37,12 @@ def write_stage_file(output_dir: Path, model_cfg: ModelConfig, stage: StageConfi
     """This stage as a runnable config, every default written out, in OUTPUT_DIR (main process)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = RunConfig(model=model_cfg, stages={name: stage}).model_dump(mode="json")
-    tmp = output_dir / f".{CONFIG_FILE}.tmp"
     header = "# written by vistune train: this stage's resolved config\n"
-    tmp.write_text(header + yaml.safe_dump(resolved, sort_keys=False))
-    os.replace(tmp, output_dir / CONFIG_FILE)
+    write_text(output_dir / CONFIG_FILE, header + yaml.safe_dump(resolved, sort_keys=False))
 
 
 def is_step_checkpoint(folder: Path) -> bool:
-    return (folder / _WEIGHTS).is_file() and (folder / _PROGRESS).is_file()
+    return (folder / WEIGHTS_FILE).is_file() and (folder / PROGRESS_FILE).is_file()
 
 
 def _read_stage(folder: Path) -> tuple[str, ModelConfig, StageConfig]:
@@ -71,14 +68,14 @@ def load_step_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Bu
     if stage.projector_from:  # a frozen projector is not in the step's trainable weights
         load_projector(model, stage.projector_from, model_cfg.projector)
     apply_parts(model, stage.parts, stage.lora, gradient_checkpointing=False)
-    weights = load_file(str(folder / _WEIGHTS))
+    weights = load_file(str(folder / WEIGHTS_FILE))
     unknown = sorted(set(weights) - set(model.state_dict()))
     if unknown:
         raise CheckpointError(f"{folder}: {len(unknown)} weights do not fit the model {stage_file(folder)} describes "
                               f"(first: {unknown[0]}); was the stage config changed after this step was saved?")
     model.load_state_dict(weights, strict=False)  # the frozen rest came from the parts' sources
     model.requires_grad_(False)
-    progress = json.loads((folder / _PROGRESS).read_text())
+    progress = json.loads((folder / PROGRESS_FILE).read_text())
     spec = ModelSpec(vision=model_cfg.vision, llm=model_cfg.llm, projector=model_cfg.projector,
                      vision_hidden_size=model.vision.hidden_size,
                      llm_hidden_size=model.llm.get_input_embeddings().embedding_dim,

@@ -17,28 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from vistune.errors import ConfigError, RegistryKeyError
+from vistune.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 _RUN_ID_FILE = ".tracker_run_id"  # keeps a resumed run in the same wandb/mlflow run
-
-
-def tracker_keys() -> list[str]:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    return sorted(LOGGER_TYPE_TO_CLASS)
-
-
-def check_trackers(value: Any) -> list[str]:
-    """`report_to` as a list of accelerate tracker keys: a key or a list of keys; `none` or [] for none."""
-    keys = [value] if isinstance(value, str) else list(value or [])
-    if keys in (["none"], ["None"]):
-        return []
-    valid = tracker_keys()
-    unknown = [k for k in keys if k not in valid]
-    if unknown:
-        raise RegistryKeyError(f"unknown tracker(s) {unknown} in report_to; valid: {', '.join(valid)}, or none")
-    return list(dict.fromkeys(keys))
 
 
 def accelerator_kwargs(report_to: list[str], out: Path) -> dict[str, Any]:

@@ -17,28 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+# Re-exported (`as` the same name) for the tasks: the response-format lines, whose one home is shared with the
+# training data (datagen.mix), and the atomic write, under the name the eval modules call it by.
+from vistune.answer_formats import LETTER_ANSWER as LETTER_ANSWER
+from vistune.answer_formats import LETTER_ANSWER_CN as LETTER_ANSWER_CN
+from vistune.answer_formats import SHORT_ANSWER as SHORT_ANSWER
+from vistune.answer_formats import VIZWIZ_UNANSWERABLE as VIZWIZ_UNANSWERABLE
 from vistune.errors import DataError
+from vistune.files import write_text as write_text_atomic  # noqa: F401 (re-export)
 
 if TYPE_CHECKING:
-    from vistune.eval.judge import Judge
-    from vistune.infer.engine import Engine
+    from transformers import BaseImageProcessor
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
-LETTER_ANSWER_CN = "请直接回答选项字母。"
-VIZWIZ_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
+    from vistune.eval.judge import Judge
 
 ImageRef = Path | Image.Image | bytes  # a file, an image, or encoded bytes (base64-decoded TSV cells)
 
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a results file so a crash never leaves it half written: temp file, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 @dataclass(frozen=True)
 class Item:
@@ -85,8 +79,10 @@ class Task:
         """Files for the benchmark's evaluation server, if it has one."""
         return []
 
-    def images(self, item: Item, engine: Engine) -> list:
-        """The images handed to the engine for `item` (encoded bytes decoded here, at batch time)."""
+    def images(self, item: Item, processor: BaseImageProcessor) -> list:
+        """The images handed to the engine for `item` (encoded bytes decoded here, at batch time).
+        `processor`, the model's image processor, is there for a task that draws images of its own in
+        the model's terms (the demo's blank images take its mean colour)."""
         return [decode_image(ref) for ref in item.images]
 
     def batch_group(self, item: Item) -> str | None:

@@ -52,6 +52,8 @@ from vistune.eval.tasks.base import (
     read_json,
     with_line,
 )
+from vistune.files import replacing
+from vistune.tokens import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from vistune.eval.judge import Judge
@@ -95,7 +97,7 @@ class ScienceQA(Task):
             if not p.get("image"):
                 continue
             if pid in llava:
-                prompt = llava[pid]["conversations"][0]["value"].replace("<image>", "").strip()
+                prompt = llava[pid]["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
             else:
                 prompt = _sqa_prompt(p)
             items.append(_sqa_item(pid, prompt, root / "images" / "test" / pid / p["image"], p))
@@ -283,11 +285,9 @@ class MMBench(Task):
             cells: list[object] = [int(index) if c == "index" else (r[c] if r[c] not in ("", "nan") else None)
                                    for c in columns]
             ws.append([*cells[:at], replies.get(str(index), ""), *cells[at:]])
-        out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}_submission.xlsx"
-        tmp = path.with_name(path.name + ".tmp")
-        wb.save(tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            wb.save(tmp)
         return [path]
 
 

@@ -34,9 +34,10 @@ from PIL import Image
 
 from vistune.eval.metrics import exact_match
 from vistune.eval.tasks.base import SHORT_ANSWER, Item, Task, find
+from vistune.images import pad_colour
 
 if TYPE_CHECKING:
-    from vistune.infer.engine import Engine
+    from transformers import BaseImageProcessor
 
 DEMO_MAX_NEW_TOKENS = 8  # every demo answer is a word or two
 
@@ -88,12 +89,11 @@ def prompt(question: Question) -> str:
     return f"{question.question}\n{SHORT_ANSWER}"
 
 
-def blank_like(image: Path, engine: Engine) -> Image.Image:
+def blank_like(image: Path, processor: BaseImageProcessor) -> Image.Image:
     """A blank image of the same size in the image processor's mean colour (what padding uses)."""
-    mean = getattr(engine.bundle.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
     with Image.open(image) as im:
         size = im.size
-    return Image.new("RGB", size, tuple(round(m * 255) for m in mean))
+    return Image.new("RGB", size, pad_colour(processor))
 
 
 def score_questions(questions: Sequence[Question], predictions: Sequence[str]) -> dict:
@@ -194,9 +194,9 @@ class DemoTask(Task):
     def batch_group(self, item: Item) -> str:
         return item.meta["view"]
 
-    def images(self, item: Item, engine: Engine) -> list:
+    def images(self, item: Item, processor: BaseImageProcessor) -> list:
         if item.meta["view"] == "blind":
-            return [blank_like(p, engine) for p in item.images]  # type: ignore[arg-type]
+            return [blank_like(p, processor) for p in item.images]  # type: ignore[arg-type]
         return list(item.images)
 
     def score(self, items: Sequence[Item], replies: dict[str, str], judge: object = None) -> dict:

@@ -52,7 +52,7 @@ def read_rows(shards: Sequence[Path], columns: Sequence[str], task: str,
         lacking = [c for c in columns if c not in names]
         if lacking:
             raise DataError(f"{task}: {shard} has no column(s) {', '.join(lacking)} (it has {', '.join(names)}); "
-                            "expected the lmms-lab layout listed in the README's eval table", "bad file")
+                            "expected the lmms-lab layout listed in docs/eval.md", "bad file")
         wanted = [*columns, *(c for c in optional if c in names)]
         rows += pq.read_table(shard, columns=wanted).to_pylist()
     return rows
