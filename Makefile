@@ -14,8 +14,9 @@ install:
 test: install
 	$(PYTHON) -m pytest -q
 
+# The unit and parity layers: under a minute on 2 CPU cores (e2e/ holds the CLI, torchrun, server and training runs).
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q tests/unit tests/parity
 
 # The whole pipeline in miniature on a CPU (time and numbers: README's demo section): report in runs/demo/report.md.
 demo: install

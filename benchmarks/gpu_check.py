@@ -8,7 +8,7 @@
 Sections, each in its own subprocess with its own time limit (a section that fails or runs out is recorded
 as such and the next one starts; the GPU memory of one never carries into the next):
   versions    python, torch, CUDA, the GPU, transformers, accelerate, peft, vistune (git revision)
-  tests       `pytest -m gpu tests/test_gpu.py` (engines with resume, bf16 FSDP + checkpointing, LoRA, frozen LLM)
+  tests       `pytest -m gpu tests/e2e/test_gpu.py` (engines with resume, bf16 FSDP + checkpointing, LoRA, frozen LLM)
   smoke       preset-shaped stages on tiny parts under `torchrun --nproc_per_node 1`: bf16 full finetune with
               gradient checkpointing under FSDP stopped and resumed vs uninterrupted; align with the LLM frozen
               in bf16; LoRA; padded vs packed (SDPA). Several FSDP stages share one launch.
@@ -84,7 +84,7 @@ def versions(cpu: bool, work: Path) -> dict:
 
 
 def tests(cpu: bool, work: Path) -> dict:
-    r = _run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", str(REPO / "tests" / "test_gpu.py")],
+    r = _run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", str(REPO / "tests" / "e2e" / "test_gpu.py")],
              _limit("tests", cpu) - 5)
     return {"ok": r["rc"] == 0, **r}
 

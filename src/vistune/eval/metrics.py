@@ -2,7 +2,7 @@ r"""Benchmark scoring as pure functions, checked rule by rule against the offici
 
 Each rule below names the file it was compared with, line by line (read from the stored public
 GitHub index; "repo:path"). The tables (contractions, number words, punctuation) and the parsing
-rules are facts taken from those files; the code is ours. tests/test_eval_metrics.py pins, for each,
+rules are facts taken from those files; the code is ours. tests/parity/test_eval_metrics.py pins, for each,
 a case where a naive implementation would score differently. Where two official tools disagree, we
 follow the one LLaVA-1.5's published numbers came from and say so:
 
