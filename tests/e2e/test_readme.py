@@ -45,7 +45,7 @@ LINKED = [README, *DOCS, ROOT / "benchmarks" / "README.md"]
 # (pattern matched against the command line, why it is not run here). The first match wins.
 SKIP_RULES: list[tuple[str, str]] = [
     (r"^make\b", ("make installs into this environment and `make test` is this suite (CI runs it); "
-                  "`make demo` takes about half an hour")),
+                  "`make demo` takes about ten minutes on 2 cores")),
     (r"^vistune demo\b", ("the demo takes a minute even at --size tiny; "
                           "tests/e2e/test_demo_tiny.py::test_tiny_demo_runs_every_step runs it")),
     (r"^vistune (serve|ui)\b", "a server runs until stopped; tests/e2e/test_serve*.py start it"),
