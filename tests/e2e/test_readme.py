@@ -22,11 +22,13 @@ whole file takes seconds.
 
 Skipped or not, every `--flag` that a `vistune` command in README.md or docs/*.md uses (fenced bash
 blocks and inline code) must appear in that command's `--help`, so a renamed option fails here too.
+The README's demo table must give the numbers of the recorded run, `benchmarks/results/demo-standin.json`.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import re
 import runpy
 import shlex
@@ -227,3 +229,22 @@ def test_relative_links_resolve(path: Path) -> None:
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target} (no heading with that anchor)")
     assert not broken, f"{path.relative_to(ROOT)}: {', '.join(broken)}"
+
+
+def test_readme_demo_table_is_the_recorded_run() -> None:
+    """The README's demo table gives the numbers of `benchmarks/results/demo-standin.json`, so a new
+    recorded run without its README update (or the reverse) fails here instead of going stale."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "demo-standin.json").read_text())
+    tiers, desc = report["tiers"], report["descriptions"]
+    expected = {
+        "readout": (tiers["readout"]["with_image"], tiers["readout"]["blind"]),
+        "binding": (tiers["binding"]["with_image"], tiers["binding"]["blind"]),
+        "description object F1": (desc["f1_with_image"], desc["f1_blind"]),
+    }
+    rows = dict(re.findall(r"^\| (readout|binding|description object F1) \| (.+) \|$", README.read_text(),
+                           re.MULTILINE))
+    assert rows.keys() == expected.keys(), f"README's demo table has rows {sorted(rows)}"
+    for name, (with_image, blind) in expected.items():
+        shown = [float(x) for x in re.findall(r"\d\.\d{3}", rows[name])]
+        assert shown == [round(with_image, 3), round(blind, 3)], \
+            f"README's demo row {name!r} shows {shown}; demo-standin.json gives {with_image:.3f} / {blind:.3f}"
